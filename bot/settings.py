@@ -45,7 +45,9 @@ class Settings:
         return self.model_sources.get(size_or_source, size_or_source)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, *, dotenv: Path | None = Path(".env")) -> Settings:
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, dotenv: Path | None = Path(".env")
+    ) -> Settings:
         """Read the settings; a ``.env`` file fills in what the environment does not set."""
         if environ is None:
             if dotenv is not None and dotenv.is_file():
@@ -53,13 +55,20 @@ class Settings:
 
                 load_dotenv(dotenv, override=False)
             environ = os.environ
-        env = {k: v.strip() for k, v in environ.items() if k.startswith(("MUSICBOT_", "DISCORD_")) and v.strip()}
+        env = {
+            k: v.strip() for k, v in environ.items() if k.startswith(("MUSICBOT_", "DISCORD_")) and v.strip()
+        }
 
         model = env.get("MUSICBOT_MODEL", "small")
         device = _choice(env, "MUSICBOT_DEVICE", DEVICES, "auto")
         dtype = _choice(env, "MUSICBOT_DTYPE", DTYPES, "auto")
-        sources = {size: env.get(f"MUSICBOT_MODEL_{size.upper()}", DEFAULT_MODEL_SOURCES[size]) for size in MODEL_SIZES}
-        admin_ids = frozenset(_int(env, "MUSICBOT_ADMIN_IDS", part) for part in _split(env.get("MUSICBOT_ADMIN_IDS", "")))
+        sources = {
+            size: env.get(f"MUSICBOT_MODEL_{size.upper()}", DEFAULT_MODEL_SOURCES[size])
+            for size in MODEL_SIZES
+        }
+        admin_ids = frozenset(
+            _int(env, "MUSICBOT_ADMIN_IDS", part) for part in _split(env.get("MUSICBOT_ADMIN_IDS", ""))
+        )
         guild = env.get("MUSICBOT_GUILD_ID")
         return cls(
             discord_token=env.get("DISCORD_TOKEN"),

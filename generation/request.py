@@ -34,7 +34,9 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if not 1.0 <= self.guidance <= MAX_GUIDANCE:
-            raise InvalidRequest("guidance", f"guidance must be between 1 and {MAX_GUIDANCE:g} (got {self.guidance:g})")
+            raise InvalidRequest(
+                "guidance", f"guidance must be between 1 and {MAX_GUIDANCE:g} (got {self.guidance:g})"
+            )
         if not 0.0 < self.temperature <= MAX_TEMPERATURE:
             raise InvalidRequest(
                 "temperature",
@@ -89,7 +91,7 @@ class GenerationRequest:
         if any(ord(ch) < 32 and ch not in "\t\n" for ch in prompt):
             raise InvalidRequest("prompt", "the prompt contains control characters")
         object.__setattr__(self, "prompt", prompt)
-        if not MIN_DURATION <= self.duration:
+        if not self.duration >= MIN_DURATION:
             raise InvalidRequest(
                 "duration", f"duration must be at least {MIN_DURATION:g} s (got {self.duration:g} s)"
             )

@@ -8,6 +8,7 @@ never touches the model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -152,7 +153,12 @@ class GenerationWorker:
             if isinstance(exc, ModelLoadError):
                 raise
             raise ModelLoadError(source, f"could not load {source}: {exc}") from exc
-        log.info("model %s loaded (%s, %s)", self._engine.info.name, self._engine.info.device, self._engine.info.dtype)
+        log.info(
+            "model %s loaded (%s, %s)",
+            self._engine.info.name,
+            self._engine.info.device,
+            self._engine.info.dtype,
+        )
         return self._engine.info
 
     def _generate(
@@ -166,9 +172,15 @@ class GenerationWorker:
             if len(requests) == 1:
                 raise
             half = len(requests) // 2
-            log.warning("out of memory for a batch of %d requests; retrying as %d + %d", len(requests), half,
-                        len(requests) - half)
-            return self._generate(requests[:half], progress, cancel) + self._generate(requests[half:], progress, cancel)
+            log.warning(
+                "out of memory for a batch of %d requests; retrying as %d + %d",
+                len(requests),
+                half,
+                len(requests) - half,
+            )
+            return self._generate(requests[:half], progress, cancel) + self._generate(
+                requests[half:], progress, cancel
+            )
 
     def _release(self) -> None:
         engine, self._engine = self._engine, None
@@ -189,8 +201,13 @@ class GenerationWorker:
                 _resolve(loop, future, exc=self._dead)
 
 
-def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], *, result: Any = None,
-             exc: BaseException | None = None) -> None:
+def _resolve(
+    loop: asyncio.AbstractEventLoop,
+    future: asyncio.Future[Any],
+    *,
+    result: Any = None,
+    exc: BaseException | None = None,
+) -> None:
     def settle() -> None:
         if future.done():
             return
@@ -199,7 +216,5 @@ def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], *, re
         else:
             future.set_result(result)
 
-    try:
+    with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
         loop.call_soon_threadsafe(settle)
-    except RuntimeError:  # the loop is closed: nobody is waiting any more
-        pass

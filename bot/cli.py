@@ -1,0 +1,183 @@
+"""The ``musicbot`` command line: ``generate`` music locally (``run``, ``bench`` and ``backup`` join it)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from bot.settings import MODEL_SIZES, Settings, SettingsError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings = Settings.from_env()
+        return int(args.handler(args, settings) or 0)
+    except SettingsError as exc:
+        print(f"musicbot: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("musicbot: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="musicbot", description="Make music with MusicGen, from Discord or here."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = commands.add_parser("generate", help="make music locally and write it to a file")
+    gen.add_argument("prompt", help="what the music should be, e.g. 'calm lo-fi piano, rain'")
+    gen.add_argument("--duration", type=float, default=10.0, help="seconds of music (default 10)")
+    gen.add_argument(
+        "--model",
+        default=None,
+        help=f"{', '.join(MODEL_SIZES)}, a hub id or a local directory (default: MUSICBOT_MODEL)",
+    )
+    gen.add_argument("--variations", type=int, default=1, help="how many different takes, 1-4 (default 1)")
+    gen.add_argument("--seed", type=int, default=None, help="repeat a result exactly (default: random)")
+    gen.add_argument(
+        "--guidance", type=float, default=3.0, help="how closely to follow the prompt (default 3)"
+    )
+    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    gen.add_argument("--top-k", type=int, default=250, help="sample from the k likeliest codes (default 250)")
+    gen.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling, 0 = off (default 0)")
+    gen.add_argument(
+        "--melody", type=Path, default=None, help="an audio file whose tune to follow (melody model)"
+    )
+    gen.add_argument(
+        "--loop", action="store_true", help="make a seamless loop (no fades, the end flows into the start)"
+    )
+    gen.add_argument(
+        "--extend", type=Path, default=None, help="continue this audio file by --duration seconds"
+    )
+    gen.add_argument("-o", "--output", type=Path, required=True, help="where to write: .wav or .flac")
+    gen.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default=None, help="default: MUSICBOT_DEVICE"
+    )
+    gen.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default=None,
+        help="default: MUSICBOT_DTYPE",
+    )
+    gen.set_defaults(handler=_generate)
+    return parser
+
+
+def _generate(args: argparse.Namespace, settings: Settings) -> int:
+    from generation import AudioInputError, GenerationError, GenerationRequest, SamplingParams
+    from generation.audio import decode_audio, encode_audio
+
+    fmt = args.output.suffix.lower().lstrip(".")
+    if fmt not in ("wav", "flac"):
+        return _fail(f"the output must end in .wav or .flac (got {args.output.name})")
+    try:
+        melody = extend = None
+        if args.melody is not None:
+            from generation.melody import load_melody
+
+            reference = load_melody(_read(args.melody))
+            melody = reference.clip
+            if reference.note:
+                print(f"note: {reference.note}", file=sys.stderr)
+        if args.extend is not None:
+            extend = decode_audio(_read(args.extend))
+        request = GenerationRequest(
+            prompt=args.prompt,
+            duration=args.duration,
+            sampling=SamplingParams(args.guidance, args.temperature, args.top_k, args.top_p),
+            variations=args.variations,
+            seed=args.seed,
+            loop=args.loop,
+            continuation=extend,
+            melody=melody,
+        ).with_seed()
+    except (GenerationError, OSError) as exc:
+        return _fail(str(exc))
+
+    size = args.model or ("melody" if melody is not None else settings.model)
+    source = settings.model_source(size)
+    print(f"loading {size} ({source})...", file=sys.stderr)
+    quiet_model_stack(args.verbose)
+    try:
+        from generation.engine import load_engine
+
+        engine = load_engine(
+            source, name=size, device=args.device or settings.device, dtype=args.dtype or settings.dtype
+        )
+        started = time.perf_counter()
+        with _ProgressBar() as bar:
+            [result] = engine.generate([request], progress=bar.update)
+    except AudioInputError as exc:
+        return _fail(str(exc))
+    except GenerationError as exc:
+        return _fail(str(exc))
+    elapsed = time.perf_counter() - started
+
+    paths = _output_paths(args.output, len(result.tracks))
+    for path, track in zip(paths, result.tracks, strict=True):
+        path.write_bytes(encode_audio(track.audio, result.sample_rate, fmt))
+    seeds = ", ".join(str(t.seed) for t in result.tracks)
+    print(
+        f"wrote {', '.join(str(p) for p in paths)}: {result.seconds:.2f} s at {result.sample_rate} Hz, "
+        f"seed {seeds}, model {engine.info.name} ({engine.info.device}, {engine.info.dtype}), {elapsed:.1f} s"
+    )
+    return 0
+
+
+def quiet_model_stack(verbose: bool) -> None:
+    """transformers warns about hub checkpoints' own configs and draws bars of its own; ours suffice."""
+    if verbose:
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _output_paths(output: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(1, count + 1)]
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise OSError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _fail(message: str) -> int:
+    print(f"musicbot: {message}", file=sys.stderr)
+    return 1
+
+
+class _ProgressBar:
+    """A tqdm bar on stderr, fed by the engine's per-step progress callback."""
+
+    def __enter__(self) -> _ProgressBar:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=None, unit="step", file=sys.stderr, desc="generating", leave=False)
+        return self
+
+    def update(self, done: int, total: int) -> None:
+        if self._bar.total != total:
+            self._bar.total = total
+        self._bar.update(done - self._bar.n)
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.close()

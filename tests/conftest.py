@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random MusicGen checkpoints saved to disk and loaded by the production loader."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+# No test may reach the Hugging Face hub (nor anything but loopback).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random MusicGen (real 32 kHz EnCodec geometry), saved like a hub checkpoint."""
+    from generation.random_models import save_model, tiny_architecture
+
+    return save_model(tiny_architecture(), tmp_path_factory.mktemp("models") / "tiny-musicgen")
+
+
+@pytest.fixture(scope="session")
+def tiny_melody_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random MusicGen-Melody, saved like a hub checkpoint."""
+    from generation.random_models import save_model, tiny_architecture
+
+    return save_model(tiny_architecture(melody=True), tmp_path_factory.mktemp("models") / "tiny-melody")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir: Path):
+    """The tiny model loaded through ``load_engine`` in fp32 on the CPU (shared: engines are stateless)."""
+    from generation.engine import load_engine
+
+    return load_engine(str(tiny_model_dir), name="tiny", device="cpu", dtype="float32")

@@ -1,0 +1,228 @@
+"""The engine on a tiny random MusicGen loaded through the production loader: what a user would notice."""
+
+from __future__ import annotations
+
+import io
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from generation import (
+    GenerationCancelled,
+    GenerationRequest,
+    InvalidRequest,
+    ModelUnavailable,
+    SamplingParams,
+)
+from generation.audio import encode_audio
+from generation.engine import MusicGenEngine, load_engine
+
+GREEDY = SamplingParams(top_k=1)
+
+
+@pytest.mark.parametrize("seconds", [1.0, 2.5, 7.0])
+def test_audio_lasts_exactly_what_was_asked(tiny_engine: MusicGenEngine, seconds: float) -> None:
+    [result] = tiny_engine.generate([GenerationRequest("calm piano", duration=seconds, seed=1)])
+    assert result.tracks[0].samples == round(seconds * tiny_engine.sample_rate)
+    assert result.seconds == pytest.approx(seconds)
+
+
+def test_same_seed_repeats_bit_for_bit(tiny_engine: MusicGenEngine) -> None:
+    request = GenerationRequest("upbeat electronic dance", duration=1.5, seed=1234)
+    [a] = tiny_engine.generate([request])
+    [b] = tiny_engine.generate([request])
+    assert np.array_equal(a.tracks[0].audio, b.tracks[0].audio)
+    assert a.tracks[0].seed == 1234
+
+
+def test_seed_is_reported_when_not_given(tiny_engine: MusicGenEngine) -> None:
+    [result] = tiny_engine.generate([GenerationRequest("jazz trio", duration=1)])
+    seed = result.tracks[0].seed
+    [again] = tiny_engine.generate([GenerationRequest("jazz trio", duration=1, seed=seed)])
+    assert np.array_equal(result.tracks[0].audio, again.tracks[0].audio)
+
+
+def test_variations_differ_and_each_repeats_alone(tiny_engine: MusicGenEngine) -> None:
+    [result] = tiny_engine.generate([GenerationRequest("rock anthem", duration=1.5, variations=3, seed=7)])
+    audios = [t.audio for t in result.tracks]
+    assert [t.seed for t in result.tracks] == [7, 8, 9]
+    assert not np.array_equal(audios[0], audios[1])
+    assert not np.array_equal(audios[1], audios[2])
+    # The third variation made on its own, from its own seed, is the same music.
+    [alone] = tiny_engine.generate([GenerationRequest("rock anthem", duration=1.5, seed=9)])
+    np.testing.assert_allclose(alone.tracks[0].audio, audios[2], atol=1e-5)
+
+
+def test_batch_padding_leaves_a_row_unchanged(tiny_engine: MusicGenEngine) -> None:
+    short = GenerationRequest("piano", duration=1, seed=3)
+    long = GenerationRequest(
+        "epic orchestral soundtrack, strings and brass, cinematic and slow", duration=1, seed=4
+    )
+    [alone] = tiny_engine.generate([short])
+    batch = tiny_engine.generate([short, long])
+    assert [r.request.prompt for r in batch] == ["piano", long.prompt]
+    np.testing.assert_allclose(batch[0].tracks[0].audio, alone.tracks[0].audio, atol=1e-5)
+
+
+def test_wav_decodes_as_16_bit_pcm_at_model_rate(tiny_engine: MusicGenEngine) -> None:
+    [result] = tiny_engine.generate([GenerationRequest("lo-fi beat", duration=2.5, seed=5)])
+    data = encode_audio(result.tracks[0].audio, result.sample_rate, "wav")
+    info = sf.info(io.BytesIO(data))
+    assert (info.samplerate, info.subtype, info.format, info.frames) == (32000, "PCM_16", "WAV", 80000)
+    flac = encode_audio(result.tracks[0].audio, result.sample_rate, "flac")
+    assert sf.info(io.BytesIO(flac)).format == "FLAC"
+    assert len(flac) < len(data)
+
+
+def test_audio_never_clips_and_fades_in_and_out(tiny_engine: MusicGenEngine) -> None:
+    [result] = tiny_engine.generate([GenerationRequest("loud rock", duration=2, seed=6, variations=2)])
+    for track in result.tracks:
+        audio = track.audio
+        assert np.abs(audio).max() <= 1.0
+        body = np.abs(audio[..., 3200:-3200]).max()
+        assert body > 0.05
+        assert np.abs(audio[..., :8]).max() < 0.02 * body  # fades in from silence
+        assert np.abs(audio[..., -8:]).max() < 0.02 * body  # and out to it
+
+
+def test_progress_counts_every_step(tiny_engine: MusicGenEngine) -> None:
+    calls: list[tuple[int, int]] = []
+    tiny_engine.generate(
+        [GenerationRequest("ambient", duration=2, seed=1)], progress=lambda d, t: calls.append((d, t))
+    )
+    total = 2 * tiny_engine.frame_rate + tiny_engine.codebooks - 1
+    assert calls == [(i, total) for i in range(1, total + 1)]
+
+
+def test_cancel_from_another_thread_returns_partial_audio(tiny_engine: MusicGenEngine) -> None:
+    cancel = threading.Event()
+
+    def on_step(done: int, total: int) -> None:
+        if done == 60:
+            threading.Thread(target=cancel.set).start()
+
+    [result] = tiny_engine.generate(
+        [GenerationRequest("drums", duration=7, seed=2)], progress=on_step, cancel=cancel
+    )
+    assert result.cancelled
+    assert 0 < result.tracks[0].samples < 7 * 32000
+    assert np.isfinite(result.tracks[0].audio).all()
+
+
+def test_cancel_before_any_audio_raises_cancelled(tiny_engine: MusicGenEngine) -> None:
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(GenerationCancelled):
+        tiny_engine.generate([GenerationRequest("drums", duration=3, seed=2)], cancel=cancel)
+
+
+def _codes_from_generate(
+    engine: MusicGenEngine, prompts: list[str], frames: int, **inputs: torch.Tensor
+) -> torch.Tensor:
+    captured: list[torch.Tensor] = []
+    model = engine.model
+    decode = model.audio_encoder.decode
+
+    def spy(codes: torch.Tensor, *args: object, **kwargs: object) -> object:
+        captured.append(codes[0].clone())
+        return decode(codes, *args, **kwargs)
+
+    model.audio_encoder.decode = spy
+    try:
+        tokens = engine.tokenizer(prompts, return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            model.generate(
+                **tokens,
+                **inputs,
+                max_new_tokens=frames + engine.codebooks - 1,
+                do_sample=False,
+                guidance_scale=3.0,
+            )
+    finally:
+        del model.audio_encoder.decode
+    return captured[0]
+
+
+def _our_codes(
+    engine: MusicGenEngine, prompts: list[str], frames: int, audio: np.ndarray | None = None
+) -> torch.Tensor:
+    request = GenerationRequest(prompts[0], sampling=GREEDY)
+    with torch.inference_mode():
+        conditioning = engine._condition(prompts, request)
+        prompt_codes = engine._encode(audio) if audio is not None else None
+        codes, cancelled = engine._decode(
+            conditioning,
+            prompt_codes,
+            frames,
+            GREEDY,
+            [torch.Generator() for _ in prompts],
+            lambda: None,
+            None,
+        )
+    assert not cancelled
+    return codes
+
+
+def test_greedy_codes_match_transformers_generate(tiny_engine: MusicGenEngine) -> None:
+    prompts = ["calm lo-fi piano with rain", "rock"]
+    expected = _codes_from_generate(tiny_engine, prompts, 60)
+    assert torch.equal(_our_codes(tiny_engine, prompts, 60), expected)
+
+
+def test_audio_prompted_greedy_codes_match_transformers_generate(tiny_engine: MusicGenEngine) -> None:
+    prompts = ["jazz trio", "hip hop beat with vinyl crackle"]
+    audio = (np.random.default_rng(0).standard_normal((2, 1, 32000)) * 0.1).astype(np.float32)
+    expected = _codes_from_generate(
+        tiny_engine,
+        prompts,
+        40,
+        input_values=torch.from_numpy(audio),
+        padding_mask=torch.ones(2, 32000, dtype=torch.long),
+    )
+    ours = _our_codes(tiny_engine, prompts, 40, audio)
+    assert ours.shape[-1] == 50 + 40  # the prompt's 50 frames (re-synthesised by EnCodec), then 40 new ones
+    assert torch.equal(ours, expected)
+
+
+def test_loader_picks_melody_class_from_checkpoint(tiny_melody_dir: Path) -> None:
+    engine = load_engine(str(tiny_melody_dir), name="melody", device="cpu", dtype="float32")
+    assert type(engine.model).__name__ == "MusicgenMelodyForConditionalGeneration"
+    assert engine.info.supports_melody
+    [result] = engine.generate([GenerationRequest("folk song", duration=1.5, seed=1)])
+    assert result.tracks[0].samples == 48000
+
+
+def test_text_model_refuses_a_melody(tiny_engine: MusicGenEngine) -> None:
+    from generation import AudioClip
+
+    melody = AudioClip(np.zeros((1, 32000), np.float32), 32000)
+    with pytest.raises(InvalidRequest, match="melody model"):
+        tiny_engine.generate([GenerationRequest("piano", duration=1, melody=melody)])
+
+
+def test_missing_local_model_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(ModelUnavailable, match=r"config\.json"):
+        load_engine(str(tmp_path / "nowhere"), device="cpu")
+
+
+def test_uncached_hub_model_fails_at_once_when_offline() -> None:
+    import time
+
+    started = time.perf_counter()
+    with pytest.raises(ModelUnavailable, match="HF_HUB_OFFLINE") as err:
+        load_engine("facebook/musicgen-small", device="cpu")
+    assert time.perf_counter() - started < 2
+    assert "local directory" in str(err.value)
+
+
+def test_auto_placement_on_this_machine_is_cpu() -> None:
+    from generation.loader import choose_placement, cpu_supports_bf16
+
+    placement = choose_placement("auto", "auto")
+    assert placement.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if placement.device.type == "cpu":
+        assert placement.dtype == (torch.bfloat16 if cpu_supports_bf16() else torch.float32)

@@ -1,0 +1,121 @@
+"""``musicbot generate`` run as a user runs it: a subprocess, with a tiny local model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+
+def _musicbot(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {k: v for k, v in env.items() if not k.startswith("MUSICBOT_")}
+    return subprocess.run(
+        [sys.executable, "-m", "bot", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=180
+    )
+
+
+def test_generate_writes_wav_of_requested_length(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "song.wav"
+    done = _musicbot(
+        "generate",
+        "calm lo-fi piano, rain",
+        "--duration",
+        "2.5",
+        "--model",
+        str(tiny_model_dir),
+        "--seed",
+        "42",
+        "-o",
+        str(out),
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    info = sf.info(out)
+    assert (info.samplerate, info.frames, info.subtype) == (32000, 80000, "PCM_16")
+    assert "seed 42" in done.stdout
+    assert "2.50 s" in done.stdout
+    assert "generating" in done.stderr  # the progress bar
+
+
+def test_generate_variations_write_numbered_files(tiny_model_dir: Path, tmp_path: Path) -> None:
+    done = _musicbot(
+        "generate",
+        "drums",
+        "--duration",
+        "1",
+        "--variations",
+        "2",
+        "--model",
+        str(tiny_model_dir),
+        "-o",
+        str(tmp_path / "take.flac"),
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    a, rate = sf.read(tmp_path / "take-1.flac")
+    b, _ = sf.read(tmp_path / "take-2.flac")
+    assert rate == 32000 and len(a) == len(b) == 32000
+    assert not np.array_equal(a, b)
+
+
+def test_generate_extend_keeps_the_original(tiny_model_dir: Path, tmp_path: Path) -> None:
+    first = tmp_path / "first.wav"
+    assert (
+        _musicbot(
+            "generate",
+            "folk",
+            "--duration",
+            "2",
+            "--model",
+            str(tiny_model_dir),
+            "-o",
+            str(first),
+            cwd=tmp_path,
+        ).returncode
+        == 0
+    )
+    longer = tmp_path / "longer.wav"
+    done = _musicbot(
+        "generate",
+        "folk",
+        "--duration",
+        "1.5",
+        "--extend",
+        str(first),
+        "--model",
+        str(tiny_model_dir),
+        "-o",
+        str(longer),
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert sf.info(longer).frames == 64000 + 48000
+
+
+def test_bad_parameter_gets_a_short_message(tiny_model_dir: Path, tmp_path: Path) -> None:
+    done = _musicbot(
+        "generate",
+        "piano",
+        "--top-p",
+        "2",
+        "--model",
+        str(tiny_model_dir),
+        "-o",
+        str(tmp_path / "x.wav"),
+        cwd=tmp_path,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip() == "musicbot: top_p must be between 0 (off) and 1 (got 2)"
+    assert not (tmp_path / "x.wav").exists()
+
+
+def test_missing_model_gets_a_clear_message(tmp_path: Path) -> None:
+    done = _musicbot("generate", "piano", "--model", "large", "-o", str(tmp_path / "x.wav"), cwd=tmp_path)
+    assert done.returncode == 1
+    assert "facebook/musicgen-large is not in the local cache" in done.stderr
+    assert "Traceback" not in done.stderr
