@@ -73,7 +73,36 @@ def _parser() -> argparse.ArgumentParser:
         help="default: MUSICBOT_DTYPE",
     )
     gen.set_defaults(handler=_generate)
+
+    bench = commands.add_parser("bench", help="the speed table: ours against the classic transformers recipe")
+    bench.add_argument(
+        "--arch",
+        choices=("small", "medium", "large", "melody"),
+        default="small",
+        help="real architecture to build with random weights (default small)",
+    )
+    bench.add_argument("--seconds", type=float, default=5.0, help="seconds of audio per run (default 5)")
+    bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    bench.add_argument("--no-classic", action="store_true", help="skip the slow fp32 generate baseline")
+    bench.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("bench-results.json"),
+        help="where to write the figures as JSON (default bench-results.json)",
+    )
+    bench.set_defaults(handler=_bench)
     return parser
+
+
+def _bench(args: argparse.Namespace, settings: Settings) -> int:
+    quiet_model_stack(args.verbose)
+    from generation.bench import run_bench
+
+    run_bench(
+        arch=args.arch, seconds=args.seconds, device=args.device, classic=not args.no_classic, out=args.output
+    )
+    return 0
 
 
 def _generate(args: argparse.Namespace, settings: Settings) -> int:

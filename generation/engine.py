@@ -22,6 +22,7 @@ import torch
 
 from generation import audio as audio_ops
 from generation.errors import GenerationCancelled, InvalidRequest, OutOfMemory
+from generation.fast_decoder import FastDecoderState, FastDecoderWeights, cross_attention_mask
 from generation.loader import Placement, choose_placement, load_checkpoint
 from generation.request import (
     GenerationRequest,
@@ -56,6 +57,7 @@ class MusicGenEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.placement = placement
+        self._weights: FastDecoderWeights | None = None
         config = model.config
         self.sample_rate: int = int(config.audio_encoder.sampling_rate)
         self.frame_rate: int = int(config.audio_encoder.frame_rate)
@@ -111,6 +113,7 @@ class MusicGenEngine:
         """Drop the model and give its memory back."""
         self.model = None
         self.tokenizer = None
+        self._weights = None
         self._free_memory()
 
     def codes_to_audio(self, codes: torch.Tensor) -> np.ndarray:
@@ -248,7 +251,7 @@ class MusicGenEngine:
         if guided:
             hidden = torch.cat([hidden, torch.zeros_like(hidden)])
             mask = torch.cat([mask, torch.zeros_like(mask)])
-        return _CrossAttention(model.decoder, hidden, mask, guided)
+        return _CrossAttention(model.decoder, self._fast_weights(), hidden, mask, guided)
 
     def _melody_conditioning(
         self, hidden: torch.Tensor, mask: torch.Tensor, request: GenerationRequest, guided: bool
@@ -279,7 +282,7 @@ class MusicGenEngine:
         if audio_hidden.shape[1] < config.chroma_length:
             audio_hidden = audio_hidden.repeat(1, math.ceil(config.chroma_length / audio_hidden.shape[1]), 1)
         prefix = torch.cat([audio_hidden[:, : config.chroma_length], hidden], dim=1)
-        return _Prefix(model.decoder, prefix, guided)
+        return _Prefix(model.decoder, self._fast_weights(), prefix, guided)
 
     def _decode(
         self,
@@ -297,7 +300,7 @@ class MusicGenEngine:
         length = 1 + given + new_frames + k - 1
         pattern = self._delay_pattern(rows, length, prompt_codes)
         first = given + 1
-        logits = conditioning.prefill(pattern[..., :first])
+        logits = conditioning.prefill(pattern[..., :first], length)
         last = first - 1
         cancelled = False
         for t in range(first, length):
@@ -356,6 +359,11 @@ class MusicGenEngine:
             return audio_ops.normalise(audio_ops.make_loop(audio, length), self.sample_rate)
         return audio_ops.finish(audio[..., :length], self.sample_rate)
 
+    def _fast_weights(self) -> FastDecoderWeights:
+        if self._weights is None:
+            self._weights = FastDecoderWeights(self.model.decoder)
+        return self._weights
+
     def _free_memory(self) -> None:
         gc.collect()
         if torch.cuda.is_available():
@@ -363,74 +371,69 @@ class MusicGenEngine:
 
 
 class _Conditioning:
-    """How the decoder sees the prompt: prefill once, then one column per step."""
+    """How the decoder sees the prompt: prefill once through transformers, then our own fast steps."""
 
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+    def __init__(self, decoder: Any, weights: FastDecoderWeights, guided: bool) -> None:
+        self.decoder, self.weights, self.guided = decoder, weights, guided
+        self.state: FastDecoderState | None = None
+
+    def _prefill_kwargs(self) -> dict[str, Any]:
         raise NotImplementedError
+
+    def _cross_mask(self) -> torch.Tensor | None:
+        return None
+
+    def prefill(self, ids: torch.Tensor, length: int) -> torch.Tensor:
+        """Run the known columns (and any prefix); keep room for ``length`` columns in all."""
+        if self.guided:
+            ids = torch.cat([ids, ids])
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        rows, k, known = ids.shape
+        config = self.decoder.config
+        cache = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
+        out = self.decoder(
+            input_ids=ids.reshape(rows * k, known), cache=cache, use_cache=True, **self._prefill_kwargs()
+        )
+        room = cache.get_seq_length() - known + length
+        self.state = FastDecoderState(self.weights, cache, room, self._cross_mask())
+        return out.logits.reshape(rows, k, -1, out.logits.shape[-1])[:, :, -1]
 
     def step(self, column: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        assert self.state is not None, "prefill first"
+        return self.state.step(torch.cat([column, column]) if self.guided else column)
 
 
 class _CrossAttention(_Conditioning):
-    """MusicGen: text states reach the decoder through cross-attention; a KV cache carries the past."""
+    """MusicGen: text states reach the decoder through cross-attention."""
 
-    def __init__(self, decoder: Any, hidden: torch.Tensor, mask: torch.Tensor, guided: bool) -> None:
-        from transformers import DynamicCache, EncoderDecoderCache
+    def __init__(
+        self,
+        decoder: Any,
+        weights: FastDecoderWeights,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        guided: bool,
+    ) -> None:
+        super().__init__(decoder, weights, guided)
+        self.hidden, self.mask = hidden, mask
 
-        self.decoder, self.hidden, self.mask, self.guided = decoder, hidden, mask, guided
-        self.cache = EncoderDecoderCache(
-            DynamicCache(config=decoder.config), DynamicCache(config=decoder.config)
-        )
+    def _prefill_kwargs(self) -> dict[str, Any]:
+        return {"encoder_hidden_states": self.hidden, "encoder_attention_mask": self.mask}
 
-    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.guided:
-            ids = torch.cat([ids, ids])
-        rows, k, length = ids.shape
-        out = self.decoder(
-            input_ids=ids.reshape(rows * k, length),
-            encoder_hidden_states=self.hidden,
-            encoder_attention_mask=self.mask,
-            cache=self.cache,
-            use_cache=True,
-        )
-        return out.logits.reshape(rows, k, -1, out.logits.shape[-1])[:, :, -1]
-
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        return self._forward(ids)
-
-    def step(self, column: torch.Tensor) -> torch.Tensor:
-        return self._forward(column[..., None])
+    def _cross_mask(self) -> torch.Tensor | None:
+        return cross_attention_mask(self.decoder.config, self.mask, self.hidden)
 
 
 class _Prefix(_Conditioning):
     """MusicGen-Melody: chroma and text states are prepended to the decoder's input once."""
 
-    def __init__(self, decoder: Any, prefix: torch.Tensor, guided: bool) -> None:
-        from transformers import DynamicCache, EncoderDecoderCache
+    def __init__(self, decoder: Any, weights: FastDecoderWeights, prefix: torch.Tensor, guided: bool) -> None:
+        super().__init__(decoder, weights, guided)
+        self.prefix = prefix
 
-        self.decoder, self.prefix, self.guided = decoder, prefix, guided
-        self.cache = EncoderDecoderCache(
-            DynamicCache(config=decoder.config), DynamicCache(config=decoder.config)
-        )
-
-    def _forward(self, ids: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
-        if self.guided:
-            ids = torch.cat([ids, ids])
-        rows, k, length = ids.shape
-        out = self.decoder(
-            input_ids=ids.reshape(rows * k, length),
-            encoder_hidden_states=prefix,
-            cache=self.cache,
-            use_cache=True,
-        )
-        return out.logits.reshape(rows, k, -1, out.logits.shape[-1])[:, :, -1]
-
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        return self._forward(ids, self.prefix)
-
-    def step(self, column: torch.Tensor) -> torch.Tensor:
-        return self._forward(column[..., None], None)
+    def _prefill_kwargs(self) -> dict[str, Any]:
+        return {"encoder_hidden_states": self.prefix}
 
 
 def load_engine(

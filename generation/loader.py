@@ -80,10 +80,14 @@ def load_checkpoint(source: str, placement: Placement) -> tuple[Any, Any]:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as exc:
         raise _load_error(source, exc) from None
-    model.to(placement.device)
-    model.audio_encoder.to(torch.float32)  # EnCodec in fp32: clean audio, no measurable cost
-    model.eval()
-    return model, tokenizer
+    return place_model(model, placement), tokenizer
+
+
+def place_model(model: Any, placement: Placement) -> Any:
+    """Move a model to its device and dtype, EnCodec kept in fp32 (clean audio, no measurable cost)."""
+    model.to(placement.device, placement.dtype)
+    model.audio_encoder.to(torch.float32)
+    return model.eval()
 
 
 def _is_local(source: str) -> bool:

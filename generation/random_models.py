@@ -119,7 +119,8 @@ def build_model(arch: dict[str, Any], seed: int = 0) -> tuple[Any, T5Tokenizer]:
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     melody = arch["model_type"] == "musicgen_melody"
-    text = T5Config(**{**_strip(arch["text_encoder"]), "vocab_size": max(len(tokenizer), 32)})
+    text_arch = _strip(arch["text_encoder"])
+    text = T5Config(**{**text_arch, "vocab_size": max(len(tokenizer), text_arch.get("vocab_size", 32))})
     audio = EncodecConfig(**_strip(arch["audio_encoder"]))
     dec = _strip(arch["decoder"])
     codebook_size = audio.codebook_size

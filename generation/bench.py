@@ -1,0 +1,279 @@
+"""The speed table: the classic transformers recipe against our decoding loop, on a real shape.
+
+Random weights of the real architecture cost exactly what the real model costs. Everything runs in
+one process, one configuration after the other, so the figures compare on the same machine state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import logging
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from generation.engine import MusicGenEngine
+from generation.loader import Placement, choose_placement, place_model
+from generation.random_models import architecture, build_model
+from generation.request import GenerationRequest, SamplingParams
+from generation.worker import GenerationWorker
+
+log = logging.getLogger(__name__)
+
+PROMPTS = [
+    "calm lo-fi piano with rain",
+    "upbeat electronic dance music with heavy bass",
+    "epic orchestral soundtrack, strings and brass",
+    "acoustic guitar folk song, warm and gentle",
+]
+SAMPLING = SamplingParams(guidance=3.0, temperature=1.0, top_k=250, top_p=0.0)
+
+
+@dataclass(frozen=True)
+class Row:
+    setup: str
+    batch: int
+    audio_seconds: float
+    wall_seconds: float
+    steps: int
+    peak_memory_gb: float
+
+    @property
+    def compute_per_audio_second(self) -> float:
+        """Seconds of compute for each second of audio delivered (per item in a batch)."""
+        return self.wall_seconds / (self.audio_seconds * self.batch)
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1000 * self.wall_seconds / self.steps
+
+
+class _PeakMemory:
+    """Peak resident memory (CPU) or peak allocated memory (CUDA) over a block."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+
+    @contextmanager
+    def measure(self) -> Iterator[None]:
+        self.peak = 0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            yield
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+            return
+        stop = threading.Event()
+
+        def sample() -> None:
+            page = os.sysconf("SC_PAGE_SIZE")
+            while not stop.is_set():
+                with open("/proc/self/statm") as f:
+                    self.peak = max(self.peak, int(f.read().split()[1]) * page)
+                stop.wait(0.02)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            sampler.join()
+
+
+def _classic(model: Any, tokenizer: Any, batch: int, seconds: float, frame_rate: int, codebooks: int) -> int:
+    """The recipe from the transformers docs: ``generate`` with sampling and guidance."""
+    inputs = tokenizer(PROMPTS[:batch], return_tensors="pt", padding=True).to(model.device)
+    steps = round(seconds * frame_rate) + codebooks - 1
+    with torch.inference_mode():
+        model.generate(
+            **inputs,
+            do_sample=True,
+            guidance_scale=SAMPLING.guidance,
+            top_k=SAMPLING.top_k,
+            temperature=SAMPLING.temperature,
+            max_new_tokens=steps,
+        )
+    return steps
+
+
+def _ours(engine: MusicGenEngine, batch: int, seconds: float) -> int:
+    steps = 0
+
+    def count(done: int, total: int) -> None:
+        nonlocal steps
+        steps = total
+
+    requests = [
+        GenerationRequest(p, duration=seconds, sampling=SAMPLING, seed=i)
+        for i, p in enumerate(PROMPTS[:batch])
+    ]
+    engine.generate(requests, progress=count)
+    return steps
+
+
+def _timed(setup: str, batch: int, seconds: float, memory: _PeakMemory, run: Callable[[], int]) -> Row:
+    gc.collect()
+    with memory.measure():
+        started = time.perf_counter()
+        steps = run()
+        if memory.device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+    row = Row(setup, batch, seconds, wall, steps, memory.peak / 1e9)
+    log.info("%s batch %d: %.2f s per audio second", setup, batch, row.compute_per_audio_second)
+    return row
+
+
+async def _loop_lag(engine: MusicGenEngine, seconds: float) -> list[float]:
+    """Gaps seen by a 10 ms ticker on the event loop while the worker thread generates."""
+    worker = GenerationWorker(lambda _key: engine)
+    await worker.start("bench")
+    gaps: list[float] = []
+    done = asyncio.Event()
+
+    async def tick() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            await asyncio.sleep(0.01)
+            now = time.perf_counter()
+            gaps.append(now - last - 0.01)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    try:
+        await worker.generate(
+            [GenerationRequest(PROMPTS[0], duration=seconds, sampling=SAMPLING, seed=0)],
+            progress=lambda d, t: None,
+        )
+    finally:
+        done.set()
+        await ticker
+    worker._engine = None  # the bench keeps the engine; the worker must not release it
+    await worker.close()
+    return gaps
+
+
+def run_bench(
+    *,
+    arch: str = "small",
+    seconds: float = 5.0,
+    device: str = "auto",
+    classic: bool = True,
+    out: Path | None = None,
+) -> dict[str, Any]:
+    """Build the architecture with random weights, time every setup, print the table, write the figures."""
+    placement = choose_placement(device, "auto")
+    fast_dtype = placement.dtype
+    print(f"building musicgen-{arch} with random weights...", flush=True)
+    model, tokenizer = build_model(architecture(arch))
+    config = model.config
+    frame_rate, codebooks = config.audio_encoder.frame_rate, config.decoder.num_codebooks
+    params = sum(p.numel() for p in model.parameters())
+    memory = _PeakMemory(placement.device)
+    rows: list[Row] = []
+
+    def classic_run(batch: int, dtype: torch.dtype, label: str) -> None:
+        place_model(model, Placement(placement.device, dtype))
+        model.decoder.set_attn_implementation("sdpa")  # what a user of the docs' recipe gets
+        rows.append(
+            _timed(
+                label,
+                batch,
+                seconds,
+                memory,
+                lambda: _classic(model, tokenizer, batch, seconds, frame_rate, codebooks),
+            )
+        )
+
+    if classic:
+        classic_run(1, torch.float32, "classic: transformers generate, fp32")
+    if fast_dtype != torch.float32 or not classic:
+        classic_run(1, fast_dtype, f"transformers generate, {_name(fast_dtype)}")
+    place_model(model, Placement(placement.device, fast_dtype))
+    model.decoder.set_attn_implementation("eager" if placement.device.type == "cpu" else "sdpa")
+    engine = MusicGenEngine(model, tokenizer, name=arch, source="random weights", placement=placement)
+    _ours(engine, 1, 1.0)  # warm-up: weights gathered, kernels chosen
+    for batch in (1, 4):
+        rows.append(
+            _timed(
+                f"ours, {_name(fast_dtype)}",
+                batch,
+                seconds,
+                memory,
+                lambda b=batch: _ours(engine, b, seconds),
+            )
+        )
+    gaps = asyncio.run(_loop_lag(engine, min(seconds, 3.0)))
+    lag_p99 = statistics.quantiles(gaps, n=100)[98] * 1000 if len(gaps) > 1 else float("nan")
+
+    figures = {
+        "architecture": f"musicgen-{arch}",
+        "parameters": params,
+        "device": _device_name(placement.device),
+        "threads": torch.get_num_threads(),
+        "audio_seconds": seconds,
+        "sampling": asdict(SAMPLING),
+        "rows": [
+            {
+                **asdict(r),
+                "compute_per_audio_second": r.compute_per_audio_second,
+                "ms_per_step": r.ms_per_step,
+            }
+            for r in rows
+        ],
+        "event_loop_lag_p99_ms": lag_p99,
+    }
+    print(format_table(rows, figures))
+    if out is not None:
+        out.write_text(json.dumps(figures, indent=2))
+        print(f"figures written to {out}")
+    return figures
+
+
+def format_table(rows: list[Row], figures: dict[str, Any]) -> str:
+    base = next((r for r in rows if r.setup.startswith("classic")), rows[0])
+    single = next((r for r in rows if r.setup.startswith("ours") and r.batch == 1), None)
+    lines = [
+        f"{figures['architecture']} ({figures['parameters'] / 1e6:.0f} M parameters, random weights) on "
+        f"{figures['device']}, {figures['threads']} threads; "
+        f"{figures['audio_seconds']:g} s of audio, guidance 3, top_k 250",
+        "",
+        f"| {'setup':<40} | batch | compute s / audio s | ms / step | speed-up | peak memory |",
+        f"|{'-' * 42}|-------|---------------------|-----------|----------|-------------|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.setup:<40} | {r.batch:>5} | {r.compute_per_audio_second:>19.2f} | {r.ms_per_step:>9.1f} | "
+            f"{base.compute_per_audio_second / r.compute_per_audio_second:>7.1f}x | "
+            f"{r.peak_memory_gb:>8.2f} GB |"
+        )
+    lines.append("")
+    if single is not None:
+        batched = next((r for r in rows if r.setup.startswith("ours") and r.batch == 4), None)
+        if batched is not None:
+            gain = single.compute_per_audio_second / batched.compute_per_audio_second
+            lines.append(f"batch of 4: {gain:.1f}x the throughput of one request")
+    lines.append(f"event-loop lag p99 while the worker generates: {figures['event_loop_lag_p99_ms']:.1f} ms")
+    return "\n".join(lines)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores)"
