@@ -125,11 +125,13 @@ class GenerationWorker:
                 loop, future, fn, args = item
                 try:
                     result = fn(*args)
-                except BaseException as exc:  # handed to the caller, whatever it is
+                except Exception as exc:  # the caller's to handle
                     _resolve(loop, future, exc=exc)
-                    if not isinstance(exc, Exception):
-                        reason = f"{type(exc).__name__} in the worker"
-                        raise
+                except BaseException as exc:  # SystemExit and the like end the thread
+                    reason = f"{type(exc).__name__} in the worker"
+                    log.critical("the generation worker stops: %s", reason, exc_info=exc)
+                    _resolve(loop, future, exc=WorkerDied(reason))
+                    return
                 else:
                     _resolve(loop, future, result=result)
         finally:
