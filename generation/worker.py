@@ -130,12 +130,13 @@ class GenerationWorker:
                 except BaseException as exc:  # SystemExit and the like end the thread
                     reason = f"{type(exc).__name__} in the worker"
                     log.critical("the generation worker stops: %s", reason, exc_info=exc)
-                    _resolve(loop, future, exc=WorkerDied(reason))
+                    self._dead = WorkerDied(reason)
+                    _resolve(loop, future, exc=self._dead)
                     return
                 else:
                     _resolve(loop, future, result=result)
         finally:
-            self._dead = WorkerDied(reason)
+            self._dead = self._dead or WorkerDied(reason)
             self._release()
             self._fail_pending()
 
