@@ -1,8 +1,9 @@
-"""The ``musicbot`` command line: ``generate`` music locally (``run``, ``bench`` and ``backup`` join it)."""
+"""The ``musicbot`` command line: ``run`` the Discord bot, ``generate`` music locally, ``bench``."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 import time
@@ -37,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    run = commands.add_parser("run", help="start the Discord bot (settings from the environment / .env)")
+    run.set_defaults(handler=_run)
+
     gen = commands.add_parser("generate", help="make music locally and write it to a file")
     gen.add_argument("prompt", help="what the music should be, e.g. 'calm lo-fi piano, rain'")
     gen.add_argument("--duration", type=float, default=10.0, help="seconds of music (default 10)")
@@ -68,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--dtype",
-        choices=("auto", "float32", "bfloat16", "float16"),
+        choices=("auto", "float32", "bfloat16", "float16", "int8"),
         default=None,
         help="default: MUSICBOT_DTYPE",
     )
@@ -92,7 +96,46 @@ def _parser() -> argparse.ArgumentParser:
         help="where to write the figures as JSON (default bench-results.json)",
     )
     bench.set_defaults(handler=_bench)
+
+    rand = commands.add_parser(
+        "random-model", help="save a MusicGen with random weights (offline trials: makes noise, not music)"
+    )
+    rand.add_argument("directory", type=Path, help="where to save it (then use it with --model DIRECTORY)")
+    rand.add_argument(
+        "--arch",
+        choices=("tiny", "tiny-melody", "small", "medium", "large", "melody"),
+        default="tiny",
+        help="tiny (1 MB, fast) or a real architecture (default tiny)",
+    )
+    rand.set_defaults(handler=_random_model)
     return parser
+
+
+def _random_model(args: argparse.Namespace, settings: Settings) -> int:
+    quiet_model_stack(args.verbose)
+    from generation.random_models import architecture, save_model, tiny_architecture
+
+    arch = (
+        tiny_architecture(melody=args.arch == "tiny-melody")
+        if args.arch.startswith("tiny")
+        else architecture(args.arch)
+    )
+    save_model(arch, args.directory)
+    print(f"saved a random-weight {args.arch} model to {args.directory}")
+    return 0
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.runner import StartupError, make_worker_factory, run
+
+    if not args.verbose:
+        logging.getLogger().setLevel(logging.INFO)
+    try:
+        asyncio.run(run(settings, worker_factory=make_worker_factory(settings, quiet=not args.verbose)))
+    except StartupError as exc:
+        print(f"musicbot: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _bench(args: argparse.Namespace, settings: Settings) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 MODEL_SIZES = ("small", "medium", "large", "melody")
 DEFAULT_MODEL_SOURCES = {size: f"facebook/musicgen-{size}" for size in MODEL_SIZES}
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 
 
 class SettingsError(ValueError):

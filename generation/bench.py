@@ -17,13 +17,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from generation.engine import MusicGenEngine
-from generation.loader import Placement, choose_placement, place_model
+from generation.loader import Placement, choose_placement, int8_supported, place_model
 from generation.random_models import architecture, build_model
 from generation.request import GenerationRequest, SamplingParams
 from generation.worker import GenerationWorker
@@ -203,18 +204,19 @@ def run_bench(
         classic_run(1, fast_dtype, f"transformers generate, {_name(fast_dtype)}")
     place_model(model, Placement(placement.device, fast_dtype))
     model.decoder.set_attn_implementation("eager" if placement.device.type == "cpu" else "sdpa")
-    engine = MusicGenEngine(model, tokenizer, name=arch, source="random weights", placement=placement)
-    _ours(engine, 1, 1.0)  # warm-up: weights gathered, kernels chosen
-    for batch in (1, 4):
-        rows.append(
-            _timed(
-                f"ours, {_name(fast_dtype)}",
-                batch,
-                seconds,
-                memory,
-                lambda b=batch: _ours(engine, b, seconds),
-            )
-        )
+    setups = [placement]
+    if placement.device.type == "cpu" and int8_supported():
+        setups.append(Placement(placement.device, fast_dtype, int8_steps=True))
+    engine = None
+    for setup in setups:
+        engine = MusicGenEngine(model, tokenizer, name=arch, source="random weights", placement=setup)
+        _ours(engine, 1, 1.0)  # warm-up: weights gathered, kernels chosen
+        for batch in (1, 4):
+            run = partial(_ours, engine, batch, seconds)
+            rows.append(_timed(f"ours, {setup.label}", batch, seconds, memory, run))
+        if setup is not setups[-1]:
+            engine.close_steps()
+    assert engine is not None
     gaps = asyncio.run(_loop_lag(engine, min(seconds, 3.0)))
     lag_p99 = statistics.quantiles(gaps, n=100)[98] * 1000 if len(gaps) > 1 else float("nan")
 
@@ -244,7 +246,6 @@ def run_bench(
 
 def format_table(rows: list[Row], figures: dict[str, Any]) -> str:
     base = next((r for r in rows if r.setup.startswith("classic")), rows[0])
-    single = next((r for r in rows if r.setup.startswith("ours") and r.batch == 1), None)
     lines = [
         f"{figures['architecture']} ({figures['parameters'] / 1e6:.0f} M parameters, random weights) on "
         f"{figures['device']}, {figures['threads']} threads; "
@@ -260,11 +261,12 @@ def format_table(rows: list[Row], figures: dict[str, Any]) -> str:
             f"{r.peak_memory_gb:>8.2f} GB |"
         )
     lines.append("")
-    if single is not None:
-        batched = next((r for r in rows if r.setup.startswith("ours") and r.batch == 4), None)
-        if batched is not None:
-            gain = single.compute_per_audio_second / batched.compute_per_audio_second
-            lines.append(f"batch of 4: {gain:.1f}x the throughput of one request")
+    for setup in dict.fromkeys(r.setup for r in rows if r.setup.startswith("ours")):
+        one = next(r for r in rows if r.setup == setup and r.batch == 1)
+        four = next((r for r in rows if r.setup == setup and r.batch == 4), None)
+        if four is not None:
+            gain = one.compute_per_audio_second / four.compute_per_audio_second
+            lines.append(f"{setup}: a batch of 4 gives {gain:.1f}x the throughput of one request")
     lines.append(f"event-loop lag p99 while the worker generates: {figures['event_loop_lag_p99_ms']:.1f} ms")
     return "\n".join(lines)
 

@@ -76,7 +76,7 @@ class MusicGenEngine:
             source=source,
             model_type=config.model_type,
             device=str(placement.device),
-            dtype=str(placement.dtype).removeprefix("torch."),
+            dtype=placement.label,
             sample_rate=self.sample_rate,
             frame_rate=self.frame_rate,
             max_seconds_per_pass=self.pass_seconds,
@@ -359,9 +359,14 @@ class MusicGenEngine:
             return audio_ops.normalise(audio_ops.make_loop(audio, length), self.sample_rate)
         return audio_ops.finish(audio[..., :length], self.sample_rate)
 
+    def close_steps(self) -> None:
+        """Drop the step weights (rebuilt on the next generation); the model stays loaded."""
+        self._weights = None
+        self._free_memory()
+
     def _fast_weights(self) -> FastDecoderWeights:
         if self._weights is None:
-            self._weights = FastDecoderWeights(self.model.decoder)
+            self._weights = FastDecoderWeights(self.model.decoder, int8=self.placement.int8_steps)
         return self._weights
 
     def _free_memory(self) -> None:

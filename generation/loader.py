@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -21,17 +22,45 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass(frozen=True)
 class Placement:
+    """Where the model runs, its weights' dtype, and whether decoding steps use int8 weights."""
+
     device: torch.device
     dtype: torch.dtype
+    int8_steps: bool = False
+
+    @property
+    def label(self) -> str:
+        name = str(self.dtype).removeprefix("torch.")
+        return f"int8 steps + {name}" if self.int8_steps else name
+
+
+@lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    return frozenset(
+        flag
+        for line in text.splitlines()
+        if line.startswith("flags")
+        for flag in line.split(":", 1)[1].split()
+    )
 
 
 def cpu_supports_bf16() -> bool:
     """True where the CPU has native bf16 dot products (avx512_bf16 / AMX): bf16 is then ~3x faster."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
+    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+
+
+def cpu_has_vnni() -> bool:
+    """VNNI int8 dot products accumulate in 32 bits, so int8 activations can use their full range."""
+    return bool({"avx512_vnni", "avx_vnni"} & _cpu_flags())
+
+
+def int8_supported() -> bool:
+    """fbgemm's int8 kernels (x86-64) back the int8 decoding steps."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
 
 
 def choose_placement(device: str = "auto", dtype: str = "auto") -> Placement:
@@ -43,9 +72,15 @@ def choose_placement(device: str = "auto", dtype: str = "auto") -> Placement:
     dev = torch.device(
         "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
     )
+    if dtype == "int8":
+        if dev.type != "cpu" or not int8_supported():
+            raise ModelLoadError(dtype, "int8 decoding steps need a CPU with fbgemm (x86-64); use auto")
+        return Placement(dev, torch.bfloat16 if cpu_supports_bf16() else torch.float32, int8_steps=True)
     if dtype != "auto":
         if dtype not in _DTYPES:
-            raise ModelLoadError(dtype, f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+            raise ModelLoadError(
+                dtype, f"unknown dtype {dtype!r}: use auto, float32, bfloat16, float16 or int8"
+            )
         return Placement(dev, _DTYPES[dtype])
     if dev.type == "cuda":
         return Placement(dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)

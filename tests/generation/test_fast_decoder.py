@@ -55,3 +55,21 @@ def test_bf16_packed_step_stays_close_to_transformers(tiny_model_dir: Path) -> N
     ours, theirs = _logits_both_ways(tiny_model_dir, "bfloat16")
     error = (ours - theirs).norm() / theirs.norm()
     assert error < 0.02  # bf16 rounding, not a different computation
+
+
+def test_int8_step_stays_close_to_fp32(tiny_model_dir: Path) -> None:
+    from generation.loader import int8_supported
+
+    if not int8_supported():
+        pytest.skip("fbgemm is needed for int8 steps")
+    ours, _ = _logits_both_ways(tiny_model_dir, "int8")
+    reference, _ = _logits_both_ways(tiny_model_dir, "float32")
+    error = (ours - reference).norm() / reference.norm()
+    assert error < 0.05
+
+
+def test_int8_engine_makes_exact_lengths(tiny_model_dir: Path) -> None:
+    engine = load_engine(str(tiny_model_dir), device="cpu", dtype="int8")
+    assert engine.info.dtype.startswith("int8")
+    [result] = engine.generate([GenerationRequest("piano", duration=2.5, seed=1, variations=2)])
+    assert [t.samples for t in result.tracks] == [80000, 80000]
