@@ -267,6 +267,11 @@ class JobService:
         stored = await self._store.track(ref)
         return (await asyncio.to_thread(_decode_tracks, [stored]))[0]
 
+    async def melody(self, job_id: int) -> AudioClip | None:
+        """The melody reference a job was asked with (None: it had none), e.g. to make more of it."""
+        data = await self._store.melody(job_id)
+        return None if data is None else await asyncio.to_thread(from_flac, data)
+
     def queue(self, user_id: int | None = None) -> list[QueueEntry]:
         """Running jobs (position 0) then waiting ones in serving order, with estimated waits."""
         entries: list[QueueEntry] = []

@@ -1,0 +1,95 @@
+"""The discord.py bot: its command tree, the persistent result buttons, and command sync at start."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+import aiohttp
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.commands import MusicCommands, reply_error
+from bot.delivery import PROGRESS_INTERVAL, DiscordDelivery
+from bot.jobs import INTERACTION_LIFETIME, JobService, TrackRef
+from bot.settings import Settings
+from bot.views import TrackAction, TrackButton
+
+log = logging.getLogger(__name__)
+
+
+class MusicTree(app_commands.CommandTree):
+    """Every command error goes through ``reply_error`` (the default only logs: "interaction failed")."""
+
+    async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        original = error.original if isinstance(error, app_commands.CommandInvokeError) else error
+        await reply_error(interaction, original)
+
+
+class MusicBot(commands.Bot):
+    """One bot per process; it owns no model: jobs go to the ``JobService`` it is given."""
+
+    def __init__(
+        self,
+        service: JobService,
+        settings: Settings,
+        *,
+        interaction_lifetime: timedelta = INTERACTION_LIFETIME,
+        progress_interval: float = PROGRESS_INTERVAL,
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            help_command=None,
+            intents=discord.Intents.default(),
+            tree_cls=MusicTree,
+            # Nothing the bot sends pings anyone unless a message says so on purpose.
+            allowed_mentions=discord.AllowedMentions.none(),
+            **options,
+        )
+        self.service = service
+        self.settings = settings
+        self.delivery = DiscordDelivery(
+            self, service, interaction_lifetime=interaction_lifetime, progress_interval=progress_interval
+        )
+        service.set_listener(self.delivery)
+        self._session: aiohttp.ClientSession | None = None
+        self._music: MusicCommands | None = None
+
+    async def setup_hook(self) -> None:
+        self._session = aiohttp.ClientSession()
+        self._music = MusicCommands(self, self.service, self.settings, self.delivery, self._session)
+        await self.add_cog(self._music)
+        self.add_dynamic_items(TrackButton)
+        await self.sync_commands()
+
+    async def sync_commands(self) -> None:
+        """To MUSICBOT_GUILD_ID when set (there at once), else globally (Discord may take a while)."""
+        if self.settings.guild_id is not None:
+            guild = discord.Object(self.settings.guild_id)
+            self.tree.copy_global_to(guild=guild)
+            synced = await self.tree.sync(guild=guild)
+            log.info("synced %d commands to server %d", len(synced), self.settings.guild_id)
+        else:
+            synced = await self.tree.sync()
+            log.info("synced %d commands globally", len(synced))
+
+    async def on_ready(self) -> None:
+        log.info(
+            "logged in as %s (%s) in %d servers", self.user, getattr(self.user, "id", "?"), len(self.guilds)
+        )
+
+    async def track_button(
+        self, interaction: discord.Interaction, action: TrackAction, ref: TrackRef
+    ) -> None:
+        if self._music is None:
+            raise RuntimeError("a button was pressed before the bot was set up")
+        await self._music.track_button(interaction, action, ref)
+
+    async def close(self) -> None:
+        await self.delivery.close()
+        await super().close()
+        if self._session is not None:
+            await self._session.close()

@@ -1,0 +1,137 @@
+"""``musicbot run``: settings, database, job service and generation worker, then the Discord client.
+
+The token is checked first (logging in is quick; loading a model is not), so a missing or rejected
+token stops the start at once with a message that says what to do, never with the token in it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from threading import Event
+
+import aiohttp
+import discord
+
+from bot.client import MusicBot
+from bot.jobs import JobService, WorkerFactory, open_database
+from bot.settings import MODEL_SIZES, Settings
+from generation import Engine, GenerationRequest, GenerationResult, GenerationWorker, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """``musicbot run`` cannot start; the message says why and what to do."""
+
+
+async def run(settings: Settings, *, worker_factory: WorkerFactory | None = None) -> None:
+    """Run the bot until it is stopped."""
+    token = settings.discord_token
+    if not token:
+        raise StartupError(
+            "DISCORD_TOKEN is not set: copy the bot token from your application's Bot page in the"
+            " Discord developer portal into .env or the environment (see README)"
+        )
+    # The bot plays no voice: discord.py's warnings about voice libraries would only confuse.
+    discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
+    async with open_database(settings.db_path) as db:
+        service = JobService(db, settings, worker_factory or make_worker_factory(settings))
+        bot = MusicBot(service, settings)
+        async with bot:
+            await _login(bot, token)
+            async with service:
+                await bot.connect()
+
+
+async def _login(bot: MusicBot, token: str) -> None:
+    try:
+        await bot.login(token)
+    except discord.LoginFailure:
+        raise StartupError(
+            "Discord rejected DISCORD_TOKEN (401 Unauthorized): reset the token on your application's Bot"
+            " page in the Discord developer portal and put the new one in .env"
+        ) from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise StartupError(f"cannot reach Discord to log in: {exc}") from None
+
+
+def make_worker_factory(settings: Settings, *, quiet: bool = False) -> WorkerFactory:
+    """Workers whose loader loads a size's source on first use (torch is imported only then).
+
+    ``quiet`` silences transformers' own warnings and download bars (our log says what loads).
+    """
+    sizes: dict[str, str] = {}
+    for size in MODEL_SIZES:
+        sizes.setdefault(settings.model_source(size), size)
+
+    def load(source: str) -> Engine:
+        from generation.engine import load_engine
+
+        if quiet:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        return load_engine(
+            source, name=sizes.get(source, source), device=settings.device, dtype=settings.dtype
+        )
+
+    def loader(source: str) -> Engine:
+        main = load(source)
+        if main.info.supports_melody:
+            return main
+        return MelodyRouter(main, lambda: load(settings.model_source("melody")))
+
+    return lambda: GenerationWorker(loader)
+
+
+class MelodyRouter:
+    """The current model, plus the melody model for requests that carry a melody.
+
+    The melody model is loaded on the first such request, beside the current one, and released with it
+    (when the model is switched or the bot stops). If it cannot be loaded, that job fails saying why.
+    """
+
+    def __init__(self, main: Engine, load_melody: Callable[[], Engine]) -> None:
+        self._main = main
+        self._load_melody = load_melody
+        self._melody: Engine | None = None
+        self.info = replace(main.info, supports_melody=True)
+
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        progress: Callable[[int, int], None] | None = None,
+        cancel: Event | None = None,
+    ) -> list[GenerationResult]:
+        if any(request.melody is not None for request in requests):
+            return self._melody_engine().generate(requests, progress, cancel)
+        return self._main.generate(requests, progress, cancel)
+
+    def close(self) -> None:
+        melody, self._melody = self._melody, None
+        try:
+            if melody is not None:
+                melody.close()
+        finally:
+            self._main.close()
+
+    def _melody_engine(self) -> Engine:
+        if self._melody is None:
+            try:
+                melody = self._load_melody()
+            except Exception as exc:
+                source = exc.source if isinstance(exc, ModelLoadError) else "melody"
+                raise ModelLoadError(source, f"the melody model is not available: {exc}") from exc
+            if not melody.info.supports_melody:
+                melody.close()
+                raise ModelLoadError(
+                    melody.info.source,
+                    f"the melody model is not available: MUSICBOT_MODEL_MELODY ({melody.info.source})"
+                    " is not a MusicGen-Melody checkpoint",
+                )
+            self._melody = melody
+            log.info("melody model loaded beside %s", self.info.name)
+        return self._melody

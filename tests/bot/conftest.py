@@ -1,0 +1,39 @@
+"""Fixtures of the bot tests: the Discord emulator, a database file in tmp_path, fake engines."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.discord_emulator import DiscordEmulator
+from tests.jobs.fakes import FakeModels
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """The tiny model runs 0.05 s a second of audio on one thread, but can take 18 s on two when another
+    process keeps a core busy (OpenMP threads spin on each other); these tests run it on one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+async def emu() -> AsyncIterator[DiscordEmulator]:
+    async with DiscordEmulator(max_lifetime=90) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "musicbot.sqlite3"
+
+
+@pytest.fixture
+def models() -> FakeModels:
+    return FakeModels()

@@ -1,0 +1,110 @@
+"""``musicbot run`` as its owner starts it: a subprocess, settings from the environment."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from tests.bot.harness import audio_of, wait_result
+from tests.discord_emulator import DiscordEmulator
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _env(tmp_path: Path, **settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MUSICBOT_", "DISCORD_"))}
+    env.update(
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(ROOT),
+        MUSICBOT_DB=str(tmp_path / "bot.sqlite3"),
+        **settings,
+    )
+    return env
+
+
+@contextlib.asynccontextmanager
+async def musicbot_run(
+    emu: DiscordEmulator, env: dict[str, str], cwd: Path
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.bot.run_against_emulator",
+        emu.api_url,
+        emu.gateway_url,
+        cwd=cwd,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_run_without_a_token_says_how_to_get_one_and_exits(tmp_path: Path) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot",
+        "run",
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 2
+    assert err.decode().strip().splitlines() == [
+        "musicbot: DISCORD_TOKEN is not set: copy the bot token from your application's Bot page in the"
+        " Discord developer portal into .env or the environment (see README)"
+    ]
+    assert out == b"" and not (tmp_path / "bot.sqlite3").exists()
+
+
+async def test_run_with_a_rejected_token_says_so_without_showing_it(
+    emu: DiscordEmulator, tmp_path: Path
+) -> None:
+    secret = "MTIzNDU2Nzg5.wrong.T0KEN-secret-part"
+    async with musicbot_run(emu, _env(tmp_path, DISCORD_TOKEN=secret), tmp_path) as process:
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+
+    assert process.returncode == 2
+    assert "musicbot: Discord rejected DISCORD_TOKEN (401 Unauthorized)" in err.decode()
+    assert "Traceback" not in err.decode()
+    assert secret not in (out + err).decode() and "secret-part" not in (out + err).decode()
+    assert emu.calls[-1].path == "/users/@me" and emu.calls[-1].status == 401
+
+
+async def test_run_syncs_to_the_guild_and_makes_music(
+    emu: DiscordEmulator, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    env = _env(
+        tmp_path,
+        DISCORD_TOKEN=emu.token,
+        MUSICBOT_GUILD_ID=str(emu.guild_id),
+        MUSICBOT_MODEL_SMALL=str(tiny_model_dir),
+        MUSICBOT_DEVICE="cpu",
+        MUSICBOT_DTYPE="float32",
+    )
+    async with musicbot_run(emu, env, tmp_path) as process:
+        await emu.wait_for(lambda: emu.identify_count >= 1 or process.returncode is not None, timeout=90)
+        assert process.returncode is None
+        interaction = await emu.invoke_command("music", {"prompt": "startup check", "duration": 1.0})
+        result = await wait_result(emu, interaction, timeout=60)
+        process.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+
+    assert audio_of(result)[0].shape == (32000, 1) and "small · 1 s" in result.content
+    assert [scope for scope, _ in emu.command_syncs] == [emu.guild_id]
+    assert emu.token not in err.decode()
+    assert process.returncode in (0, 130) and emu.violations == []
