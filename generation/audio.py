@@ -21,6 +21,7 @@ FADE_IN_SECONDS = 0.01
 FADE_OUT_SECONDS = 0.05
 SEAM_RAMP_SECONDS = 0.25
 FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16")}
+PCM_SCALE = 32767.0
 
 
 def db_to_gain(db: float) -> float:
@@ -129,8 +130,11 @@ def encode_audio(samples: np.ndarray, sample_rate: int, fmt: str = "wav") -> byt
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: use wav or flac")
     container, subtype = FORMATS[fmt]
+    # Scale to 16 bits here (x 32767, as decode_audio divides): libsndfile writes floats x 32767 but
+    # reads them back / 32768, which would move every sample of a re-encoded track by one step.
+    pcm = np.round(np.clip(samples, -1.0, 1.0) * PCM_SCALE).astype(np.int16)
     buf = io.BytesIO()
-    sf.write(buf, np.clip(samples, -1.0, 1.0).T, sample_rate, format=container, subtype=subtype)
+    sf.write(buf, pcm.T, sample_rate, format=container, subtype=subtype)
     return buf.getvalue()
 
 
@@ -144,7 +148,12 @@ def decode_audio(data: bytes, *, max_bytes: int | None = None) -> AudioClip:
             f"the audio file is too large ({len(data) / 2**20:.1f} MiB; at most {max_bytes / 2**20:.0f} MiB)",
         )
     try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            rate = f.samplerate
+            if f.subtype == "PCM_16":  # the exact inverse of encode_audio
+                samples = f.read(dtype="int16", always_2d=True).astype(np.float32) / PCM_SCALE
+            else:
+                samples = f.read(dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         raise AudioInputError(
             "not_audio", "the file is not audio that can be read (use WAV, FLAC, OGG or MP3)"

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from generation import audio as audio_ops
 from generation.errors import AudioInputError
 from generation.request import AudioClip
+
+if TYPE_CHECKING:
+    import torch
 
 MELODY_RATE = 32000
 N_FFT = 16384
@@ -61,6 +64,7 @@ def prepare_melody(clip: AudioClip, *, max_seconds: float = MAX_SECONDS) -> Melo
 
 @lru_cache(maxsize=4)
 def _filters(sample_rate: int, num_chroma: int) -> torch.Tensor:
+    import torch
     from transformers.audio_utils import chroma_filter_bank
 
     bank = chroma_filter_bank(
@@ -71,6 +75,8 @@ def _filters(sample_rate: int, num_chroma: int) -> torch.Tensor:
 
 def chroma_features(clip: AudioClip, sample_rate: int = MELODY_RATE, num_chroma: int = 12) -> torch.Tensor:
     """One-hot chroma ``(frames, num_chroma)`` of a clip (mixed to mono and resampled to ``sample_rate``)."""
+    import torch  # here only: checking a reference must not load the model stack
+
     mono = clip.mono()[None]
     if clip.sample_rate != sample_rate:
         mono = audio_ops.resample(mono, clip.sample_rate, sample_rate)

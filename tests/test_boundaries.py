@@ -33,7 +33,9 @@ def test_importing_the_bot_does_not_import_torch() -> None:
 
 
 def test_generation_api_does_not_import_torch_until_a_model_loads() -> None:
-    loaded = _modules_after_import(["generation", "generation.worker", "generation.audio"])
+    loaded = _modules_after_import(
+        ["generation", "generation.worker", "generation.audio", "generation.melody"]
+    )
     assert "torch" not in loaded
 
 

@@ -77,6 +77,16 @@ def test_encode_round_trips_through_soundfile() -> None:
         np.testing.assert_allclose(clip.samples, audio, atol=1 / 32767)
 
 
+def test_reencoding_a_decoded_track_changes_no_sample() -> None:
+    audio = _music(1, 0.9)
+    for fmt in ("wav", "flac"):
+        first = encode_audio(audio, RATE, fmt)
+        again = encode_audio(decode_audio(first).samples, RATE, fmt)
+        a, _ = sf.read(io.BytesIO(first), dtype="int16")
+        b, _ = sf.read(io.BytesIO(again), dtype="int16")
+        assert np.array_equal(a, b)
+
+
 def test_encode_never_wraps_around_beyond_full_scale() -> None:
     data = encode_audio(np.array([[2.0, -2.0, 0.5]], np.float32), RATE)
     samples, _ = sf.read(io.BytesIO(data), dtype="int16")
