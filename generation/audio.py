@@ -9,6 +9,7 @@ import numpy as np
 import pyloudnorm
 import soundfile as sf
 import soxr
+from scipy.ndimage import minimum_filter1d, uniform_filter1d
 
 from generation.errors import AudioInputError
 from generation.request import AudioClip
@@ -20,6 +21,7 @@ TRUE_PEAK_CEILING_DB = -1.0
 FADE_IN_SECONDS = 0.01
 FADE_OUT_SECONDS = 0.05
 SEAM_RAMP_SECONDS = 0.25
+LIMITER_LOOKAHEAD_SECONDS = 0.005
 FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16")}
 PCM_SCALE = 32767.0
 
@@ -49,14 +51,63 @@ def normalise(
     sample_rate: int,
     target_lufs: float = TARGET_LUFS,
     ceiling_db: float = TRUE_PEAK_CEILING_DB,
+    *,
+    loop: bool = False,
 ) -> np.ndarray:
-    """One gain for the whole track: towards ``target_lufs``, never above the true-peak ceiling."""
-    current = loudness(audio, sample_rate)
-    gain = db_to_gain(target_lufs - current) if np.isfinite(current) else 1.0
-    peak = true_peak(audio, sample_rate)
-    if peak > 0:
-        gain = min(gain, db_to_gain(ceiling_db) / peak)
-    return (audio * gain).astype(np.float32)
+    """Loudness to ``target_lufs``, true peaks held under ``ceiling_db`` by a look-ahead limiter.
+
+    A single gain cannot do both for peaky audio (it would stop at the ceiling, quieter than the
+    target), so the gain goes to the target and the limiter takes the few peaks above the ceiling
+    down smoothly; a second pass makes up the loudness the limiter took.
+    """
+    out = audio.astype(np.float32, copy=True)
+    if not np.isfinite(loudness(out, sample_rate)):  # silence, or too short to measure: peaks only
+        peak = true_peak(out, sample_rate)
+        return out * min(1.0, db_to_gain(ceiling_db) / peak) if peak > 0 else out
+    previous = None
+    for _ in range(4):
+        current = loudness(out, sample_rate)
+        if abs(current - target_lufs) < 0.05 or (previous is not None and abs(current - previous) < 0.05):
+            break  # on target, or the limiter takes all that is added (noise-like audio): stop there
+        previous = current
+        out = limit(out * db_to_gain(target_lufs - current), sample_rate, ceiling_db, loop=loop)
+    peak = true_peak(out, sample_rate)  # the limiter's estimate is close; make the ceiling certain
+    if peak > db_to_gain(ceiling_db):
+        out *= db_to_gain(ceiling_db) / peak
+    return out
+
+
+def limit(
+    audio: np.ndarray,
+    sample_rate: int,
+    ceiling_db: float = TRUE_PEAK_CEILING_DB,
+    lookahead: float = LIMITER_LOOKAHEAD_SECONDS,
+    *,
+    loop: bool = False,
+) -> np.ndarray:
+    """Look-ahead true-peak limiter: a smooth gain that dips just enough around each peak.
+
+    The gain each sample needs comes from the 4x-oversampled signal (true peak); a minimum filter
+    ``lookahead`` wide on each side starts the dip before a peak and holds it after, and a moving
+    average half as wide rounds its edges without letting any peak through. A loop is processed as
+    a circle so that its wrap-around gets the same gain on both sides.
+    """
+    ceiling = db_to_gain(ceiling_db)
+    width = max(1, int(lookahead * sample_rate))
+    pad = 2 * width
+    padded = np.concatenate([audio[..., -pad:], audio, audio[..., :pad]], axis=-1) if loop else audio
+    upsampled = soxr.resample(np.ascontiguousarray(padded.T, dtype=np.float64), sample_rate, 4 * sample_rate)
+    n = padded.shape[-1]
+    envelope = np.abs(upsampled).reshape(-1, upsampled.shape[-1] if upsampled.ndim > 1 else 1).max(axis=1)
+    envelope = np.pad(envelope, (0, max(0, 4 * n - envelope.size)))[: 4 * n].reshape(n, 4).max(axis=1)
+    envelope = np.maximum(envelope, np.abs(padded).max(axis=0))
+    need = np.minimum(1.0, ceiling / np.maximum(envelope, 1e-12))
+    if need.min() >= 1.0:
+        return audio.astype(np.float32, copy=True)
+    gain = minimum_filter1d(need, size=2 * width + 1, mode="nearest")
+    gain = uniform_filter1d(gain, size=width // 2 * 2 + 1, mode="nearest")
+    limited = (padded * gain).astype(np.float32)
+    return limited[..., pad:-pad] if loop else limited
 
 
 def fade(
@@ -102,7 +153,7 @@ def make_loop(audio: np.ndarray, length: int) -> np.ndarray:
 
 def finish(audio: np.ndarray, sample_rate: int, *, loop: bool = False) -> np.ndarray:
     """Loudness-normalised, peak-safe ``(channels, n)`` float32; fades unless it is a loop."""
-    out = normalise(audio, sample_rate)
+    out = normalise(audio, sample_rate, loop=loop)
     return out if loop else fade(out, sample_rate)
 
 

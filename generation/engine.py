@@ -356,7 +356,7 @@ class MusicGenEngine:
             seam = min(int(SEAM_SECONDS * self.sample_rate), kept)
             return audio_ops.finish_extension(audio[..., : kept + length], kept - seam, self.sample_rate)
         if request.loop and not cancelled:
-            return audio_ops.normalise(audio_ops.make_loop(audio, length), self.sample_rate)
+            return audio_ops.finish(audio_ops.make_loop(audio, length), self.sample_rate, loop=True)
         return audio_ops.finish(audio[..., :length], self.sample_rate)
 
     def close_steps(self) -> None:

@@ -62,6 +62,7 @@ class GenerationWorker:
         self._engine: Engine | None = None
         self._key: str | None = None
         self._dead: WorkerDied | None = None
+        self._abandoned = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -101,9 +102,23 @@ class GenerationWorker:
 
     async def close(self) -> None:
         """Finish queued calls, release the model and stop the thread."""
+        if self._abandoned:
+            return
         if self._thread.is_alive():
             self._calls.put(_STOP)
             await asyncio.to_thread(self._thread.join)
+
+    def abandon(self, reason: str) -> None:
+        """Give up on a thread stuck in a call: queued calls fail now, and no call is taken any more.
+
+        A Python thread cannot be killed. The stuck call runs on until it returns (an engine that
+        honours its cancel event returns soon); then the thread releases its model and ends. Until
+        then the model's memory stays taken: a new worker may not have room for another copy.
+        """
+        self._abandoned = True
+        self._dead = self._dead or WorkerDied(reason)
+        self._fail_pending()
+        self._calls.put(_STOP)
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         if not self.alive:
