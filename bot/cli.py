@@ -1,4 +1,4 @@
-"""The ``musicbot`` command line: ``run`` the Discord bot, ``generate`` music locally, ``bench``."""
+"""The ``musicbot`` command line: ``run`` the bot, ``generate`` music locally, ``bench``, ``backup``."""
 
 from __future__ import annotations
 
@@ -10,18 +10,17 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bot.logs import configure_logging
 from bot.settings import MODEL_SIZES, Settings, SettingsError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    guard = configure_logging(args.verbose)
     try:
         settings = Settings.from_env()
+        guard.add_secret(settings.discord_token)
         return int(args.handler(args, settings) or 0)
     except SettingsError as exc:
         print(f"musicbot: {exc}", file=sys.stderr)
@@ -108,7 +107,27 @@ def _parser() -> argparse.ArgumentParser:
         help="tiny (1 MB, fast) or a real architecture (default tiny)",
     )
     rand.set_defaults(handler=_random_model)
+
+    backup = commands.add_parser(
+        "backup", help="a consistent copy of the database (MUSICBOT_DB), also while the bot runs"
+    )
+    backup.add_argument("path", type=Path, help="the new file to write (it must not exist)")
+    backup.set_defaults(handler=_backup)
     return parser
+
+
+def _backup(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.jobs import DatabaseError, backup_database
+
+    try:
+        info = backup_database(settings.db_path, args.path)
+    except DatabaseError as exc:
+        return _fail(str(exc))
+    print(
+        f"backed up {settings.db_path} to {info.path}: {info.jobs} jobs, {info.bytes / 2**20:.1f} MiB,"
+        " integrity check ok"
+    )
+    return 0
 
 
 def _random_model(args: argparse.Namespace, settings: Settings) -> int:
@@ -135,6 +154,9 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     except StartupError as exc:
         print(f"musicbot: {exc}", file=sys.stderr)
         return 2
+    except asyncio.CancelledError:
+        print("musicbot: stopped at once (jobs that were running wait for the next start)", file=sys.stderr)
+        return 130
     return 0
 
 

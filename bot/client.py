@@ -11,7 +11,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.commands import MusicCommands, reply_error
+from bot.commands import MusicCommands, option_problem, reply_error
 from bot.delivery import PROGRESS_INTERVAL, DiscordDelivery
 from bot.jobs import INTERACTION_LIFETIME, JobService, TrackRef
 from bot.settings import Settings
@@ -22,6 +22,17 @@ log = logging.getLogger(__name__)
 
 class MusicTree(app_commands.CommandTree):
     """Every command error goes through ``reply_error`` (the default only logs: "interaction failed")."""
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        """Options of the wrong type (only a crafted request sends them) get a specific refusal."""
+        if interaction.type is not discord.InteractionType.application_command:
+            return True
+        problem = option_problem(interaction.command, interaction.data or {})
+        if problem is None:
+            return True
+        log.info("refused a malformed command from user %d: %s", interaction.user.id, problem)
+        await reply_error(interaction, problem)
+        return False
 
     async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         original = error.original if isinstance(error, app_commands.CommandInvokeError) else error

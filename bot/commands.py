@@ -8,13 +8,17 @@ errors become a short ephemeral reply, anything else is logged and gets a generi
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import logging
 import math
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import aiohttp
 import discord
+import soundfile as sf
 from discord import app_commands
 from discord.ext import commands
 
@@ -25,10 +29,13 @@ from bot.jobs import (
     Delivery,
     Job,
     JobKind,
+    JobNotFound,
     JobService,
     MelodyUnavailable,
     NotAllowed,
     Origin,
+    PendingRequest,
+    TrackNotFound,
     TrackRef,
 )
 from bot.settings import MODEL_SIZES, Settings
@@ -58,6 +65,8 @@ MAX_QUEUED_LIMIT = 100
 MAX_DAILY_SECONDS_LIMIT = 7 * 24 * 3600
 THREAD_ALREADY_EXISTS = 160004
 DOWNLOAD_CHUNK = 64 * 1024
+MAX_JOB_ID = 2**63 - 1  # SQLite's largest integer: a crafted button can name a larger one
+UNKNOWN_LENGTH = 2**62  # libsndfile's frame count for a stream of unknown length is about 2**63
 
 # Keys in ``Interaction.extras``: a public "thinking" reply not yet handed to a job, and its message id.
 PUBLIC_THINKING = "musicbot.public_thinking"
@@ -124,18 +133,105 @@ async def defer_reply(interaction: discord.Interaction) -> None:
 
 async def defer_private(interaction: discord.Interaction) -> None:
     """Acknowledge at once with a "thinking" reply only the user sees."""
-    await interaction.response.defer(ephemeral=True, thinking=True)
+    response = await interaction.response.defer(ephemeral=True, thinking=True)
+    interaction.extras[REPLY_MESSAGE_ID] = response.message_id if response is not None else None
+
+
+# What each option type must carry, as users read it; snowflake types carry an id.
+OPTION_KINDS: Mapping[discord.AppCommandOptionType, str] = {
+    discord.AppCommandOptionType.string: "text",
+    discord.AppCommandOptionType.integer: "a whole number",
+    discord.AppCommandOptionType.number: "a number",
+    discord.AppCommandOptionType.boolean: "true or false",
+    discord.AppCommandOptionType.user: "a user",
+    discord.AppCommandOptionType.channel: "a channel",
+    discord.AppCommandOptionType.role: "a role",
+    discord.AppCommandOptionType.mentionable: "a user or a role",
+    discord.AppCommandOptionType.attachment: "an attached file",
+}
+
+
+def option_problem(command: object, data: Mapping[str, Any]) -> InvalidOption | None:
+    """What is wrong with a command's raw options, before discord.py reads them; None if nothing.
+
+    Discord checks option types, but a crafted request can send anything, and discord.py trips over
+    some of it (a number option holding text) before any handler runs, leaving the user with
+    "This interaction failed". Each declared option must have its declared type and a value of it.
+    """
+    if not isinstance(command, app_commands.Command):
+        return None
+    options = _leaf_options(data.get("options"))
+    if options is None:
+        return InvalidOption("options", "the command's options are malformed")
+    given = {option["name"]: option for option in options}
+    resolved = data.get("resolved")
+    attachments = resolved.get("attachments") if isinstance(resolved, Mapping) else None
+    for parameter in command.parameters:
+        name = parameter.display_name
+        option = given.get(name)
+        if option is None:
+            if parameter.required:
+                return InvalidOption(name, f"{name} is required")
+            continue
+        kind = parameter.type
+        if option.get("type") != kind.value or not _fits(kind, option.get("value"), attachments):
+            return InvalidOption(name, f"{name} must be {OPTION_KINDS.get(kind, 'something else')}")
+    return None
+
+
+def _leaf_options(options: object) -> list[Mapping[str, Any]] | None:
+    """The options below any subcommands; None if they are not a list of named options."""
+    while True:
+        if options is None:
+            return []
+        if not isinstance(options, list) or not all(
+            isinstance(o, Mapping) and isinstance(o.get("name"), str) for o in options
+        ):
+            return None
+        if len(options) == 1 and options[0].get("type") in (1, 2):
+            options = options[0].get("options")
+            continue
+        return options
+
+
+def _fits(kind: discord.AppCommandOptionType, value: object, attachments: object) -> bool:
+    types = discord.AppCommandOptionType
+    if kind is types.string:
+        return isinstance(value, str)
+    if kind is types.integer:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is types.number:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is types.boolean:
+        return isinstance(value, bool)
+    if not isinstance(value, str | int) or isinstance(value, bool) or not str(value).isdigit():
+        return False
+    if kind is types.attachment:
+        return isinstance(attachments, Mapping) and str(value) in attachments
+    return True
+
+
+def check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise InvalidOption(name, f"{name} must be true or false")
 
 
 def check_number(name: str, value: float | None, low: float, high: float, *, whole: bool = False) -> None:
     if value is None:
         return
     kinds = int if whole else int | float
+    bounds = f"between {_bound(low)} and {_bound(high)}"
     if not isinstance(value, kinds) or isinstance(value, bool) or not math.isfinite(value):
         what = "a whole number" if whole else "a number"
-        raise InvalidOption(name, f"{name} must be {what} between {low:g} and {high:g}")
+        raise InvalidOption(name, f"{name} must be {what} {bounds}")
     if not low <= value <= high:
-        raise InvalidOption(name, f"{name} must be between {low:g} and {high:g} (got {value:g})")
+        got = str(value) if isinstance(value, int) else f"{value:g}"
+        raise InvalidOption(name, f"{name} must be {bounds} (got {got})")
+
+
+def _bound(value: float) -> str:
+    """600, 0.01, 2147483647: never 2.14748e+09."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def check_text(name: str, value: str | None, longest: int) -> None:
@@ -186,6 +282,23 @@ async def read_attachment(session: aiohttp.ClientSession, attachment: discord.At
     except aiohttp.ClientError as exc:
         raise AudioInputError("download", "the melody file could not be downloaded; try again") from exc
     return bytes(data)
+
+
+def check_declared_length(data: bytes, max_seconds: float) -> None:
+    """Refuse a file whose header claims more audio than allowed, before decoding makes room for it.
+
+    A FLAC header can claim 20 hours in 400 bytes, and decoding reserves memory for all it claims
+    (12.9 GiB for that one) before it finds out; the header alone says enough to refuse it.
+    """
+    try:
+        info = sf.info(io.BytesIO(data))
+    except Exception:  # unreadable: decoding it says why, in its own words
+        return
+    if info.samplerate <= 0 or info.frames >= UNKNOWN_LENGTH:
+        return
+    seconds = info.frames / info.samplerate
+    if seconds > max_seconds:
+        raise AudioInputError("too_long", f"the melody is {seconds:.0f} s long; at most {max_seconds:.0f} s")
 
 
 def _too_large(size: int, cap: int) -> AudioInputError:
@@ -245,27 +358,28 @@ class MusicCommands(commands.Cog, name="Music"):
     ) -> None:
         """Make music from a description."""
         await defer_reply(interaction)
-        check_text("prompt", prompt, MAX_PROMPT_CHARS)
-        check_number("duration", duration, 1.0, MAX_DURATION)
-        check_number("variations", variations, 1, MAX_VARIATIONS, whole=True)
-        check_number("seed", seed, 0, MAX_SEED, whole=True)
-        check_number("guidance", guidance, 1.0, MAX_GUIDANCE)
-        check_number("temperature", temperature, MIN_TEMPERATURE, MAX_TEMPERATURE)
-        check_number("top_k", top_k, 0, MAX_TOP_K, whole=True)
-        check_number("top_p", top_p, 0.0, 1.0)
-        reference = await self._melody(melody) if melody is not None else None
-        request = GenerationRequest(
-            prompt=prompt,
-            duration=float(duration),
-            sampling=SamplingParams(float(guidance), float(temperature), int(top_k), float(top_p)),
-            variations=int(variations),
-            seed=seed,
-            loop=bool(loop),
-            melody=reference.clip if reference is not None else None,
-        )
-        await self._queue_in_reply(
-            interaction, request, JobKind.NEW, None, note=reference.note if reference is not None else None
-        )
+        async with self._pending(interaction):
+            check_text("prompt", prompt, MAX_PROMPT_CHARS)
+            check_number("duration", duration, 1.0, MAX_DURATION)
+            check_number("variations", variations, 1, MAX_VARIATIONS, whole=True)
+            check_number("seed", seed, 0, MAX_SEED, whole=True)
+            check_number("guidance", guidance, 1.0, MAX_GUIDANCE)
+            check_number("temperature", temperature, MIN_TEMPERATURE, MAX_TEMPERATURE)
+            check_number("top_k", top_k, 0, MAX_TOP_K, whole=True)
+            check_number("top_p", top_p, 0.0, 1.0)
+            check_flag("loop", loop)
+            reference = await self._melody(melody) if melody is not None else None
+            request = GenerationRequest(
+                prompt=prompt,
+                duration=float(duration),
+                sampling=SamplingParams(float(guidance), float(temperature), int(top_k), float(top_p)),
+                variations=int(variations),
+                seed=seed,
+                loop=loop,
+                melody=reference.clip if reference is not None else None,
+            )
+            note = reference.note if reference is not None else None
+            await self._queue_in_reply(interaction, request, JobKind.NEW, None, note=note)
 
     @app_commands.command(name="variations")
     @app_commands.guild_only()
@@ -281,14 +395,15 @@ class MusicCommands(commands.Cog, name="Music"):
     ) -> None:
         """More takes of this thread's track (use it inside a result's thread)."""
         await defer_reply(interaction)
-        check_number("count", count, 1, MAX_VARIATIONS, whole=True)
-        check_text("prompt", prompt, MAX_TWEAK_CHARS)
-        parent = await self.service.job_for_thread(interaction.channel_id or 0)
-        if parent is None:
-            raise NotInResultThread()
-        request = variations_request(parent, int(count), prompt)
-        request = await self._with_parent_melody(request, parent)
-        await self._queue_in_reply(interaction, request, JobKind.VARIATIONS, TrackRef(parent.id, 0))
+        async with self._pending(interaction):
+            check_number("count", count, 1, MAX_VARIATIONS, whole=True)
+            check_text("prompt", prompt, MAX_TWEAK_CHARS)
+            parent = await self.service.job_for_thread(interaction.channel_id or 0)
+            if parent is None:
+                raise NotInResultThread()
+            request = variations_request(parent, int(count), prompt)
+            request = await self._with_parent_melody(request, parent)
+            await self._queue_in_reply(interaction, request, JobKind.VARIATIONS, TrackRef(parent.id, 0))
 
     # --- the queue and limits ---
 
@@ -429,30 +544,46 @@ class MusicCommands(commands.Cog, name="Music"):
     async def _regenerate(self, interaction: discord.Interaction, ref: TrackRef) -> None:
         """The same request with a new seed, answered where the button was pressed."""
         await defer_reply(interaction)
-        parent = await self.service.job(ref.job_id)
-        request = await self._with_parent_melody(replace(parent.request, seed=None), parent)
-        if parent.kind is JobKind.EXTEND and parent.parent is not None:
-            await self._queue_in_reply(interaction, request, JobKind.EXTEND, parent.parent)
-        else:
-            await self._queue_in_reply(interaction, request, JobKind.REGENERATE, TrackRef(parent.id, 0))
+        async with self._pending(interaction):
+            parent = await self._parent(ref)
+            request = await self._with_parent_melody(replace(parent.request, seed=None), parent)
+            if parent.kind is JobKind.EXTEND and parent.parent is not None:
+                await self._queue_in_reply(interaction, request, JobKind.EXTEND, parent.parent)
+            else:
+                await self._queue_in_reply(interaction, request, JobKind.REGENERATE, TrackRef(parent.id, 0))
 
     async def _in_thread(self, interaction: discord.Interaction, action: TrackAction, ref: TrackRef) -> None:
         """Variations and extensions go into the result's thread; the presser gets a private note."""
         await defer_private(interaction)
-        parent = await self.service.job(ref.job_id)
-        if action is TrackAction.VARIATIONS:
-            kind = JobKind.VARIATIONS
-            request = await self._with_parent_melody(variations_request(parent, DEFAULT_VARIATIONS), parent)
-        else:
-            kind, request = JobKind.EXTEND, extension_request(parent)
-        thread = await self._result_thread(interaction, parent)
-        origin = Origin(interaction.user.id, interaction.guild_id, thread.id)
-        job = await self.service.submit(
-            request, origin, kind=kind, parent=ref, is_admin=self.is_admin(interaction)
-        )
+        async with self._pending(interaction):
+            parent = await self._parent(ref)
+            if action is TrackAction.VARIATIONS:
+                kind = JobKind.VARIATIONS
+                request = await self._with_parent_melody(
+                    variations_request(parent, DEFAULT_VARIATIONS), parent
+                )
+            else:
+                if not await self.service.has_track(ref):
+                    raise TrackNotFound(ref.job_id, ref.index)  # before a thread is made for nothing
+                kind, request = JobKind.EXTEND, extension_request(parent)
+            thread = await self._result_thread(interaction, parent)
+            origin = Origin(interaction.user.id, interaction.guild_id, thread.id)
+            job = await self.service.submit(
+                request,
+                origin,
+                kind=kind,
+                parent=ref,
+                is_admin=self.is_admin(interaction),
+                pending_id=interaction.id,
+            )
         await self.delivery.announce_in_channel(job, thread, upload_limit=interaction.filesize_limit)
         text = messages.thread_queued_text(job, thread.mention, self.service.position(job.id))
         await interaction.followup.send(text, ephemeral=True, allowed_mentions=NO_MENTIONS)
+
+    async def _parent(self, ref: TrackRef) -> Job:
+        if ref.job_id > MAX_JOB_ID:
+            raise JobNotFound(ref.job_id)
+        return await self.service.job(ref.job_id)
 
     async def _result_thread(self, interaction: discord.Interaction, parent: Job) -> discord.Thread:
         """The thread on the result message, named after the prompt; made on first use."""
@@ -529,20 +660,48 @@ class MusicCommands(commands.Cog, name="Music"):
             parent=parent,
             delivery=delivery,
             is_admin=self.is_admin(interaction),
+            pending_id=interaction.id,
         )
         # The reply belongs to the job now: an error from here on must not remove it.
         interaction.extras[PUBLIC_THINKING] = False
         await self.delivery.announce_in_reply(job, interaction, note=note)
+
+    @contextlib.asynccontextmanager
+    async def _pending(self, interaction: discord.Interaction) -> AsyncIterator[None]:
+        """From the acknowledgement until the job is queued, a crash is told to the user at the next start.
+
+        A refusal or an error ends it here; a cancellation (the bot stopping) leaves it for that start.
+        """
+        delivery = Delivery(
+            application_id=interaction.application_id,
+            interaction_token=interaction.token,
+            interaction_created_at=interaction.created_at,
+            status_message_id=interaction.extras.get(REPLY_MESSAGE_ID),
+        )
+        await self.service.note_pending(PendingRequest(interaction.id, _origin(interaction), delivery))
+        try:
+            yield
+        except Exception:
+            try:
+                await self.service.drop_pending(interaction.id)
+            except Exception:
+                log.exception("could not forget request %d", interaction.id)
+            raise
 
     async def _melody(self, attachment: discord.Attachment) -> MelodyReference:
         info = self.service.model_info
         if info is not None and not info.supports_melody:
             raise MelodyUnavailable(info.name)
         # generation.melody imports torch: only when a melody actually comes.
-        from generation.melody import MAX_BYTES, load_melody
+        from generation.melody import MAX_BYTES, MAX_SECONDS, load_melody
 
         data = await read_attachment(self.session, attachment, MAX_BYTES)
-        return await asyncio.to_thread(load_melody, data)
+
+        def load() -> MelodyReference:
+            check_declared_length(data, MAX_SECONDS)
+            return load_melody(data)
+
+        return await asyncio.to_thread(load)
 
     async def _with_parent_melody(self, request: GenerationRequest, parent: Job) -> GenerationRequest:
         if not parent.has_melody:

@@ -25,14 +25,17 @@ from bot.jobs import (
     INTERACTION_LIFETIME,
     BaseJobListener,
     BotError,
+    Delivery,
     Job,
     JobKind,
     JobService,
+    JobState,
     JobTrack,
+    PendingRequest,
     utc_now,
 )
 from bot.jobs.tasks import BackgroundTasks
-from bot.views import result_view
+from bot.views import is_result_of, result_view
 from generation.audio import encode_audio
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,9 @@ OPEN_TIMEOUT = 30.0
 DEAD_WEBHOOK_CODES = frozenset({10015, 50027})
 UNKNOWN_MESSAGE = 10008
 ENTITY_TOO_LARGE = 40005
+# How far back (before the job finished) and how deep to look for a result posted before a crash.
+HISTORY_SLACK = timedelta(seconds=5)
+HISTORY_DEPTH = 100
 
 Clock = Callable[[], datetime]
 
@@ -73,6 +79,8 @@ class _Card:
         self.status_message_id = job.delivery.status_message_id
         self.upload_limit = upload_limit
         self.webhook_alive = job.delivery.interaction_token is not None
+        # Its outcome was reached before this process started: it may have been posted already.
+        self.recovered = False
         self.started = False
         self.closed = False
         self._interval = interval
@@ -241,6 +249,21 @@ class DiscordDelivery(BaseJobListener):
             self._cards.pop(job.id, None)
         self._refresh_waiting()
 
+    async def request_interrupted(self, request: PendingRequest) -> None:
+        """A command the bot stopped in the middle of: its reply says so, if it can still be edited."""
+        await self._client.wait_until_ready()
+        webhook = self._live_webhook(request.delivery)
+        message_id = request.delivery.status_message_id
+        if webhook is None or message_id is None:
+            log.info("request %d was lost in a restart; its reply can no longer be edited", request.id)
+            return
+        try:
+            await webhook.edit_message(
+                message_id, content=messages.interrupted_text(), allowed_mentions=NO_MENTIONS
+            )
+        except discord.HTTPException as exc:
+            log.warning("could not tell the user of request %d that it was lost: %s", request.id, exc)
+
     async def job_cancelled(self, job: Job) -> None:
         card = await self._card(job)
         try:
@@ -261,6 +284,7 @@ class DiscordDelivery(BaseJobListener):
             # A job from before a restart: its messages are known from the database.
             await self._client.wait_until_ready()
             card = self._cards.setdefault(job.id, self._new_card(job, self._guild_upload_limit(job)))
+            card.recovered = job.state in (JobState.DONE, JobState.FAILED)
             card.open()
         await card.wait_open()
         return card
@@ -291,12 +315,16 @@ class DiscordDelivery(BaseJobListener):
 
     def _webhook(self, card: _Card) -> discord.Webhook | None:
         """The interaction's webhook while its token lives; None once it has expired."""
-        delivery = card.job.delivery
-        if not card.webhook_alive or delivery.interaction_token is None or delivery.application_id is None:
+        webhook = self._live_webhook(card.job.delivery) if card.webhook_alive else None
+        if webhook is None:
+            card.webhook_alive = False
+        return webhook
+
+    def _live_webhook(self, delivery: Delivery) -> discord.Webhook | None:
+        if delivery.interaction_token is None or delivery.application_id is None:
             return None
         created = delivery.interaction_created_at
         if created is None or self._clock() >= created + self._lifetime - self._margin:
-            card.webhook_alive = False
             return None
         return discord.Webhook.partial(
             delivery.application_id, delivery.interaction_token, client=self._client
@@ -341,9 +369,11 @@ class DiscordDelivery(BaseJobListener):
                 if not _dead_webhook(exc) and exc.code != UNKNOWN_MESSAGE:
                     raise
                 card.webhook_alive = False
-        await self._channel(job).send(
-            f"<@{job.user_id}> {text}", allowed_mentions=only_requester(job.user_id)
-        )
+        marker = f"❌ Job #{job.id} ("
+        if not card.recovered or await self._posted_before(card, job, lambda m: marker in m.content) is None:
+            await self._channel(job).send(
+                f"<@{job.user_id}> {text}", allowed_mentions=only_requester(job.user_id)
+            )
         await self._edit_status(card, text)
 
     async def _post_result(self, card: _Card, job: Job, tracks: Sequence[JobTrack]) -> int:
@@ -377,6 +407,12 @@ class DiscordDelivery(BaseJobListener):
                 if not _dead_webhook(exc) and exc.code != UNKNOWN_MESSAGE:
                     raise
                 card.webhook_alive = False
+        posted = None
+        if card.recovered:
+            posted = await self._posted_before(card, job, lambda m: is_result_of(m, job.id))
+        if posted is not None:
+            await self._edit_status(card, messages.delivered_text(job, posted.jump_url))
+            return posted.id
         message = await self._channel(job).send(
             f"<@{job.user_id}> your music is ready.\n{text}",
             files=_discord_files(files),
@@ -385,6 +421,32 @@ class DiscordDelivery(BaseJobListener):
         )
         await self._edit_status(card, messages.delivered_text(job, message.jump_url))
         return message.id
+
+    async def _posted_before(
+        self, card: _Card, job: Job, is_it: Callable[[discord.Message], bool]
+    ) -> discord.Message | None:
+        """The bot's message about this job that an earlier run sent but did not record, if any.
+
+        A run that is killed between sending an outcome and recording it would send it twice. The
+        status message (the reply, which may already carry it) and the channel's history since the
+        job finished say whether it did.
+        """
+        me = self._client.user
+        channel = self._channel(job)
+        since = (job.finished_at or job.created_at) - HISTORY_SLACK
+        try:
+            if card.status_message_id is not None:
+                with contextlib.suppress(discord.NotFound):
+                    status = await channel.fetch_message(card.status_message_id)
+                    if is_it(status):
+                        return status
+            async for message in channel.history(after=since, limit=HISTORY_DEPTH):
+                if me is not None and message.author.id == me.id and is_it(message):
+                    log.info("job %d was posted before the restart (message %d)", job.id, message.id)
+                    return message
+        except discord.HTTPException as exc:
+            log.warning("could not look for an earlier post of job %d (%s); posting it", job.id, exc)
+        return None
 
     async def _parent_seconds(self, job: Job) -> float | None:
         if job.kind is not JobKind.EXTEND or job.parent is None:

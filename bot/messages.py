@@ -141,6 +141,13 @@ def cancelled_text(job: Job) -> str:
     return f"🚫 Job #{job.id} ({_what(job)}) was cancelled."
 
 
+def interrupted_text() -> str:
+    return (
+        "❌ I restarted before your request was queued, so nothing was made and nothing was counted"
+        " against your limits. Please send it again."
+    )
+
+
 def thread_queued_text(job: Job, thread_mention: str, entry: QueueEntry | None) -> str:
     where = "running now" if entry is not None and entry.position == 0 else "queued"
     if entry is not None and entry.position > 0:

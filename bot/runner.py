@@ -1,13 +1,23 @@
 """``musicbot run``: settings, database, job service and generation worker, then the Discord client.
 
 The token is checked first (logging in is quick; loading a model is not), so a missing or rejected
-token stops the start at once with a message that says what to do, never with the token in it.
+token stops the start at once with a message that says what to do, never with the token in it. A
+damaged or locked database, or a model that does not load, stops it with one line too.
+
+SIGTERM or Ctrl-C stops it in order: no new jobs are taken (users are told to try again in a
+minute), the running batch is put back in the queue, status messages are brought up to date, the
+gateway is closed and the database checkpointed and closed. A second signal stops it at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
 import logging
-from collections.abc import Callable, Sequence
+import signal
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from threading import Event
 
@@ -15,11 +25,13 @@ import aiohttp
 import discord
 
 from bot.client import MusicBot
-from bot.jobs import JobService, WorkerFactory, open_database
+from bot.jobs import DatabaseError, JobService, WorkerFactory, open_database
 from bot.settings import MODEL_SIZES, Settings
 from generation import Engine, GenerationRequest, GenerationResult, GenerationWorker, ModelLoadError
 
 log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class StartupError(Exception):
@@ -27,7 +39,7 @@ class StartupError(Exception):
 
 
 async def run(settings: Settings, *, worker_factory: WorkerFactory | None = None) -> None:
-    """Run the bot until it is stopped."""
+    """Run the bot until it is stopped (by SIGTERM or Ctrl-C, or by the connection failing)."""
     token = settings.discord_token
     if not token:
         raise StartupError(
@@ -36,13 +48,97 @@ async def run(settings: Settings, *, worker_factory: WorkerFactory | None = None
         )
     # The bot plays no voice: discord.py's warnings about voice libraries would only confuse.
     discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
-    async with open_database(settings.db_path) as db:
-        service = JobService(db, settings, worker_factory or make_worker_factory(settings))
-        bot = MusicBot(service, settings)
-        async with bot:
-            await _login(bot, token)
-            async with service:
-                await bot.connect()
+    stop = asyncio.Event()
+    with _stopped_by_signals(stop):
+        try:
+            async with open_database(settings.db_path) as db:
+                service = JobService(db, settings, worker_factory or make_worker_factory(settings))
+                bot = MusicBot(service, settings)
+                async with bot:
+                    await _login(bot, token)
+                    await _start(service, settings)
+                    try:
+                        await _serve(bot, service, stop)
+                    finally:
+                        await service.close()
+        except DatabaseError as exc:
+            raise StartupError(str(exc)) from None
+    log.info("stopped")
+
+
+async def _start(service: JobService, settings: Settings) -> None:
+    try:
+        await service.start()
+        freeze_startup_objects()
+    except ModelLoadError as exc:
+        raise StartupError(f"the model could not be loaded: {exc}") from None
+    except sqlite3.DatabaseError as exc:
+        raise StartupError(
+            f"the database {settings.db_path} is damaged ({exc}): restore a copy made with"
+            " `musicbot backup`, or move the file away to start with an empty one"
+        ) from None
+
+
+def freeze_startup_objects() -> None:
+    """Keep what the start made (modules, torch, transformers, the model) out of full GC passes.
+
+    With torch and transformers loaded, a full collection walks hundreds of thousands of long-lived
+    objects and stops the event loop for 150-300 ms (measured on 2 cores); with them frozen it takes
+    15-30 ms. Freezing keeps nothing alive that reference counting frees: a switched-out model has no
+    reference cycles (checked on the tiny model), so its memory is still given back.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+async def _serve(bot: MusicBot, service: JobService, stop: asyncio.Event) -> None:
+    """Keep the gateway connection until ``stop`` is set (or the connection ends by itself)."""
+    connection = asyncio.create_task(bot.connect(), name="discord-connection")
+    stopping = asyncio.create_task(stop.wait(), name="stop-signal")
+    try:
+        await asyncio.wait([connection, stopping], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if connection.done():
+        connection.result()  # its error, if it ended with one
+        return
+    log.info("stopping: no new jobs are taken; waiting and running jobs are kept for the next start")
+    try:
+        # Still connected meanwhile: new commands are answered "restarting, try again in a minute".
+        await service.close()
+    finally:
+        await bot.close()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await connection
+
+
+@contextlib.contextmanager
+def _stopped_by_signals(stop: asyncio.Event) -> Iterator[None]:
+    """The first SIGTERM or SIGINT sets ``stop``; a second one cancels the run at once."""
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    installed = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            log.warning("%s again: stopping at once", sig.name)
+            if main is not None:
+                main.cancel()
+            return
+        log.warning("%s: stopping (send it again to stop at once)", sig.name)
+        stop.set()
+
+    for sig in STOP_SIGNALS:
+        try:
+            loop.add_signal_handler(sig, on_signal, sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # Windows, or not the main thread
+            continue
+        installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
 
 
 async def _login(bot: MusicBot, token: str) -> None:

@@ -39,6 +39,8 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     queue_size: int = 50
     max_batch: int = 4
+    # Seconds a batch may generate per 10 s of audio it makes (never less in all); see job_time_limit.
+    job_timeout: float = 300.0
 
     def model_source(self, size_or_source: str) -> str:
         """A size name maps to its configured hub id or directory; anything else is used as it is."""
@@ -86,6 +88,7 @@ class Settings:
             ),
             queue_size=_positive(env, "MUSICBOT_QUEUE_SIZE", 50),
             max_batch=_positive(env, "MUSICBOT_MAX_BATCH", 4),
+            job_timeout=_positive(env, "MUSICBOT_JOB_TIMEOUT", 300),
         )
 
 

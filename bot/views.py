@@ -53,7 +53,7 @@ class TrackButton(
                 style=discord.ButtonStyle.primary
                 if action is TrackAction.VARIATIONS
                 else discord.ButtonStyle.secondary,
-                custom_id=f"musicbot:{action.value}:{ref.job_id}:{ref.index}",
+                custom_id=track_custom_id(action, ref),
                 row=row,
             )
         )
@@ -71,6 +71,20 @@ class TrackButton(
 
     async def callback(self, interaction: discord.Interaction) -> None:
         await cast(TrackButtonHandler, interaction.client).track_button(interaction, self.action, self.ref)
+
+
+def track_custom_id(action: TrackAction, ref: TrackRef) -> str:
+    return f"musicbot:{action.value}:{ref.job_id}:{ref.index}"
+
+
+def is_result_of(message: discord.Message, job_id: int) -> bool:
+    """Whether the message is a result of this job (it carries the job's Regenerate button)."""
+    wanted = track_custom_id(TrackAction.REGENERATE, TrackRef(job_id, 0))
+    for row in message.components:
+        for item in getattr(row, "children", ()):
+            if getattr(item, "custom_id", None) == wanted:
+                return True
+    return False
 
 
 def result_view(job_id: int, tracks: int) -> discord.ui.View:

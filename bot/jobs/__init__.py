@@ -1,7 +1,7 @@
 """The job service: a fair queue in front of the one generation worker, per-user limits, and every
 job in SQLite. It knows users and seconds; it reaches the model only through ``generation``."""
 
-from bot.jobs.db import Database, DatabaseError, open_database
+from bot.jobs.db import Database, DatabaseError, backup_database, open_database
 from bot.jobs.errors import (
     BotError,
     InvalidLimit,
@@ -25,6 +25,7 @@ from bot.jobs.models import (
     JobTrack,
     LimitOverride,
     Origin,
+    PendingRequest,
     QueueEntry,
     TrackRef,
     Usage,
@@ -53,6 +54,7 @@ __all__ = [
     "MelodyUnavailable",
     "NotAllowed",
     "Origin",
+    "PendingRequest",
     "QueueEntry",
     "QueueFull",
     "ServiceClosed",
@@ -60,6 +62,7 @@ __all__ = [
     "TrackRef",
     "Usage",
     "WorkerFactory",
+    "backup_database",
     "open_database",
     "utc_now",
 ]

@@ -2,15 +2,21 @@
 
 Every statement goes through a lock: a transaction on the one connection never interleaves with
 another coroutine's statements (SQLite has no per-coroutine transactions).
+
+The file is its owner's only (it holds prompts, user ids and 15-minute interaction tokens); SQLite
+gives the ``-wal`` and ``-shm`` files the same mode, and temporary tables stay in memory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +27,11 @@ log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 5000
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+PRIVATE_MODE = 0o600
+# The WAL is folded into the database and emptied this often (and when the database is closed).
+CHECKPOINT_INTERVAL = 600.0
+# After a checkpoint the WAL file is cut back to this size (SQLite keeps reusing it otherwise).
+WAL_SIZE_LIMIT = 16 * 2**20
 
 # Plain SQL, one script per schema version; never edit a released one, append a new one.
 MIGRATIONS: tuple[str, ...] = (
@@ -104,11 +115,25 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at    TEXT NOT NULL
     );
     """,
+    """
+    -- Commands acknowledged but not yet queued or refused: after a crash their users are told.
+    CREATE TABLE pending_requests (
+        id                     INTEGER PRIMARY KEY,
+        user_id                INTEGER NOT NULL,
+        guild_id               INTEGER,
+        channel_id             INTEGER,
+        application_id         INTEGER,
+        interaction_token      TEXT,
+        interaction_created_at TEXT,
+        status_message_id      INTEGER,
+        created_at             TEXT NOT NULL
+    );
+    """,
 )
 
 
 class DatabaseError(Exception):
-    """The database file cannot be used by this version of the bot."""
+    """The database file cannot be used (damaged, locked, unreadable, or from a newer bot); says why."""
 
 
 def to_db_time(moment: datetime) -> str:
@@ -133,23 +158,59 @@ class Database:
         self.path = path
 
     @classmethod
-    async def open(cls, path: Path | str) -> Database:
-        """Connect, set the pragmas and bring the schema up to date."""
+    async def open(cls, path: Path | str, *, busy_timeout_ms: int | None = None) -> Database:
+        """Connect, set the pragmas, bring the schema up to date and check that it can be written.
+
+        A file that is damaged, locked by another program or unreadable raises ``DatabaseError``
+        with one line that says so.
+        """
         path = Path(path)
-        conn = await aiosqlite.connect(path, isolation_level=None)
+        busy = BUSY_TIMEOUT_MS if busy_timeout_ms is None else busy_timeout_ms
+        _make_private(path)
+        try:
+            conn = await aiosqlite.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise DatabaseError(_unusable(path, exc)) from None
         try:
             conn.row_factory = sqlite3.Row
-            await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            await conn.execute(f"PRAGMA busy_timeout = {int(busy)}")
             await conn.execute("PRAGMA journal_mode = WAL")
+            await conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
+            await conn.execute("PRAGMA temp_store = MEMORY")
             await conn.execute("PRAGMA foreign_keys = ON")
             await _migrate(conn)
-        except BaseException:
+            # Take the write lock once: a file another program holds locked is found now, not mid-job.
+            await conn.execute("BEGIN IMMEDIATE")
+            await conn.execute("ROLLBACK")
+        except BaseException as exc:
             await conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise DatabaseError(_unusable(path, exc)) from None
             raise
+        _make_private(path, created=False)
         return cls(conn, path)
 
-    async def close(self) -> None:
+    async def checkpoint(self) -> None:
+        """Fold the WAL into the database file and empty it (waits for no one but our own lock)."""
         async with self._lock:
+            await _checkpoint(self._conn)
+
+    async def checkpoint_every(self, interval: float) -> None:
+        """Checkpoint every ``interval`` seconds until cancelled; a failure is logged and retried."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.checkpoint()
+            except sqlite3.Error as exc:
+                log.warning("checkpointing the database failed: %s", exc)
+
+    async def close(self) -> None:
+        """Checkpoint (the WAL ends empty) and close."""
+        async with self._lock:
+            try:
+                await _checkpoint(self._conn)
+            except sqlite3.Error as exc:
+                log.warning("the last checkpoint of the database failed: %s", exc)
             await self._conn.close()
 
     @asynccontextmanager
@@ -199,12 +260,119 @@ class Tx:
 
 
 @asynccontextmanager
-async def open_database(path: Path | str) -> AsyncIterator[Database]:
+async def open_database(
+    path: Path | str, *, checkpoint_every: float | None = CHECKPOINT_INTERVAL
+) -> AsyncIterator[Database]:
+    """The database, checkpointed every ``checkpoint_every`` seconds while open (None: only at close)."""
     db = await Database.open(path)
+    checkpoints = None
+    if checkpoint_every is not None:
+        checkpoints = asyncio.create_task(db.checkpoint_every(checkpoint_every), name="db-checkpoints")
     try:
         yield db
     finally:
+        if checkpoints is not None:
+            checkpoints.cancel()
+            await asyncio.wait([checkpoints])
         await db.close()
+
+
+@dataclass(frozen=True)
+class BackupInfo:
+    path: Path
+    jobs: int
+    bytes: int
+
+
+def backup_database(source: Path, target: Path) -> BackupInfo:
+    """A consistent copy of the database, made with SQLite's online backup while the bot may be writing.
+
+    The copy is taken in one read transaction: in WAL mode that is one snapshot, and the bot's writes
+    go on meanwhile. It is written to a private temporary file beside ``target``, checked with
+    ``integrity_check`` and then renamed, so ``target`` is either absent or a whole, good copy.
+    """
+    if not source.is_file():
+        raise DatabaseError(f"there is no database at {source} (set MUSICBOT_DB, or run from its directory)")
+    if target.exists():
+        raise DatabaseError(f"{target} already exists; choose a new name for the backup")
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        _create_private(temporary)
+        # mode=rw: a wrong path must not leave an empty database behind.
+        src = sqlite3.connect(
+            f"{source.resolve().as_uri()}?mode=rw", uri=True, timeout=BUSY_TIMEOUT_MS / 1000
+        )
+        with contextlib.closing(src), contextlib.closing(sqlite3.connect(temporary)) as dst:
+            src.backup(dst)
+            # A self-contained file: no -wal beside it to lose when it is copied or renamed.
+            dst.execute("PRAGMA journal_mode = DELETE")
+            check = dst.execute("PRAGMA integrity_check").fetchone()[0]
+            if check != "ok":
+                raise DatabaseError(
+                    f"the copy failed its integrity check ({check}); the database may be damaged"
+                )
+            jobs = int(dst.execute("SELECT count(*) FROM jobs").fetchone()[0])
+        os.replace(temporary, target)
+    except sqlite3.Error as exc:
+        raise DatabaseError(_unusable(source, exc)) from None
+    except OSError as exc:
+        raise DatabaseError(f"cannot write {target}: {exc.strerror or exc}") from None
+    finally:
+        temporary.unlink(missing_ok=True)
+    return BackupInfo(target, jobs, target.stat().st_size)
+
+
+async def _checkpoint(conn: aiosqlite.Connection) -> None:
+    async with conn.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cursor:
+        row = await cursor.fetchone()
+    if row is not None and row[0]:
+        log.debug("the checkpoint could not finish: another program is reading the database")
+
+
+def _make_private(path: Path, *, created: bool = True) -> None:
+    """Create the file for the owner only (``created``); else tighten it and its -wal and -shm."""
+    if os.name != "posix" or str(path) == ":memory:" or str(path).startswith("file:"):
+        return
+    if created:
+        try:
+            _create_private(path)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise DatabaseError(f"cannot create the database {path}: {exc.strerror or exc}") from None
+        return
+    for file in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            mode = file.stat().st_mode & 0o777
+            if mode & 0o077:
+                os.chmod(file, PRIVATE_MODE)
+                log.warning("made %s readable by its owner only (it was %o)", file, mode)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("could not make %s private: %s", file, exc)
+
+
+def _create_private(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE))
+
+
+def _unusable(path: Path, exc: sqlite3.Error) -> str:
+    """One line that says what is wrong with the database file and what to do."""
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return (
+            f"the database {path} is locked by another program (another musicbot on the same file, or a"
+            " database tool with an open transaction); stop it and start again"
+        )
+    if isinstance(exc, sqlite3.OperationalError) and "unable to open" in text:
+        return f"cannot open the database {path}: check that its directory exists and is writable"
+    if "readonly" in text:
+        return f"the database {path} is read-only: musicbot needs to write to it (check its permissions)"
+    return (
+        f"the database {path} is damaged ({text}): restore a copy made with `musicbot backup`, or move the"
+        " file away to start with an empty one"
+    )
 
 
 async def _migrate(conn: aiosqlite.Connection) -> None:

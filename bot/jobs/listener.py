@@ -7,7 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
-from bot.jobs.models import Job, JobTrack
+from bot.jobs.models import Job, JobTrack, PendingRequest
 from bot.jobs.tasks import BackgroundTasks
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,9 @@ class JobListener(Protocol):
 
     async def job_cancelled(self, job: Job) -> None: ...
 
+    async def request_interrupted(self, request: PendingRequest) -> None:
+        """The bot stopped after acknowledging this command and before queueing or refusing it."""
+
 
 class BaseJobListener:
     """A listener that ignores everything: subclass it and override what you need."""
@@ -54,6 +57,9 @@ class BaseJobListener:
         return None
 
     async def job_cancelled(self, job: Job) -> None:
+        return None
+
+    async def request_interrupted(self, request: PendingRequest) -> None:
         return None
 
 
@@ -86,6 +92,11 @@ class Notifier:
 
     def cancelled(self, job: Job) -> None:
         self._send(job.id, "cancelled", lambda: self.listener.job_cancelled(job))
+
+    def interrupted(self, request: PendingRequest) -> None:
+        self._tasks.spawn(
+            self.listener.request_interrupted(request), name=f"request-{request.id}-interrupted"
+        )
 
     async def _latest_progress(self, job_id: int) -> None:
         job, done, total = self._progress.pop(job_id)

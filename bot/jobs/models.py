@@ -69,6 +69,19 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class PendingRequest:
+    """A command the bot acknowledged but has not queued or refused yet (its id: the interaction's).
+
+    Kept in the database for that short while, so that a crash in it is not silent: at the next start
+    the user is told that nothing was made or counted, and to ask again.
+    """
+
+    id: int
+    origin: Origin
+    delivery: Delivery
+
+
+@dataclass(frozen=True)
 class JobResult:
     """What a finished job made: length of each track, rate, per-track seeds, compute time."""
 

@@ -37,6 +37,7 @@ from bot.jobs.models import (
     JobTrack,
     LimitOverride,
     Origin,
+    PendingRequest,
     QueueEntry,
     TrackRef,
     Usage,
@@ -67,6 +68,12 @@ SPEED_SETTING = "speed.{model}"
 # Weight of the newest batch in the running estimate of compute seconds per audio second.
 SPEED_WEIGHT = 0.3
 INTERNAL_ERROR = "something went wrong inside the bot while making this; please try again"
+ENGINE_FAILED = "something went wrong in the music generator; it was restarted, please try again"
+# Once the speed is measured, a batch may also take this many times its expected time.
+SLOWDOWN_ALLOWED = 10.0
+# A batch past its time limit is asked to stop; if it has not within this many seconds, its worker
+# is abandoned (a stuck thread cannot be killed) and a new one takes over.
+CANCEL_GRACE = 10.0
 
 
 def utc_now() -> datetime:
@@ -85,6 +92,9 @@ class _Batch:
     started: float = field(default_factory=time.monotonic)
     progress: float = 0.0
     shutdown: bool = False
+    timed_out: bool = False
+    requeued: set[int] = field(default_factory=set)
+    call: asyncio.Task[list[GenerationResult]] | None = None
 
     @property
     def ids(self) -> set[int]:
@@ -108,6 +118,7 @@ class JobService:
         clock: Clock = utc_now,
         max_attempts: int = 2,
         close_timeout: float = 10.0,
+        cancel_grace: float = CANCEL_GRACE,
     ) -> None:
         self._settings = settings
         self._store = JobStore(db, settings.limits, settings.queue_size)
@@ -116,6 +127,7 @@ class JobService:
         self._clock = clock
         self._max_attempts = max_attempts
         self._close_timeout = close_timeout
+        self._cancel_grace = cancel_grace
         self._queue = FairQueue()
         self._tasks = BackgroundTasks()
         self._notifier = Notifier(self._tasks)
@@ -165,11 +177,18 @@ class JobService:
             self._notifier.requeued(job)
         for job in await self._store.undelivered():
             self._tasks.spawn(self._hand_over(job), name=f"job-{job.id}-hand-over")
+        for pending in await self._store.take_pending():
+            log.warning("request %d was acknowledged but not queued before the bot stopped", pending.id)
+            self._notifier.interrupted(pending)
         log.info("job service started: model %s, %d jobs waiting", self._model, len(waiting))
         self._dispatcher = self._tasks.spawn(self._dispatch_forever(), name="job-dispatcher")
 
     async def close(self) -> None:
-        """Stop taking work; a running batch is interrupted and its jobs wait again for the next start."""
+        """Stop taking work; a running batch is interrupted and its jobs wait again for the next start.
+
+        A batch that does not stop within ``close_timeout`` (a stuck generation) is put back in the
+        queue all the same, and its worker abandoned, so that closing never hangs.
+        """
         if self._closing:
             return
         self._closing = True
@@ -179,11 +198,42 @@ class JobService:
             batch.cancel.set()
         self._wake.set()
         if self._dispatcher is not None:
-            await asyncio.wait([self._dispatcher])
+            done, _ = await asyncio.wait([self._dispatcher], timeout=self._close_timeout)
+            if not done:
+                await self._abandon_stuck_batch(self._dispatcher, batch)
         await self._tasks.finish(self._close_timeout)
         if self._worker is not None:
             await self._worker.close()
-        log.info("job service closed; %d jobs wait for the next start", len(self._queue))
+        waiting = len(self._queue) + (len(batch.requeued) if batch is not None else 0)
+        log.info("job service closed; %d jobs wait for the next start", waiting)
+
+    async def _abandon_stuck_batch(self, dispatcher: asyncio.Task[None], batch: _Batch | None) -> None:
+        log.error("the running batch did not stop within %g s; abandoning its worker", self._close_timeout)
+        if batch is not None and batch.call is not None:
+            batch.call.cancel()
+        dispatcher.cancel()
+        await asyncio.wait([dispatcher])
+        if self._worker is not None:
+            self._worker.abandon("it did not stop when the bot shut down")
+        if batch is not None:
+            unsettled = [job.id for job in batch.picked if job.id not in batch.settled]
+            # Not counted as an attempt: the job did nothing wrong.
+            await self._store.requeue(unsettled, count_attempt=False)
+            batch.requeued.update(unsettled)
+
+    # --- requests on their way in ---
+
+    async def note_pending(self, request: PendingRequest) -> None:
+        """Remember an acknowledged command until ``submit(pending_id=...)`` or ``drop_pending``.
+
+        If the bot stops in between, the listener hears ``request_interrupted`` at the next start.
+        """
+        self._check_open()
+        await self._store.add_pending(request, self._clock())
+
+    async def drop_pending(self, request_id: int) -> None:
+        """The command ended without a job (refused, or failed): nothing to tell after a restart."""
+        await self._store.drop_pending(request_id)
 
     # --- jobs ---
 
@@ -196,13 +246,16 @@ class JobService:
         parent: TrackRef | None = None,
         delivery: Delivery | None = None,
         is_admin: bool = False,
+        pending_id: int | None = None,
     ) -> Job:
         """Check the limits and store the job (seed chosen now); it is queued once this returns.
 
         Extend jobs name the track to continue in ``parent``; the audio is loaded when the job runs.
+        ``pending_id`` names the request noted with ``note_pending``: it ends with the job's insert.
         """
         self._check_open()
         _check_shape(request, kind, parent)
+        _check_prompt(request.prompt)
         info = self.model_info
         if request.melody is not None and (info is None or not info.supports_melody):
             raise MelodyUnavailable(info.name if info else self._model)
@@ -212,7 +265,7 @@ class JobService:
             clip = request.melody
             melody = await asyncio.to_thread(to_flac, clip.samples, clip.sample_rate)
             request = replace(request, melody=None)
-        new = NewJob(origin, kind, request, parent, delivery or Delivery(), melody)
+        new = NewJob(origin, kind, request, parent, delivery or Delivery(), melody, pending_id)
         try:
             job = await self._store.add_job(new, exempt=is_admin, now=self._clock())
         except LimitExceeded as exc:
@@ -266,6 +319,9 @@ class JobService:
     async def track(self, ref: TrackRef) -> JobTrack:
         stored = await self._store.track(ref)
         return (await asyncio.to_thread(_decode_tracks, [stored]))[0]
+
+    async def has_track(self, ref: TrackRef) -> bool:
+        return await self._store.has_track(ref)
 
     async def melody(self, job_id: int) -> AudioClip | None:
         """The melody reference a job was asked with (None: it had none), e.g. to make more of it."""
@@ -440,13 +496,30 @@ class JobService:
     async def _generate(self, batch: _Batch, jobs: list[Job], requests: list[GenerationRequest]) -> None:
         worker = await self._live_worker()
         log.debug("generating jobs %s on %s", [job.id for job in jobs], self._model)
+        limit = self.time_limit(sum(job.seconds for job in jobs))
         began = time.monotonic()
-        try:
-            results = await worker.generate(
+        call = batch.call = asyncio.create_task(
+            worker.generate(
                 requests,
                 progress=lambda done, total: self._on_progress(batch, jobs, done, total),
                 cancel=batch.cancel,
-            )
+            ),
+            name=f"generate-{jobs[0].id}",
+        )
+        try:
+            if not await self._within(call, limit, batch):
+                worker.abandon(f"it was stuck for over {limit:.0f} s")
+                log.error("jobs %s: the worker did not stop; it is abandoned", [job.id for job in jobs])
+                await self._fail_unsettled(batch, _timed_out(limit))
+                await self._replace_worker()
+                return
+            if batch.timed_out and not batch.shutdown:
+                # It stopped when asked, so the worker is fine; what it made is only part of a track.
+                if not call.cancelled():
+                    call.exception()  # whatever it ended with is superseded by the time limit
+                await self._fail_unsettled(batch, _timed_out(limit))
+                return
+            results = call.result()
         except OutOfMemory:
             await self._out_of_memory(batch, jobs, requests)
             return
@@ -464,9 +537,46 @@ class JobService:
             for job in jobs:
                 await self._fail(batch, job, str(exc))
             return
+        except MemoryError:
+            log.error("jobs %s: the machine ran out of memory", [job.id for job in jobs])
+            await self._fail_all(batch, jobs, _out_of_host_memory(jobs))
+            await self._replace_worker()
+            return
+        except Exception:
+            # An engine in an unknown state is not trusted with the next batch.
+            log.exception("jobs %s: the engine failed unexpectedly", [job.id for job in jobs])
+            await self._fail_all(batch, jobs, ENGINE_FAILED)
+            await self._replace_worker()
+            return
+        finally:
+            batch.call = None
         await self._learn_speed(time.monotonic() - began, results)
         for job, result in zip(jobs, results, strict=True):
             await self._settle(batch, job, result)
+
+    async def _within(self, call: asyncio.Task[list[GenerationResult]], limit: float, batch: _Batch) -> bool:
+        """Wait for the call; past ``limit``, ask it to stop. False: it did not stop (it is stuck)."""
+        done, _ = await asyncio.wait([call], timeout=limit)
+        if done:
+            return True
+        log.error("a batch is still generating after %.0f s, its time limit; stopping it", limit)
+        batch.timed_out = True
+        batch.cancel.set()
+        done, _ = await asyncio.wait([call], timeout=self._cancel_grace)
+        if done:
+            return True
+        call.cancel()
+        return False
+
+    def time_limit(self, audio_seconds: float) -> float:
+        """How long a batch making ``audio_seconds`` of audio may generate (MUSICBOT_JOB_TIMEOUT per 10 s).
+
+        Once the speed of this model is measured, a slow machine also gets 10 times its usual time.
+        """
+        limit = self._settings.job_timeout * max(1.0, audio_seconds / 10.0)
+        if self._speed is not None:
+            limit = max(limit, SLOWDOWN_ALLOWED * self._speed * audio_seconds)
+        return limit
 
     async def _out_of_memory(self, batch: _Batch, jobs: list[Job], requests: list[GenerationRequest]) -> None:
         """The worker already split the batch and failed; find the job that does not fit, alone."""
@@ -480,7 +590,7 @@ class JobService:
             return
         log.warning("out of memory on jobs %s; running them one at a time", [job.id for job in jobs])
         for job, request in zip(jobs, requests, strict=True):
-            if job.id not in batch.cancelled:
+            if job.id not in batch.cancelled and job.id not in batch.settled:
                 await self._generate(batch, [job], [request])
 
     async def _settle(self, batch: _Batch, job: Job, result: GenerationResult) -> None:
@@ -514,6 +624,7 @@ class JobService:
                 pass
             elif batch.shutdown:
                 await self._store.requeue([job.id], count_attempt=False)
+                batch.requeued.add(job.id)
             else:
                 cancelled = await self._store.cancel_job(job.id, self._clock())
                 if cancelled is not None:
@@ -526,6 +637,11 @@ class JobService:
         batch.settled.add(job.id)
         if failed is not None:
             self._notifier.failed(failed, reason)
+
+    async def _fail_all(self, batch: _Batch, jobs: Sequence[Job], reason: str) -> None:
+        for job in jobs:
+            if job.id not in batch.settled:
+                await self._fail(batch, job, reason)
 
     async def _fail_unsettled(self, batch: _Batch, reason: str) -> None:
         for job in batch.picked:
@@ -677,6 +793,28 @@ def _check_shape(request: GenerationRequest, kind: JobKind, parent: TrackRef | N
             raise InvalidRequest("loop", "a loop cannot also extend an existing track")
     elif kind is JobKind.NEW and parent is not None:
         raise ValueError("a new job has no parent; use VARIATIONS, EXTEND or REGENERATE")
+
+
+def _check_prompt(prompt: str) -> None:
+    """What GenerationRequest lets through but no text should hold: halves of surrogate pairs."""
+    if any("\ud800" <= ch <= "\udfff" for ch in prompt):
+        raise InvalidRequest("prompt", "the prompt contains characters that are not valid text")
+
+
+def _timed_out(limit: float) -> str:
+    shown = f"{limit:.0f}" if limit >= 10 else f"{limit:.1f}"
+    return (
+        f"making it took longer than its time limit ({shown} s), so it was stopped; please try again"
+        " (an admin can raise MUSICBOT_JOB_TIMEOUT)"
+    )
+
+
+def _out_of_host_memory(jobs: Sequence[Job]) -> str:
+    seconds = sum(job.seconds for job in jobs)
+    return (
+        f"the machine ran out of memory making {seconds:g} s of audio; ask for a shorter duration or"
+        " fewer variations"
+    )
 
 
 def _check_override(change: LimitOverride) -> None:

@@ -23,6 +23,7 @@ from bot.jobs.models import (
     JobState,
     LimitOverride,
     Origin,
+    PendingRequest,
     TrackRef,
     Usage,
     job_seconds,
@@ -46,6 +47,7 @@ class NewJob:
     parent: TrackRef | None = None
     delivery: Delivery = field(default_factory=Delivery)
     melody_flac: bytes | None = None
+    pending_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,44 @@ class JobStore:
                     "INSERT INTO job_audio (job_id, role, flac) VALUES (?, 'melody', ?)",
                     (row["id"], new.melody_flac),
                 )
+            if new.pending_id is not None:
+                await tx.execute("DELETE FROM pending_requests WHERE id = ?", (new.pending_id,))
         return job_from_row(row)
+
+    # --- requests acknowledged but not queued yet ---
+
+    async def add_pending(self, request: PendingRequest, now: datetime) -> None:
+        delivery = request.delivery
+        async with self._db.transaction() as tx:
+            await tx.execute(
+                """
+                INSERT OR REPLACE INTO pending_requests
+                    (id, user_id, guild_id, channel_id, application_id, interaction_token,
+                     interaction_created_at, status_message_id, created_at)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                """,
+                (
+                    request.id,
+                    request.origin.user_id,
+                    request.origin.guild_id,
+                    request.origin.channel_id,
+                    delivery.application_id,
+                    delivery.interaction_token,
+                    _time_or_none(delivery.interaction_created_at),
+                    delivery.status_message_id,
+                    to_db_time(now),
+                ),
+            )
+
+    async def drop_pending(self, request_id: int) -> None:
+        async with self._db.transaction() as tx:
+            await tx.execute("DELETE FROM pending_requests WHERE id = ?", (request_id,))
+
+    async def take_pending(self) -> list[PendingRequest]:
+        """Every pending request, removed: each is told about once, at the start after a crash."""
+        async with self._db.transaction() as tx:
+            rows = await tx.fetchall("DELETE FROM pending_requests RETURNING *")
+        return [_pending_from_row(row) for row in sorted(rows, key=lambda row: row["id"])]
 
     async def job(self, job_id: int) -> Job:
         async with self._db.snapshot() as tx:
@@ -266,6 +305,13 @@ class JobStore:
         if row is None:
             raise TrackNotFound(ref.job_id, ref.index)
         return _track_from_row(row)
+
+    async def has_track(self, ref: TrackRef) -> bool:
+        async with self._db.snapshot() as tx:
+            row = await tx.fetchone(
+                "SELECT 1 FROM tracks WHERE job_id = ? AND idx = ?", (ref.job_id, ref.index)
+            )
+        return row is not None
 
     async def melody(self, job_id: int) -> bytes | None:
         async with self._db.snapshot() as tx:
@@ -520,6 +566,19 @@ async def _stored_override(tx: Tx, user_id: int | None) -> LimitOverride | None:
     else:
         row = await tx.fetchone("SELECT * FROM user_limits WHERE user_id = ?", (user_id,))
     return _override_from_row(row) if row else None
+
+
+def _pending_from_row(row: sqlite3.Row) -> PendingRequest:
+    return PendingRequest(
+        id=row["id"],
+        origin=Origin(row["user_id"], row["guild_id"], row["channel_id"]),
+        delivery=Delivery(
+            application_id=row["application_id"],
+            interaction_token=row["interaction_token"],
+            interaction_created_at=from_db_time(row["interaction_created_at"]),
+            status_message_id=row["status_message_id"],
+        ),
+    )
 
 
 def _track_from_row(row: sqlite3.Row) -> StoredTrack:

@@ -117,7 +117,8 @@ async def test_cancel_of_someone_elses_job_is_refused_but_an_admin_may(
     async with running_bot(emu, fake_settings(db_path, emu.guild_id), fake_workers(models)) as bot:
         await emu.invoke_command("music", {"prompt": "busy", "duration": 2.0}, user=other)
         await models.wait_generating()
-        await emu.invoke_command("music", {"prompt": "member's", "duration": 2.0})
+        queued = await emu.invoke_command("music", {"prompt": "member's", "duration": 2.0})
+        await wait_reply(emu, queued, lambda m: "position 1" in m.content)
         refused = await answer(emu, await emu.invoke_command("cancel", {"job": 2}, user=other))
         still = (await bot.service.job(2)).state
         done = await answer(emu, await emu.invoke_command("cancel", {"job": 2}, user=emu.owner))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Sequence
 
@@ -76,3 +77,27 @@ async def test_a_dying_worker_fails_its_callers_with_a_clear_error() -> None:
     assert not worker.alive
     with pytest.raises(WorkerDied):
         await worker.generate([GenerationRequest("x")])
+
+
+async def test_an_abandoned_worker_fails_what_waits_and_releases_its_model_when_unstuck() -> None:
+    unstick = threading.Event()
+    engine = _Engine("a")
+    engine.generate = lambda requests, progress=None, cancel=None: unstick.wait() and []  # type: ignore[method-assign]
+    worker = GenerationWorker(lambda key: engine)
+    await worker.start("a")
+    stuck = asyncio.ensure_future(worker.generate([GenerationRequest("x")]))
+    queued = asyncio.ensure_future(worker.generate([GenerationRequest("y")]))
+    await asyncio.sleep(0.05)
+
+    worker.abandon("it was stuck")
+    with pytest.raises(WorkerDied, match="it was stuck"):
+        await queued
+    with pytest.raises(WorkerDied):
+        await worker.generate([GenerationRequest("z")])
+    await asyncio.wait_for(worker.close(), 1)  # does not wait for the stuck thread
+    assert not worker.alive and not engine.closed
+
+    unstick.set()
+    await stuck
+    await asyncio.to_thread(worker._thread.join, 5)
+    assert engine.closed and not worker._thread.is_alive()
