@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.discord_emulator import DiscordEmulator
 
 # No test may reach the Hugging Face hub (nor anything but loopback).
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -36,3 +41,17 @@ def tiny_engine(tiny_model_dir: Path):
     from generation.engine import load_engine
 
     return load_engine(str(tiny_model_dir), name="tiny", device="cpu", dtype="float32")
+
+
+@pytest.fixture
+async def emu() -> AsyncIterator[DiscordEmulator]:
+    """A local Discord API on 127.0.0.1 that the real discord.py client talks to."""
+    from tests.discord_emulator import DiscordEmulator
+
+    async with DiscordEmulator(max_lifetime=90) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "musicbot.sqlite3"

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
-from tests.discord_emulator import DiscordEmulator
 from tests.jobs.fakes import FakeModels
 
 
@@ -21,17 +19,6 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture
-async def emu() -> AsyncIterator[DiscordEmulator]:
-    async with DiscordEmulator(max_lifetime=90) as emulator:
-        yield emulator
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "musicbot.sqlite3"
 
 
 @pytest.fixture

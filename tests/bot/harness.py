@@ -60,7 +60,11 @@ def fake_settings(
     model: str = "small",
     limits: Limits | None = None,
     admin_ids: frozenset[int] = frozenset(),
+    queue_size: int = 50,
+    max_batch: int = 4,
+    job_timeout: float = 300.0,
 ) -> Settings:
+    """Settings for a bot on fake engines: every size maps to ``fake-<size>``."""
     return Settings(
         db_path=db_path,
         model=model,
@@ -68,6 +72,9 @@ def fake_settings(
         guild_id=guild_id,
         admin_ids=admin_ids,
         limits=limits or Limits(max_queued=10, daily_seconds=10_000, max_duration=120),
+        queue_size=queue_size,
+        max_batch=max_batch,
+        job_timeout=job_timeout,
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from bot.client import MusicBot
 from bot.jobs import JobService, open_database
-from bot.settings import MODEL_SIZES, Limits, Settings
+from bot.settings import Settings
 from generation import (
     GenerationError,
     GenerationRequest,
@@ -26,6 +26,7 @@ from generation import (
     GenerationWorker,
     ModelLoadError,
 )
+from tests.bot.harness import fake_settings
 from tests.discord_emulator import (
     INTERACTION_APPLICATION_COMMAND,
     DiscordEmulator,
@@ -91,28 +92,7 @@ class FaultyEngine(FakeEngine):
 # --- a bot in this process ---
 
 
-def settings_for(
-    db_path: Path,
-    guild_id: int | None,
-    *,
-    limits: Limits | None = None,
-    queue_size: int = 50,
-    max_batch: int = 4,
-    job_timeout: float = 300.0,
-    model: str = "small",
-    admin_ids: frozenset[int] = frozenset(),
-) -> Settings:
-    return Settings(
-        db_path=db_path,
-        model=model,
-        model_sources={size: f"fake-{size}" for size in MODEL_SIZES},
-        guild_id=guild_id,
-        admin_ids=admin_ids,
-        limits=limits or Limits(max_queued=10, daily_seconds=10_000, max_duration=120),
-        queue_size=queue_size,
-        max_batch=max_batch,
-        job_timeout=job_timeout,
-    )
+settings_for = fake_settings
 
 
 @dataclass
