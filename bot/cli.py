@@ -232,13 +232,11 @@ def _generate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def quiet_model_stack(verbose: bool) -> None:
-    """transformers warns about hub checkpoints' own configs and draws bars of its own; ours suffice."""
-    if verbose:
-        return
-    from transformers.utils import logging as hf_logging
+    """Silence the model stack's own warnings and bars unless -v asks for everything."""
+    if not verbose:
+        from generation.loader import quiet_transformers
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+        quiet_transformers()
 
 
 def _output_paths(output: Path, count: int) -> list[Path]:

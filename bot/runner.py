@@ -166,10 +166,9 @@ def make_worker_factory(settings: Settings, *, quiet: bool = False) -> WorkerFac
         from generation.engine import load_engine
 
         if quiet:
-            from transformers.utils import logging as hf_logging
+            from generation.loader import quiet_transformers
 
-            hf_logging.set_verbosity_error()
-            hf_logging.disable_progress_bar()
+            quiet_transformers()
         return load_engine(
             source, name=sizes.get(source, source), device=settings.device, dtype=settings.dtype
         )

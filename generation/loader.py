@@ -125,6 +125,14 @@ def place_model(model: Any, placement: Placement) -> Any:
     return model.eval()
 
 
+def quiet_transformers() -> None:
+    """transformers warns about the hub checkpoints' own configs and draws bars of its own; ours suffice."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def _is_local(source: str) -> bool:
     return source.startswith((".", "/", "~")) or Path(source).expanduser().exists()
 
