@@ -68,6 +68,9 @@ class FakeModels:
         if source in self.failing_loads:
             raise ModelLoadError(source, f"{source} is broken")
         self.loads.append(source)
+        return self._engine(source)
+
+    def _engine(self, source: str) -> FakeEngine:
         return FakeEngine(self, source)
 
     def hold(self, *prompts: str) -> None:

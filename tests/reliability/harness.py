@@ -24,9 +24,8 @@ from generation import (
     GenerationRequest,
     GenerationResult,
     GenerationWorker,
-    ModelLoadError,
 )
-from tests.bot.harness import fake_settings
+from tests.bot.harness import fake_settings, reply
 from tests.discord_emulator import (
     INTERACTION_APPLICATION_COMMAND,
     DiscordEmulator,
@@ -55,10 +54,7 @@ class FaultyModels(FakeModels):
     hung: threading.Event = field(default_factory=threading.Event)
     closed: list[str] = field(default_factory=list)
 
-    def __call__(self, source: str) -> FaultyEngine:
-        if source in self.failing_loads:
-            raise ModelLoadError(source, f"{source} is broken")
-        self.loads.append(source)
+    def _engine(self, source: str) -> FaultyEngine:
         return FaultyEngine(self, source)
 
 
@@ -125,11 +121,6 @@ async def bot_running(
         bot = MusicBot(service, settings, guild_ready_timeout=0.05, **bot_options)
         async with emu.running(bot, wait_ready=True), service:
             yield Running(emu, service, bot)
-
-
-def reply(emu: DiscordEmulator, interaction: EmulatedInteraction) -> StoredMessage | None:
-    found = emu.interaction_messages(interaction)
-    return found[0] if found else None
 
 
 async def answered(
