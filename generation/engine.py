@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from generation import audio as audio_ops
+from generation.codec import EncodecDecoder
 from generation.errors import GenerationCancelled, InvalidRequest, OutOfMemory
 from generation.fast_decoder import FastDecoderState, FastDecoderWeights, cross_attention_mask
 from generation.loader import Placement, choose_placement, load_checkpoint
@@ -58,6 +59,7 @@ class MusicGenEngine:
         self.tokenizer = tokenizer
         self.placement = placement
         self._weights: FastDecoderWeights | None = None
+        self._decoder: EncodecDecoder | None = None
         config = model.config
         self.sample_rate: int = int(config.audio_encoder.sampling_rate)
         self.frame_rate: int = int(config.audio_encoder.frame_rate)
@@ -114,15 +116,16 @@ class MusicGenEngine:
         self.model = None
         self.tokenizer = None
         self._weights = None
+        self._decoder = None
         self._free_memory()
 
     def codes_to_audio(self, codes: torch.Tensor) -> np.ndarray:
         """EnCodec-decode ``(rows, codebooks, frames)`` codes to float32 ``(rows, channels, samples)``."""
+        if self._decoder is None:
+            self._decoder = EncodecDecoder(self.model.audio_encoder, self.placement.device)
         with torch.inference_mode():
-            values = self.model.audio_encoder.decode(
-                codes[None].to(self.placement.device), [None] * codes.shape[0]
-            )
-        return values.audio_values.float().cpu().numpy()
+            audio = self._decoder(codes.to(self.placement.device))
+        return audio.float().cpu().numpy()
 
     # --- planning ---
 

@@ -2,10 +2,11 @@
 
 transformers' decoder spends a third of a bf16 step in Python and dispatch (cache objects, mask
 builders, kwargs plumbing) and grows its KV cache with ``torch.cat``. Here the weights are gathered
-once (Q/K/V fused into one matrix, the four LM heads into one), keys and values go into buffers
-allocated once for the whole pass (keys stored transposed, so each step's slice feeds the matmul
-directly), and attention over one query row is a plain matmul-softmax-matmul, which beats the
-default CPU SDPA kernel for a single row. The prefill still runs through transformers (once).
+once (Q/K/V fused into one matrix, the four LM heads into one), and attention over one query row is
+a plain matmul-softmax-matmul, which beats the default CPU SDPA kernel for a single row. Keys and
+values never grow by ``torch.cat`` per step: the exact (fp32 reference) path writes them into buffers
+allocated once; the fast CPU path keeps them contiguous so oneDNN never copies them (see
+``_ChunkedAttention``). The prefill still runs through transformers (once).
 """
 
 from __future__ import annotations
@@ -113,6 +114,9 @@ class FastDecoderWeights:
         self.vocab = heads[0].weight.shape[0]
         self.linear = _Linears(heads[0].weight, int8=int8)
         self.dtype = self.linear.activation_dtype or heads[0].weight.dtype
+        # Attention reads the whole cache every step: keep it in the model's dtype (bf16 halves the bytes
+        # even when int8 products need fp32 activations).
+        self.cache_dtype = heads[0].weight.dtype
         self.embeddings = [self._small(e.weight) for e in model.embed_tokens]
         self.positions = self._small(model.embed_positions.weights)
         self.activation = config.activation_function
@@ -157,22 +161,21 @@ class FastDecoderWeights:
 
 
 class FastDecoderState:
-    """Preallocated self-attention keys/values (and fixed cross-attention ones) for one decoding pass."""
+    """The self-attention keys/values (and fixed cross-attention ones) of one decoding pass."""
 
     def __init__(
         self, weights: FastDecoderWeights, cache: Any, length: int, cross_mask: torch.Tensor | None
     ) -> None:
         self.w = weights
         self_cache = cache.self_attention_cache if hasattr(cache, "self_attention_cache") else cache
-        first = self_cache.layers[0].keys
-        rows, heads, filled, head_dim = first.shape
-        self.rows, self.filled, self.length = rows, filled, length
-        shape = (len(weights.layers), rows, heads)
-        self.keys_t = first.new_empty((*shape, head_dim, length), dtype=weights.dtype)
-        self.values = first.new_empty((*shape, length, head_dim), dtype=weights.dtype)
-        for i, layer in enumerate(self_cache.layers):
-            self.keys_t[i, ..., :filled] = layer.keys.transpose(-1, -2)
-            self.values[i, :, :, :filled] = layer.values
+        prefix = [(layer.keys, layer.values) for layer in self_cache.layers]
+        self.rows, _, self.filled, _ = prefix[0][0].shape
+        self.length = length
+        self.attention = (
+            _ChunkedAttention(prefix, weights.cache_dtype)
+            if weights.fast_math
+            else _PlainAttention(prefix, length, weights.scale, weights.dtype)
+        )
         self.cross: list[tuple[torch.Tensor, torch.Tensor]] = []
         if hasattr(cache, "cross_attention_cache") and weights.layers[0].cross_q is not None:
             for layer in cache.cross_attention_cache.layers:
@@ -192,16 +195,11 @@ class FastDecoderState:
         x = x + w.positions[pos]
         x = x[:, None, :]  # (rows, 1, hidden)
         rows, heads, head_dim, hidden = self.rows, w.heads, w.head_dim, w.hidden
-        linear, fast = w.linear, w.fast_math
+        linear = w.linear
         for i, layer in enumerate(w.layers):
             h = F.layer_norm(x, (hidden,), *layer.ln1[:2], layer.ln1[2])
             q, k, v = linear(h, layer.qkv).view(rows, 3, heads, head_dim).unbind(1)
-            self.keys_t[i, :, :, :, pos] = k
-            self.values[i, :, :, pos] = v
-            scores = torch.matmul(q[:, :, None, :], self.keys_t[i, ..., : pos + 1])
-            if not fast:
-                scores = scores * w.scale
-            attn = torch.matmul(scores.softmax(-1), self.values[i, :, :, : pos + 1])
+            attn = self.attention(i, q, k, v)
             x = linear.add(attn.reshape(rows, 1, hidden), layer.out, x)
             if self.cross:
                 h = F.layer_norm(x, (hidden,), *layer.ln2[:2], layer.ln2[2])  # type: ignore[index,misc]
@@ -211,6 +209,7 @@ class FastDecoderState:
             h = F.layer_norm(x, (hidden,), *layer.ln3[:2], layer.ln3[2])
             x = w.feed_forward(h, layer, x)
         self.filled = pos + 1
+        self.attention.advance()
         x = F.layer_norm(x, (hidden,), *w.final_ln[:2], w.final_ln[2])
         return linear(x[:, 0], w.lm_head).view(rows, w.codebooks, w.vocab)
 
@@ -222,6 +221,85 @@ class FastDecoderState:
         if self.cross_mask is not None:
             scores = scores + self.cross_mask
         return torch.matmul(scores.softmax(-1), values)
+
+
+class _PlainAttention:
+    """Self-attention over buffers allocated once, in transformers' order of operations (exact in fp32)."""
+
+    def __init__(
+        self,
+        prefix: list[tuple[torch.Tensor, torch.Tensor]],
+        length: int,
+        scale: float,
+        dtype: torch.dtype,
+    ) -> None:
+        rows, heads, filled, head_dim = prefix[0][0].shape
+        shape = (len(prefix), rows, heads)
+        self.scale = scale
+        self.keys_t = prefix[0][0].new_empty((*shape, head_dim, length), dtype=dtype)
+        self.values = prefix[0][0].new_empty((*shape, length, head_dim), dtype=dtype)
+        for i, (keys, values) in enumerate(prefix):
+            self.keys_t[i, ..., :filled] = keys.transpose(-1, -2)
+            self.values[i, :, :, :filled] = values
+        self.filled = filled
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        pos = self.filled
+        self.keys_t[layer, :, :, :, pos] = k
+        self.values[layer, :, :, pos] = v
+        scores = torch.matmul(q[:, :, None, :], self.keys_t[layer, ..., : pos + 1]) * self.scale
+        return torch.matmul(scores.softmax(-1), self.values[layer, :, :, : pos + 1])
+
+    def advance(self) -> None:
+        self.filled += 1
+
+
+class _ChunkedAttention:
+    """Self-attention whose keys and values stay contiguous, so the products never copy them.
+
+    oneDNN's batched product copies any operand that is a slice of a longer buffer, and over a growing
+    cache that copy costs more than the product (at 8 rows, two thirds of the attention time). So the
+    cache is kept as one exact-length tensor per layer for the settled positions, plus a small buffer for
+    the newest ones that is appended to it every ``CHUNK`` steps: the settled part is never copied per
+    step, and the amortized append costs 1/CHUNK of a copy.
+    """
+
+    CHUNK = 32
+
+    def __init__(self, prefix: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> None:
+        rows, heads, _, head_dim = prefix[0][0].shape
+        self.batch = rows * heads
+        flat = [self._flat(t, dtype) for pair in prefix for t in pair]
+        self.keys, self.values = flat[0::2], flat[1::2]
+        self.new_keys = flat[0].new_empty((len(prefix), self.batch, self.CHUNK, head_dim))
+        self.new_values = torch.empty_like(self.new_keys)
+        self.fresh = 0
+
+    def _flat(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return t.to(dtype).reshape(self.batch, t.shape[2], t.shape[3]).contiguous()
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        n = self.fresh + 1
+        new_keys, new_values = self.new_keys[layer], self.new_values[layer]
+        new_keys[:, self.fresh] = k.reshape(self.batch, -1)
+        new_values[:, self.fresh] = v.reshape(self.batch, -1)
+        out_dtype = q.dtype
+        q = q.reshape(self.batch, 1, -1).to(new_keys.dtype)
+        keys, values = self.keys[layer], self.values[layer]
+        settled = keys.shape[1]
+        scores = torch.cat(
+            [torch.bmm(q, keys.transpose(1, 2)), torch.bmm(q, new_keys[:, :n].transpose(1, 2))], -1
+        ).softmax(-1)
+        out = torch.bmm(scores[:, :, settled:], new_values[:, :n])
+        return torch.baddbmm(out, scores[:, :, :settled], values).to(out_dtype)
+
+    def advance(self) -> None:
+        self.fresh += 1
+        if self.fresh == self.CHUNK:
+            for i in range(len(self.keys)):
+                self.keys[i] = torch.cat([self.keys[i], self.new_keys[i]], 1)
+                self.values[i] = torch.cat([self.values[i], self.new_values[i]], 1)
+            self.fresh = 0
 
 
 def cross_attention_mask(

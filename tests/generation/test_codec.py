@@ -1,0 +1,39 @@
+"""EnCodec decoding in pieces gives the same audio as one call."""
+
+from __future__ import annotations
+
+import torch
+
+from generation.codec import EncodecDecoder
+from generation.engine import MusicGenEngine
+
+
+def _whole(engine: MusicGenEngine, codes: torch.Tensor) -> torch.Tensor:
+    return engine.model.audio_encoder.decode(codes[None], [None] * codes.shape[0]).audio_values
+
+
+def test_pieces_decode_to_the_same_audio_as_one_call(tiny_engine: MusicGenEngine) -> None:
+    decoder = EncodecDecoder(tiny_engine.model.audio_encoder, torch.device("cpu"))
+    assert decoder.pieces
+    generator = torch.Generator().manual_seed(0)
+    size = tiny_engine.model.config.audio_encoder.codebook_size
+    # one row (pieces of 80 frames) and four rows (pieces of 20), neither a whole number of pieces
+    for rows, frames in ((1, 173), (4, 131), (2, 7)):
+        codes = torch.randint(0, size, (rows, tiny_engine.codebooks, frames), generator=generator)
+        with torch.inference_mode():
+            whole = _whole(tiny_engine, codes)
+            pieces = decoder(codes)
+        assert pieces.shape == whole.shape == (rows, 1, frames * tiny_engine.hop)
+        scale = whole.abs().max().item()
+        assert scale > 0
+        assert (pieces - whole).abs().max().item() <= 1e-5 * scale
+
+
+def test_gpu_and_scaled_codecs_decode_in_one_call(tiny_engine: MusicGenEngine) -> None:
+    encodec = tiny_engine.model.audio_encoder
+    assert not EncodecDecoder(encodec, torch.device("cuda")).pieces
+    encodec.config.normalize = True
+    try:
+        assert not EncodecDecoder(encodec, torch.device("cpu")).pieces
+    finally:
+        encodec.config.normalize = False
