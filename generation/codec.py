@@ -21,8 +21,8 @@ from torch.nn.utils import parametrize
 class EncodecDecoder:
     """Decode ``(rows, codebooks, frames)`` codes to ``(rows, channels, samples)`` audio."""
 
-    CONTEXT_FRAMES = 4  # frames of context on each side of a piece (one is enough: a test holds it)
-    ROW_FRAMES = 80  # frames per piece times rows: a piece's activations stay within the caches
+    CONTEXT_FRAMES = 2  # frames of context on each side of a piece (one is enough: a test holds it)
+    ROW_FRAMES = 120  # frames per piece times rows: a piece's activations stay within the caches
 
     def __init__(self, encodec: Any, device: torch.device) -> None:
         self.encodec = encodec

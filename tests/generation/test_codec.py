@@ -17,8 +17,8 @@ def test_pieces_decode_to_the_same_audio_as_one_call(tiny_engine: MusicGenEngine
     assert decoder.pieces
     generator = torch.Generator().manual_seed(0)
     size = tiny_engine.model.config.audio_encoder.codebook_size
-    # one row (pieces of 80 frames) and four rows (pieces of 20), neither a whole number of pieces
-    for rows, frames in ((1, 173), (4, 131), (2, 7)):
+    # one row (pieces of 120 frames) and four rows (pieces of 30), neither a whole number of pieces
+    for rows, frames in ((1, 253), (4, 131), (2, 7)):
         codes = torch.randint(0, size, (rows, tiny_engine.codebooks, frames), generator=generator)
         with torch.inference_mode():
             whole = _whole(tiny_engine, codes)

@@ -11,35 +11,38 @@ from generation import GenerationRequest
 from generation.engine import load_engine
 
 
-def _logits_both_ways(model_dir: Path, dtype: str, steps: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+def _logits_both_ways(
+    model_dir: Path, dtype: str, steps: int = 30, requests: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
     from transformers import DynamicCache, EncoderDecoderCache
 
     engine = load_engine(str(model_dir), device="cpu", dtype=dtype)
-    prompts = ["calm lo-fi piano with rain", "rock"]
+    prompts = ["calm lo-fi piano with rain", "rock"][:requests]
+    n = len(prompts)
     torch.manual_seed(0)
-    tokens = torch.randint(0, engine.model.config.decoder.vocab_size, (4, engine.codebooks, steps))
+    tokens = torch.randint(0, engine.model.config.decoder.vocab_size, (2 * n, engine.codebooks, steps))
     ours, theirs = [], []
     with torch.inference_mode():
         conditioning = engine._condition(prompts, GenerationRequest(prompts[0]))
-        start = torch.full((2, engine.codebooks, 1), engine.pad_token)
+        start = torch.full((n, engine.codebooks, 1), engine.pad_token)
         ours.append(conditioning.prefill(start, steps + 1))
         for t in range(steps):
-            ours.append(conditioning.step(tokens[:2, :, t]))
+            ours.append(conditioning.step(tokens[:n, :, t]))
         config = engine.model.decoder.config
         cache = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
-        column = torch.full((4, engine.codebooks, 1), engine.pad_token)
+        column = torch.full((2 * n, engine.codebooks, 1), engine.pad_token)
         for t in range(steps + 1):
             out = engine.model.decoder(
-                input_ids=column.reshape(16, 1),
+                input_ids=column.reshape(2 * n * engine.codebooks, 1),
                 encoder_hidden_states=conditioning.hidden,
                 encoder_attention_mask=conditioning.mask,
                 cache=cache,
                 use_cache=True,
             )
-            theirs.append(out.logits.reshape(4, engine.codebooks, -1))
+            theirs.append(out.logits.reshape(2 * n, engine.codebooks, -1))
             if t < steps:
                 column = tokens[:, :, t : t + 1].clone()
-                column[2:] = column[:2]  # the unconditional half sees the same tokens
+                column[n:] = column[:n]  # the unconditional half sees the same tokens
     return torch.stack(ours).float(), torch.stack(theirs).float()
 
 
@@ -51,9 +54,10 @@ def test_fp32_step_matches_transformers_exactly(tiny_model_dir: Path) -> None:
 @pytest.mark.skipif(
     not torch.backends.mkldnn.is_available(), reason="oneDNN is needed for the packed bf16 path"
 )
-def test_bf16_packed_step_stays_close_to_transformers(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("requests", [1, 2])  # cross-attention: fused kernel for 2 rows, matmuls for 4
+def test_bf16_packed_step_stays_close_to_transformers(tiny_model_dir: Path, requests: int) -> None:
     # 80 steps: the contiguous cache takes in its newest positions twice (every 32) and once partly
-    ours, theirs = _logits_both_ways(tiny_model_dir, "bfloat16", steps=80)
+    ours, theirs = _logits_both_ways(tiny_model_dir, "bfloat16", steps=80, requests=requests)
     assert _worst_step_error(ours, theirs) < 0.02  # bf16 rounding, not a different computation
 
 
