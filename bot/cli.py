@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     bench.add_argument("--no-classic", action="store_true", help="skip the slow fp32 generate baseline")
     bench.add_argument(
+        "--repeat", type=int, default=2, help="runs of each setup; the fastest counts (default 2)"
+    )
+    bench.add_argument(
         "-o",
         "--output",
         type=Path,
@@ -164,8 +167,15 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     quiet_model_stack(args.verbose)
     from generation.bench import run_bench
 
+    if args.repeat < 1:
+        return _fail("--repeat must be at least 1")
     run_bench(
-        arch=args.arch, seconds=args.seconds, device=args.device, classic=not args.no_classic, out=args.output
+        arch=args.arch,
+        seconds=args.seconds,
+        device=args.device,
+        classic=not args.no_classic,
+        repeat=args.repeat,
+        out=args.output,
     )
     return 0
 

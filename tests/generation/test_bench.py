@@ -1,0 +1,39 @@
+"""The speed table runs end to end (on the tiny model here; the real shape is for `musicbot bench`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from generation.bench import run_bench
+from generation.loader import int8_supported
+from generation.random_models import build_model, tiny_architecture
+
+
+def test_bench_times_every_setup_and_writes_its_figures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "figures.json"
+    figures = run_bench(
+        arch="tiny", seconds=1.0, device="cpu", repeat=2, out=out, model=build_model(tiny_architecture())
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(figures))
+    setups = [(row["setup"], row["batch"]) for row in figures["rows"]]
+    assert setups[0] == ("classic: transformers generate, fp32", 1)
+    ours = [s for s in setups if s[0].startswith("ours")]
+    assert len(ours) == (4 if int8_supported() else 2) and {b for _, b in ours} == {1, 4}
+    for row in figures["rows"]:
+        assert row["steps"] == 50 + 3  # 1 s at 50 frames/s, plus the delay pattern's 3 steps
+        assert row["wall_seconds"] > 0 and row["peak_memory_gb"] > 0
+    assert 0 <= figures["event_loop_lag_p99_ms"] < 1000
+    table = capsys.readouterr().out
+    assert "best of 2 runs" in table and "a batch of 4 gives" in table and "event-loop lag p99" in table
+
+
+def test_bench_refuses_zero_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from bot.cli import main
+
+    assert main(["bench", "--repeat", "0"]) != 0
+    assert "--repeat must be at least 1" in capsys.readouterr().err
