@@ -56,7 +56,7 @@ def test_fp32_step_matches_transformers_exactly(tiny_model_dir: Path) -> None:
 )
 @pytest.mark.parametrize("requests", [1, 2])  # cross-attention: fused kernel for 2 rows, matmuls for 4
 def test_bf16_packed_step_stays_close_to_transformers(tiny_model_dir: Path, requests: int) -> None:
-    # 80 steps: the contiguous cache takes in its newest positions twice (every 32) and once partly
+    # 80 steps: the contiguous cache grows four times
     ours, theirs = _logits_both_ways(tiny_model_dir, "bfloat16", steps=80, requests=requests)
     assert _worst_step_error(ours, theirs) < 0.02  # bf16 rounding, not a different computation
 
@@ -86,7 +86,7 @@ def test_int8_engine_makes_exact_lengths(tiny_model_dir: Path) -> None:
 
 
 def test_contiguous_cache_attends_exactly_like_the_preallocated_one() -> None:
-    from generation.fast_decoder import _ChunkedAttention, _PlainAttention
+    from generation.fast_decoder import _ContiguousAttention, _PlainAttention
 
     generator = torch.Generator().manual_seed(0)
 
@@ -96,14 +96,14 @@ def test_contiguous_cache_attends_exactly_like_the_preallocated_one() -> None:
     layers, rows, heads, dim = 2, 2, 4, 8
     prefix = [(randn(rows, heads, 3, dim), randn(rows, heads, 3, dim)) for _ in range(layers)]
     plain = _PlainAttention(prefix, 100, 1.0, torch.float32)
-    chunked = _ChunkedAttention(prefix, torch.float32)
-    for _ in range(90):  # across two appends of the newest positions and part of a third
+    contiguous = _ContiguousAttention(prefix, torch.float32)
+    for _ in range(90):  # the cache grows five times
         for layer in range(layers):
             # peaked attention: a key or value in the wrong place changes the result
             q = randn(rows, heads, dim, scale=3.0)
             k, v = randn(rows, heads, dim), randn(rows, heads, dim)
             expected = plain(layer, q, k, v).reshape(rows, -1)
-            got = chunked(layer, q, k, v).reshape(rows, -1)
+            got = contiguous(layer, q, k, v).reshape(rows, -1)
             assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
         plain.advance()
-        chunked.advance()
+        contiguous.advance()
