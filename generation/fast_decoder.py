@@ -285,8 +285,10 @@ class _ContiguousAttention:
     def _grow(self) -> None:
         """Room for more positions, zeros (finite: masked scores and values stay clean)."""
         room = max(self.MIN_ROOM, self.filled // 4)
-        self.keys = [torch.cat([t, t.new_zeros((self.batch, room, t.shape[2]))], 1) for t in self.keys]
-        self.values = [torch.cat([t, t.new_zeros((self.batch, room, t.shape[2]))], 1) for t in self.values]
+        for cache in (self.keys, self.values):
+            for i, t in enumerate(cache):  # one layer at a time: the old tensor goes before the next grows
+                cache[i] = torch.cat([t, t.new_zeros((self.batch, room, t.shape[2]))], 1)
+                del t
         self.mask = self.keys[0].new_full((1, 1, self.filled + room), float("-inf"))
         self.mask[..., : self.filled + 1] = 0.0
 
