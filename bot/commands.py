@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 import math
 from collections.abc import AsyncIterator, Mapping
@@ -18,7 +17,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import aiohttp
 import discord
-import soundfile as sf
 from discord import app_commands
 from discord.ext import commands
 
@@ -66,7 +64,6 @@ MAX_DAILY_SECONDS_LIMIT = 7 * 24 * 3600
 THREAD_ALREADY_EXISTS = 160004
 DOWNLOAD_CHUNK = 64 * 1024
 MAX_JOB_ID = 2**63 - 1  # SQLite's largest integer: a crafted button can name a larger one
-UNKNOWN_LENGTH = 2**62  # libsndfile's frame count for a stream of unknown length is about 2**63
 
 # Keys in ``Interaction.extras``: a public "thinking" reply not yet handed to a job, and its message id.
 PUBLIC_THINKING = "musicbot.public_thinking"
@@ -282,23 +279,6 @@ async def read_attachment(session: aiohttp.ClientSession, attachment: discord.At
     except aiohttp.ClientError as exc:
         raise AudioInputError("download", "the melody file could not be downloaded; try again") from exc
     return bytes(data)
-
-
-def check_declared_length(data: bytes, max_seconds: float) -> None:
-    """Refuse a file whose header claims more audio than allowed, before decoding makes room for it.
-
-    A FLAC header can claim 20 hours in 400 bytes, and decoding reserves memory for all it claims
-    (12.9 GiB for that one) before it finds out; the header alone says enough to refuse it.
-    """
-    try:
-        info = sf.info(io.BytesIO(data))
-    except Exception:  # unreadable: decoding it says why, in its own words
-        return
-    if info.samplerate <= 0 or info.frames >= UNKNOWN_LENGTH:
-        return
-    seconds = info.frames / info.samplerate
-    if seconds > max_seconds:
-        raise AudioInputError("too_long", f"the melody is {seconds:.0f} s long; at most {max_seconds:.0f} s")
 
 
 def _too_large(size: int, cap: int) -> AudioInputError:
@@ -693,15 +673,10 @@ class MusicCommands(commands.Cog, name="Music"):
         if info is not None and not info.supports_melody:
             raise MelodyUnavailable(info.name)
         # generation.melody imports torch: only when a melody actually comes.
-        from generation.melody import MAX_BYTES, MAX_SECONDS, load_melody
+        from generation.melody import MAX_BYTES, load_melody
 
         data = await read_attachment(self.session, attachment, MAX_BYTES)
-
-        def load() -> MelodyReference:
-            check_declared_length(data, MAX_SECONDS)
-            return load_melody(data)
-
-        return await asyncio.to_thread(load)
+        return await asyncio.to_thread(load_melody, data)
 
     async def _with_parent_melody(self, request: GenerationRequest, parent: Job) -> GenerationRequest:
         if not parent.has_melody:

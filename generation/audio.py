@@ -189,8 +189,18 @@ def encode_audio(samples: np.ndarray, sample_rate: int, fmt: str = "wav") -> byt
     return buf.getvalue()
 
 
-def decode_audio(data: bytes, *, max_bytes: int | None = None) -> AudioClip:
-    """Any audio file soundfile reads (WAV, FLAC, OGG, MP3) as float32 ``(channels, n)``."""
+UNKNOWN_LENGTH = 2**62  # libsndfile's frame count for a stream of unknown length is about 2**63
+
+
+def decode_audio(
+    data: bytes, *, max_bytes: int | None = None, max_seconds: float | None = None, name: str = "audio"
+) -> AudioClip:
+    """Any audio file soundfile reads (WAV, FLAC, OGG, MP3) as float32 ``(channels, n)``.
+
+    ``max_seconds`` refuses a file whose header claims more than that before anything is decoded: a
+    FLAC header can claim 20 hours in 400 bytes, and decoding reserves memory for all it claims (12.9
+    GiB for that one) before it finds out. ``name`` is what that refusal calls the file.
+    """
     if not data:
         raise AudioInputError("empty", "the audio file is empty")
     if max_bytes is not None and len(data) > max_bytes:
@@ -198,6 +208,8 @@ def decode_audio(data: bytes, *, max_bytes: int | None = None) -> AudioClip:
             "too_large",
             f"the audio file is too large ({len(data) / 2**20:.1f} MiB; at most {max_bytes / 2**20:.0f} MiB)",
         )
+    if max_seconds is not None:
+        _check_declared_length(data, max_seconds, name)
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             rate = f.samplerate
@@ -214,6 +226,18 @@ def decode_audio(data: bytes, *, max_bytes: int | None = None) -> AudioClip:
     if not np.isfinite(samples).all():
         raise AudioInputError("not_audio", "the audio file holds invalid samples")
     return AudioClip(np.ascontiguousarray(samples.T), int(rate))
+
+
+def _check_declared_length(data: bytes, max_seconds: float, name: str) -> None:
+    try:
+        info = sf.info(io.BytesIO(data))
+    except Exception:  # unreadable: decoding it says why, in its own words
+        return
+    if info.samplerate <= 0 or info.frames >= UNKNOWN_LENGTH:
+        return
+    seconds = info.frames / info.samplerate
+    if seconds > max_seconds:
+        raise AudioInputError("too_long", f"the {name} is {seconds:.0f} s long; at most {max_seconds:.0f} s")
 
 
 def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:

@@ -42,7 +42,7 @@ def load_melody(
     data: bytes, *, max_bytes: int = MAX_BYTES, max_seconds: float = MAX_SECONDS
 ) -> MelodyReference:
     """Check and prepare a reference file; every refusal is an ``AudioInputError`` with its own message."""
-    clip = audio_ops.decode_audio(data, max_bytes=max_bytes)
+    clip = audio_ops.decode_audio(data, max_bytes=max_bytes, max_seconds=max_seconds, name="melody")
     return prepare_melody(clip, max_seconds=max_seconds)
 
 

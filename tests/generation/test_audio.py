@@ -132,3 +132,18 @@ def test_decode_refuses_oversized_files() -> None:
     with pytest.raises(AudioInputError, match="too large") as err:
         decode_audio(b"\0" * 3000, max_bytes=2000)
     assert err.value.reason == "too_large"
+
+
+def test_decode_refuses_a_file_whose_header_claims_too_much_before_reading_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = encode_audio(np.zeros((1, 3 * RATE), dtype=np.float32), RATE, "flac")
+    assert decode_audio(data, max_seconds=3).seconds == 3.0
+
+    def no_reading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the samples were read")
+
+    monkeypatch.setattr("soundfile.SoundFile.read", no_reading)
+    with pytest.raises(AudioInputError, match="the tune is 3 s long; at most 2 s") as err:
+        decode_audio(data, max_seconds=2, name="tune")
+    assert err.value.reason == "too_long"
