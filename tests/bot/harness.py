@@ -15,6 +15,7 @@ import soundfile as sf
 
 from bot.client import MusicBot
 from bot.jobs import Job, JobService, WorkerFactory, open_database
+from bot.jobs.db import CHECKPOINT_INTERVAL
 from bot.runner import make_worker_factory
 from bot.settings import MODEL_SIZES, Limits, Settings
 from generation import GenerationWorker
@@ -91,11 +92,18 @@ class Running:
 
 @asynccontextmanager
 async def running_bot(
-    emu: DiscordEmulator, settings: Settings, workers: WorkerFactory | None = None, **options: Any
+    emu: DiscordEmulator,
+    settings: Settings,
+    workers: WorkerFactory | None = None,
+    *,
+    checkpoint_every: float | None = CHECKPOINT_INTERVAL,
+    service_options: dict[str, Any] | None = None,
+    **options: Any,
 ) -> AsyncIterator[Running]:
     """A bot process as ``musicbot run`` builds it: database, job service, client; stopped in that order."""
-    async with open_database(settings.db_path) as db:
-        service = JobService(db, settings, workers or make_worker_factory(settings))
+    async with open_database(settings.db_path, checkpoint_every=checkpoint_every) as db:
+        workers = workers or make_worker_factory(settings)
+        service = JobService(db, settings, workers, **(service_options or {}))
         bot = MusicBot(service, settings, guild_ready_timeout=0.05, **options)
         async with emu.running(bot, wait_ready=True), service:
             yield Running(emu, service, bot)

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bot.client import MusicBot
-from bot.jobs import JobService, open_database
 from bot.settings import Settings
 from generation import (
     GenerationError,
@@ -25,7 +23,7 @@ from generation import (
     GenerationResult,
     GenerationWorker,
 )
-from tests.bot.harness import fake_settings, reply
+from tests.bot.harness import Running, fake_settings, running_bot, wait_reply
 from tests.discord_emulator import (
     INTERACTION_APPLICATION_COMMAND,
     DiscordEmulator,
@@ -91,13 +89,6 @@ class FaultyEngine(FakeEngine):
 settings_for = fake_settings
 
 
-@dataclass
-class Running:
-    emu: DiscordEmulator
-    service: JobService
-    bot: MusicBot
-
-
 @asynccontextmanager
 async def bot_running(
     emu: DiscordEmulator,
@@ -110,17 +101,15 @@ async def bot_running(
     **bot_options: Any,
 ) -> AsyncIterator[Running]:
     """The bot as ``musicbot run`` builds it, with the service's timeouts at hand."""
-    async with open_database(settings.db_path, checkpoint_every=checkpoint_every) as db:
-        service = JobService(
-            db,
-            settings,
-            lambda: GenerationWorker(models),
-            close_timeout=close_timeout,
-            cancel_grace=cancel_grace,
-        )
-        bot = MusicBot(service, settings, guild_ready_timeout=0.05, **bot_options)
-        async with emu.running(bot, wait_ready=True), service:
-            yield Running(emu, service, bot)
+    async with running_bot(
+        emu,
+        settings,
+        lambda: GenerationWorker(models),
+        checkpoint_every=checkpoint_every,
+        service_options={"close_timeout": close_timeout, "cancel_grace": cancel_grace},
+        **bot_options,
+    ) as running:
+        yield running
 
 
 async def answered(
@@ -130,12 +119,7 @@ async def answered(
     timeout: float = 10.0,  # noqa: ASYNC109
 ) -> StoredMessage:
     """The interaction's reply once ``done`` holds for it (default: it says something)."""
-
-    def ready() -> StoredMessage | None:
-        message = reply(emu, interaction)
-        return message if message is not None and not message.loading and done(message) else None
-
-    return await emu.wait_for(ready, timeout=timeout)
+    return await wait_reply(emu, interaction, done, timeout)
 
 
 def rows(db_path: Path, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:

@@ -8,8 +8,9 @@ import asyncio
 import time
 from pathlib import Path
 
+from tests.bot.harness import reply
 from tests.discord_emulator import DiscordEmulator, EmulatedInteraction, StoredMessage
-from tests.reliability.harness import answered, child_bot, child_env, reply, rows
+from tests.reliability.harness import answered, child_bot, child_env, rows
 
 RESULT_TIMEOUT = 20.0
 

@@ -25,8 +25,9 @@ import soundfile as sf
 
 from bot.runner import freeze_startup_objects
 from bot.settings import Limits
+from tests.bot.harness import reply
 from tests.discord_emulator import DiscordEmulator, EmulatedInteraction, EmuUser
-from tests.reliability.harness import FaultyModels, LoopWatch, bot_running, reply, rows, settings_for
+from tests.reliability.harness import FaultyModels, LoopWatch, bot_running, rows, settings_for
 
 USERS = 50
 PER_USER = 10
