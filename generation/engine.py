@@ -369,7 +369,9 @@ class MusicGenEngine:
 
     def _fast_weights(self) -> FastDecoderWeights:
         if self._weights is None:
-            self._weights = FastDecoderWeights(self.model.decoder, int8=self.placement.int8_steps)
+            self._weights = FastDecoderWeights(
+                self.model.decoder, int8=self.placement.int8_steps, kernels=self.placement.kernels
+            )
         return self._weights
 
     def _free_memory(self) -> None:

@@ -22,11 +22,13 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass(frozen=True)
 class Placement:
-    """Where the model runs, its weights' dtype, and whether decoding steps use int8 weights."""
+    """Where the model runs, its weights' dtype, whether decoding steps use int8 weights, and whether
+    bf16 steps on a CPU may use the native kernels (``generation.native``; torch's own otherwise)."""
 
     device: torch.device
     dtype: torch.dtype
     int8_steps: bool = False
+    kernels: bool = True
 
     @property
     def label(self) -> str:
@@ -35,7 +37,7 @@ class Placement:
 
 
 @lru_cache(maxsize=1)
-def _cpu_flags() -> frozenset[str]:
+def cpu_flags() -> frozenset[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -50,12 +52,12 @@ def _cpu_flags() -> frozenset[str]:
 
 def cpu_supports_bf16() -> bool:
     """True where the CPU has native bf16 dot products (avx512_bf16 / AMX): bf16 is then ~3x faster."""
-    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def cpu_has_vnni() -> bool:
     """VNNI int8 dot products accumulate in 32 bits, so int8 activations can use their full range."""
-    return bool({"avx512_vnni", "avx_vnni"} & _cpu_flags())
+    return bool({"avx512_vnni", "avx_vnni"} & cpu_flags())
 
 
 def int8_supported() -> bool:

@@ -72,10 +72,11 @@ TINY = {
     "decoder": {
         "vocab_size": 64,
         "max_position_embeddings": 2048,
-        "hidden_size": 32,
+        # heads of 32 and widths in 32s: the shapes the native bf16 step kernels take (real models' too)
+        "hidden_size": 64,
         "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "ffn_dim": 64,
+        "num_attention_heads": 2,
+        "ffn_dim": 128,
         "num_codebooks": 4,
         "audio_channels": 1,
     },

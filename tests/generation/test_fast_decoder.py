@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,11 +13,12 @@ from generation.engine import load_engine
 
 
 def _logits_both_ways(
-    model_dir: Path, dtype: str, steps: int = 30, requests: int = 2
+    model_dir: Path, dtype: str, steps: int = 30, requests: int = 2, kernels: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from transformers import DynamicCache, EncoderDecoderCache
 
     engine = load_engine(str(model_dir), device="cpu", dtype=dtype)
+    engine.placement = replace(engine.placement, kernels=kernels)
     prompts = ["calm lo-fi piano with rain", "rock"][:requests]
     n = len(prompts)
     torch.manual_seed(0)
@@ -56,9 +58,20 @@ def test_fp32_step_matches_transformers_exactly(tiny_model_dir: Path) -> None:
 )
 @pytest.mark.parametrize("requests", [1, 2])  # cross-attention: fused kernel for 2 rows, matmuls for 4
 def test_bf16_packed_step_stays_close_to_transformers(tiny_model_dir: Path, requests: int) -> None:
-    # 80 steps: the contiguous cache grows four times
-    ours, theirs = _logits_both_ways(tiny_model_dir, "bfloat16", steps=80, requests=requests)
+    # torch's own kernels (where the native ones cannot be built); 80 steps: the contiguous cache
+    # grows four times
+    ours, theirs = _logits_both_ways(tiny_model_dir, "bfloat16", steps=80, requests=requests, kernels=False)
     assert _worst_step_error(ours, theirs) < 0.02  # bf16 rounding, not a different computation
+
+
+@pytest.mark.parametrize("requests", [1, 2])
+def test_bf16_native_step_stays_close_to_transformers(tiny_model_dir: Path, requests: int) -> None:
+    from generation import native
+
+    if native.load() is None:
+        pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
+    ours, theirs = _logits_both_ways(tiny_model_dir, "bfloat16", steps=80, requests=requests)
+    assert _worst_step_error(ours, theirs) < 0.02
 
 
 def test_int8_step_stays_close_to_fp32(tiny_model_dir: Path) -> None:
@@ -102,8 +115,9 @@ def test_contiguous_cache_attends_exactly_like_the_preallocated_one() -> None:
             # peaked attention: a key or value in the wrong place changes the result
             q = randn(rows, heads, dim, scale=3.0)
             k, v = randn(rows, heads, dim), randn(rows, heads, dim)
-            expected = plain(layer, q, k, v).reshape(rows, -1)
-            got = contiguous(layer, q, k, v).reshape(rows, -1)
+            qkv = torch.stack([q, k, v], 1).reshape(rows, 1, 3 * heads * dim)
+            expected = plain(layer, qkv).reshape(rows, -1)
+            got = contiguous(layer, qkv).reshape(rows, -1)
             assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
         plain.advance()
         contiguous.advance()

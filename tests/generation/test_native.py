@@ -1,0 +1,110 @@
+"""The native step kernels: built for this CPU, equal to the plain computation to bf16 rounding."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from generation import native
+from generation.loader import cpu_flags
+
+CAN_BUILD = all(f in cpu_flags() for f in native.REQUIRED_CPU) and shutil.which("g++") is not None
+
+
+@pytest.fixture(scope="module")
+def kernels() -> native.StepKernels:
+    built = native.load()
+    if built is None:
+        pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
+    return built
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="no AVX-512 BF16 CPU or no g++ here")
+def test_kernels_build_where_the_cpu_and_a_compiler_allow() -> None:
+    built = native.load()
+    assert built is not None
+    assert built.path.is_file()
+
+
+def _bf16(*shape: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(*shape, generator=generator).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 19])  # whole groups of 8 rows, remainders, both
+def test_linear_equals_the_fp32_product_to_bf16_rounding(kernels: native.StepKernels, rows: int) -> None:
+    g = torch.Generator().manual_seed(rows)
+    weight, x, residual = (
+        _bf16(96, 64, generator=g),
+        _bf16(rows, 1, 64, generator=g),
+        _bf16(rows, 1, 96, generator=g),
+    )
+    packed = kernels.pack(weight)
+    exact = x.float() @ weight.float().T
+    for got, want in (
+        (kernels.linear(x, packed), exact),
+        (kernels.linear(x, packed, residual), exact + residual.float()),
+    ):
+        assert got.shape == (rows, 1, 96) and got.dtype == torch.bfloat16
+        # one bf16 rounding of the fp32 sum: half a unit in the last place (2^-8 relative)
+        assert torch.all((got.float() - want).abs() <= want.abs() * 2**-8 + 1e-6)
+
+
+def test_pack_refuses_shapes_outside_the_panels(kernels: native.StepKernels) -> None:
+    with pytest.raises(ValueError, match="does not fit"):
+        kernels.pack(torch.zeros(40, 64, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("position", [0, 1, 15, 16, 17, 70])  # masked tails of 16 lanes, full ones
+def test_attention_writes_the_new_key_and_attends_over_the_filled_positions(
+    kernels: native.StepKernels, position: int
+) -> None:
+    g = torch.Generator().manual_seed(position)
+    rows, heads, dim, capacity = 3, 4, 64, 80
+    qkv = _bf16(rows, 1, 3 * heads * dim, generator=g) * 2  # peaked: a wrong position shows
+    keys, values = (
+        _bf16(rows * heads, capacity, dim, generator=g),
+        _bf16(rows * heads, capacity, dim, generator=g),
+    )
+    after = keys[:, position + 1 :].clone(), values[:, position + 1 :].clone()
+    out = torch.empty(rows, heads * dim, dtype=torch.bfloat16)
+    kernels.attend(qkv, keys, values, out, heads, position)
+
+    q, k, v = qkv.view(rows, 3, heads, dim).unbind(1)
+    assert torch.equal(keys.view(rows, heads, capacity, dim)[:, :, position], k)
+    assert torch.equal(values.view(rows, heads, capacity, dim)[:, :, position], v)
+    assert torch.equal(keys[:, position + 1 :], after[0]) and torch.equal(values[:, position + 1 :], after[1])
+    seen_k = keys.view(rows, heads, capacity, dim)[:, :, : position + 1].float()
+    seen_v = values.view(rows, heads, capacity, dim)[:, :, : position + 1].float()
+    weights = torch.einsum("rhd,rhpd->rhp", q.float(), seen_k).softmax(-1)
+    want = torch.einsum("rhp,rhpd->rhd", weights, seen_v).reshape(rows, heads * dim)
+    assert torch.allclose(out.float(), want, atol=2e-2, rtol=2**-7)
+
+
+def test_without_a_compiler_the_step_falls_back_to_torch(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(native.shutil, "which", lambda _name: None)
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset(native.REQUIRED_CPU))
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    native.load.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="generation.native"):
+            assert native.load() is None
+        assert "no C++ compiler" in caplog.text
+    finally:
+        native.load.cache_clear()
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ here")
+def test_a_failed_build_names_the_compiler_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setattr(native.Path, "home", lambda: tmp_path)
+    with pytest.raises(OSError, match="error"):
+        native._build(shutil.which("g++") or "g++")
+    assert not list((tmp_path / ".cache" / "musicbot" / "kernels").glob("*.so"))  # nothing half-written kept
