@@ -3,11 +3,11 @@
 EnCodec's decoder is a convolution stack behind an LSTM. Decoding a whole batch of tracks at once makes
 every activation tens of megabytes (64 channels x 32000 samples per second per row), so each layer
 streams its input from memory; on a 2-core CPU a batch of four 5-second tracks took 3.2 s, a quarter of
-the whole job. Here the LSTM (the only part that sees the whole track) runs once on the full frame
-sequence, and the convolutions after it run on pieces of a few hundred milliseconds that stay in the
-caches, each with a few frames of context on both sides that are cut away again. The convolutions
-after the LSTM see less than two frames to each side, so the result equals the one-call decode to
-float rounding (a test holds it to that).
+the whole job. Here the LSTM (the only part that sees the whole track) and the first upsampling after it
+run once on the whole sequence, where activations are still small, and the convolutions after that run
+on pieces of a few hundred milliseconds that stay in the caches, each with a few frames of context on
+both sides that are cut away again. Those convolutions see less than two frames to each side, so the
+result equals the one-call decode to float rounding (a test holds it to that).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.nn import Conv1d, ConvTranspose1d
 from torch.nn.utils import parametrize
 
 
@@ -33,11 +34,32 @@ class EncodecDecoder:
         self.pieces = (
             device.type == "cpu" and bool(recurrent) and config.chunk_length is None and not config.normalize
         )
+        # The whole sequence goes through the LSTM and the first upsampling after it: up to there the
+        # activations are small (50-400 per second) and wide products on the whole track are efficient
+        # (in pieces the first transposed convolution saw 34 columns a call and ran at a third of the
+        # speed). Pieces start where the activations grow large.
         split = recurrent[-1] + 1 if recurrent else 0
+        ratios = [int(r) for r in config.upsampling_ratios]
+        first_up = next(
+            (
+                i
+                for i in range(split, len(layers))
+                if isinstance(getattr(layers[i], "conv", None), ConvTranspose1d)
+            ),
+            None,
+        )
+        self.upsampled = 1
+        if first_up is not None and ratios:
+            split, self.upsampled = first_up + 1, ratios[0]
         self.global_layers, self.local_layers = layers[:split], layers[split:]
-        self.hop = 1
-        for ratio in config.upsampling_ratios:
-            self.hop *= int(ratio)
+        for layer in self.local_layers if self.pieces else ():
+            conv = getattr(layer, "conv", None)
+            if isinstance(conv, Conv1d) and _NarrowConv1d.fits(conv):
+                layer.conv = _NarrowConv1d(conv)
+        self.hop = 1  # output samples per column at the split
+        for ratio in ratios:
+            self.hop *= ratio
+        self.hop //= self.upsampled
         _bake_weight_norm(encodec)
 
     def __call__(self, codes: torch.Tensor) -> torch.Tensor:
@@ -46,19 +68,58 @@ class EncodecDecoder:
         hidden = self.encodec.quantizer.decode(codes.transpose(0, 1))
         for layer in self.global_layers:
             hidden = layer(hidden)
-        frames = hidden.shape[-1]
-        size = max(16, self.ROW_FRAMES // codes.shape[0])
-        context = self.CONTEXT_FRAMES
+        columns = hidden.shape[-1]
+        size = max(16, self.ROW_FRAMES // codes.shape[0]) * self.upsampled
+        context = self.CONTEXT_FRAMES * self.upsampled
         pieces = []
-        for start in range(0, frames, size):
-            end = min(frames, start + size)
-            lo, hi = max(0, start - context), min(frames, end + context)
+        for start in range(0, columns, size):
+            end = min(columns, start + size)
+            lo, hi = max(0, start - context), min(columns, end + context)
             piece = hidden[..., lo:hi]
             for layer in self.local_layers:
                 piece = layer(piece)
             skip = (start - lo) * self.hop
             pieces.append(piece[..., skip : skip + (end - start) * self.hop])
         return torch.cat(pieces, -1)
+
+
+class _NarrowConv1d(torch.nn.Module):
+    """A convolution to a few channels (EnCodec's last: 64 channels to 1) as one product and shifted sums.
+
+    oneDNN ran that last convolution at about 2 GFLOPS (a third of the whole decode, with the layout
+    copy it makes first); here each tap is one row of a ``(out x taps, in) @ (in, time)`` product and
+    the taps are summed at their offsets: the same sums in another order.
+    """
+
+    MAX_OUT = 4
+
+    def __init__(self, conv: Conv1d) -> None:
+        super().__init__()
+        out, inp, taps = conv.weight.shape
+        self.out, self.taps = out, taps
+        # rows (o, j): output channel o's tap j over all input channels
+        self.weight = conv.weight.detach().permute(0, 2, 1).reshape(out * taps, inp).contiguous()
+        self.bias = None if conv.bias is None else conv.bias.detach()
+
+    @classmethod
+    def fits(cls, conv: Conv1d) -> bool:
+        return (
+            conv.out_channels <= cls.MAX_OUT
+            and conv.groups == 1
+            and conv.stride == (1,)
+            and conv.dilation == (1,)
+            and conv.padding == (0,)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        length = x.shape[-1] - self.taps + 1
+        taps = torch.matmul(self.weight, x).view(x.shape[0], self.out, self.taps, -1)
+        y = taps[:, :, 0, :length].clone()
+        for j in range(1, self.taps):
+            y += taps[:, :, j, j : j + length]
+        if self.bias is not None:
+            y += self.bias[:, None]
+        return y
 
 
 def _bake_weight_norm(module: torch.nn.Module) -> None:

@@ -37,3 +37,28 @@ def test_gpu_and_scaled_codecs_decode_in_one_call(tiny_engine: MusicGenEngine) -
         assert not EncodecDecoder(encodec, torch.device("cpu")).pieces
     finally:
         encodec.config.normalize = False
+
+
+def test_narrow_convolution_equals_torchs() -> None:
+    from generation.codec import _NarrowConv1d
+
+    torch.manual_seed(0)
+    for out in (1, 3):
+        conv = torch.nn.Conv1d(64, out, kernel_size=7)
+        x = torch.randn(2, 64, 301)
+        with torch.inference_mode():
+            want = conv(x)
+            got = _NarrowConv1d(conv)(x)
+        assert got.shape == want.shape
+        assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+def test_the_codec_splits_after_the_first_upsampling(tiny_engine: MusicGenEngine) -> None:
+    from generation.codec import _NarrowConv1d
+
+    decoder = EncodecDecoder(tiny_engine.model.audio_encoder, torch.device("cpu"))
+    ratios = tiny_engine.model.config.audio_encoder.upsampling_ratios
+    assert decoder.upsampled == ratios[0]
+    assert decoder.hop * decoder.upsampled == tiny_engine.hop
+    assert isinstance(decoder.global_layers[-1].conv, torch.nn.ConvTranspose1d)
+    assert isinstance(decoder.local_layers[-1].conv, _NarrowConv1d)  # the last, to one channel
