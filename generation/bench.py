@@ -16,13 +16,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from generation import native
 from generation.engine import MusicGenEngine
 from generation.loader import Placement, choose_placement, int8_supported, place_model
 from generation.random_models import architecture, build_model
@@ -216,6 +217,9 @@ def run_bench(
     place_model(model, Placement(placement.device, fast_dtype))
     model.decoder.set_attn_implementation("eager" if placement.device.type == "cpu" else "sdpa")
     setups = [placement]
+    if placement.device.type == "cpu" and fast_dtype == torch.bfloat16 and native.load() is not None:
+        # what the native kernels buy: the same steps on torch's kernels (what a host without g++ gets)
+        setups.append(replace(placement, kernels=False))
     if placement.device.type == "cpu" and int8_supported():
         setups.append(Placement(placement.device, fast_dtype, int8_steps=True))
     engine = None
@@ -224,7 +228,7 @@ def run_bench(
         _ours(engine, 1, 1.0)  # warm-up: weights gathered, kernels chosen
         for batch in (1, 4):
             run = partial(_ours, engine, batch, seconds)
-            rows.append(_timed(f"ours, {setup.label}", batch, seconds, memory, run, repeat))
+            rows.append(_timed(_label(setup), batch, seconds, memory, run, repeat))
         if setup is not setups[-1]:
             engine.close_steps()
     assert engine is not None
@@ -281,6 +285,10 @@ def format_table(rows: list[Row], figures: dict[str, Any]) -> str:
             lines.append(f"{setup}: a batch of 4 gives {gain:.1f}x the throughput of one request")
     lines.append(f"event-loop lag p99 while the worker generates: {figures['event_loop_lag_p99_ms']:.1f} ms")
     return "\n".join(lines)
+
+
+def _label(setup: Placement) -> str:
+    return f"ours, {setup.label}" + ("" if setup.kernels else " (torch kernels)")
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from generation import native
 from generation.bench import run_bench
 from generation.loader import int8_supported
 from generation.random_models import build_model, tiny_architecture
@@ -23,7 +24,10 @@ def test_bench_times_every_setup_and_writes_its_figures(
     setups = [(row["setup"], row["batch"]) for row in figures["rows"]]
     assert setups[0] == ("classic: transformers generate, fp32", 1)
     ours = [s for s in setups if s[0].startswith("ours")]
-    assert len(ours) == (4 if int8_supported() else 2) and {b for _, b in ours} == {1, 4}
+    configurations = 1 + int8_supported() + (native.load() is not None)  # torch's kernels beside ours
+    assert len(ours) == 2 * configurations and {b for _, b in ours} == {1, 4}
+    if native.load() is not None:
+        assert ("ours, bfloat16 (torch kernels)", 4) in setups
     for row in figures["rows"]:
         assert row["steps"] == 50 + 3  # 1 s at 50 frames/s, plus the delay pattern's 3 steps
         assert row["wall_seconds"] > 0 and row["peak_memory_gb"] > 0
