@@ -42,7 +42,7 @@ class _Linears:
 
     - ``plain``: ``F.linear`` with transformers' order of operations, so fp32 codes match it exactly.
     - ``native``: bf16 weights packed for our own kernel (``generation.native``), which streams them at
-      about 1.3x oneDNN's speed for a few rows; the residual add is fused into the product.
+      about 1.3x oneDNN's speed for a few rows; GELU and the residual add are fused into the product.
     - ``onednn``: bf16 weights prepacked in oneDNN's blocked layout (about 1.4x on the weight products,
       which are most of a step), with GELU and the residual add fused into the products. Used where the
       native kernels cannot be built.
@@ -83,6 +83,8 @@ class _Linears:
         return F.linear(x, weight)
 
     def gelu(self, x: torch.Tensor, weight: Any) -> torch.Tensor:
+        if self.kernels is not None:
+            return self.kernels.linear(x.contiguous(), weight, gelu=True)
         if self.kind == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, weight, None, "gelu", [], "none")
         return F.gelu(self(x, weight))
@@ -199,16 +201,26 @@ class FastDecoderState:
         # One fused SDPA kernel is fastest over the few text positions for one request's two rows; from
         # four rows on, matmul-softmax-matmul in fp32 is (8 rows: 2.6 against 3.6 ms a step), and the
         # exact path always uses matmuls. Keys are stored the way each product wants them.
-        self.cross_fused = weights.fast_math and self.rows <= 2
-        self.cross_dtype = weights.dtype if self.cross_fused or not weights.fast_math else torch.float32
+        # The native kernel takes the text's keys/values flat, (rows * heads, text, head_dim).
+        self.cross_native = weights.linear.kernels is not None
+        self.cross_fused = weights.fast_math and self.rows <= 2 and not self.cross_native
+        self.cross_dtype = (
+            weights.dtype if self.cross_fused or self.cross_native or not weights.fast_math else torch.float32
+        )
         self.cross: list[tuple[torch.Tensor, torch.Tensor]] = []
         if hasattr(cache, "cross_attention_cache") and weights.layers[0].cross_q is not None:
             for layer in cache.cross_attention_cache.layers:
-                keys = layer.keys if self.cross_fused else layer.keys.transpose(-1, -2)
+                keys, values = layer.keys, layer.values
+                if self.cross_native:
+                    keys, values = keys.flatten(0, 1), values.flatten(0, 1)
+                elif not self.cross_fused:
+                    keys = keys.transpose(-1, -2)
                 self.cross.append(
-                    (keys.to(self.cross_dtype).contiguous(), layer.values.to(self.cross_dtype).contiguous())
+                    (keys.to(self.cross_dtype).contiguous(), values.to(self.cross_dtype).contiguous())
                 )
         self.cross_mask = None if cross_mask is None else cross_mask.to(self.cross_dtype)
+        if self.cross_native and cross_mask is not None:
+            self.cross_mask = cross_mask.float().reshape(self.rows, -1).contiguous()
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -219,7 +231,7 @@ class FastDecoderState:
         x = sum(F.embedding(tokens[:, k], w.embeddings[k]) for k in range(w.codebooks))
         x = x + w.positions[pos]
         x = x[:, None, :]  # (rows, 1, hidden)
-        rows, heads, head_dim, hidden = self.rows, w.heads, w.head_dim, w.hidden
+        rows, hidden = self.rows, w.hidden
         linear = w.linear
         for i, layer in enumerate(w.layers):
             h = F.layer_norm(x, (hidden,), *layer.ln1[:2], layer.ln1[2])
@@ -227,7 +239,7 @@ class FastDecoderState:
             x = linear.add(attn.reshape(rows, 1, hidden), layer.out, x)
             if self.cross:
                 h = F.layer_norm(x, (hidden,), *layer.ln2[:2], layer.ln2[2])  # type: ignore[index,misc]
-                q = linear(h, layer.cross_q).view(rows, heads, 1, head_dim)  # type: ignore[arg-type]
+                q = linear(h, layer.cross_q)  # type: ignore[arg-type]
                 attn = self._cross_attention(q, i)
                 x = linear.add(attn.reshape(rows, 1, hidden), layer.cross_out, x)  # type: ignore[arg-type]
             h = F.layer_norm(x, (hidden,), *layer.ln3[:2], layer.ln3[2])
@@ -238,7 +250,11 @@ class FastDecoderState:
         return linear(x[:, 0], w.lm_head).view(rows, w.codebooks, w.vocab)
 
     def _cross_attention(self, q: torch.Tensor, layer: int) -> torch.Tensor:
+        """Attention of the projected queries ``(rows, 1, hidden)`` over the text, ``(rows, ..., hidden)``."""
         keys, values = self.cross[layer]
+        if self.cross_native:
+            return self.w.linear.kernels.cross_attend(q, keys, values, self.cross_mask, self.w.heads)  # type: ignore[union-attr]
+        q = q.view(self.rows, self.w.heads, 1, self.w.head_dim)
         if self.cross_fused:
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.cross_mask, scale=1.0)
         scores = torch.matmul(q.to(keys.dtype), keys)

@@ -46,9 +46,11 @@ class StepKernels:
         self._pack = lib.pack_linear_weight
         self._pack.argtypes, self._pack.restype = [p, p, i, i], None
         self._linear = lib.linear_bf16
-        self._linear.argtypes, self._linear.restype = [p, p, p, p, i, i, i, i], None
+        self._linear.argtypes, self._linear.restype = [p, p, p, p, i, i, i, i, i], None
         self._attend = lib.attend_bf16
         self._attend.argtypes, self._attend.restype = [p, p, p, p, i, i, i, i, i, i], None
+        self._cross = lib.cross_attend_bf16
+        self._cross.argtypes, self._cross.restype = [p, p, p, p, p, i, i, i, i, i], None
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
         """A bf16 ``(N, K)`` weight in the linear kernel's panel layout (N % 32 == 0, K even)."""
@@ -61,9 +63,14 @@ class StepKernels:
         return packed
 
     def linear(
-        self, x: torch.Tensor, packed: torch.Tensor, residual: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        *,
+        gelu: bool = False,
     ) -> torch.Tensor:
-        """``x @ W.T (+ residual)`` for contiguous bf16 ``x (..., K)``; W as returned by ``pack``."""
+        """``[GELU](x @ W.T) (+ residual)`` for contiguous bf16 ``x (..., K)``; W as returned by ``pack``."""
         rows_out, cols = packed.shape
         y = x.new_empty((*x.shape[:-1], rows_out))
         self._linear(
@@ -74,6 +81,7 @@ class StepKernels:
             x.numel() // cols,
             rows_out,
             cols,
+            int(gelu),
             torch.get_num_threads(),
         )
         return y
@@ -101,6 +109,28 @@ class StepKernels:
             position,
             torch.get_num_threads(),
         )
+
+    def cross_attend(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, heads: int
+    ) -> torch.Tensor:
+        """Attention of ``q (rows, 1, heads * D)`` over fixed ``keys``/``values (rows * heads, n, D)``,
+        with an additive fp32 ``mask (rows, n)`` or None; returns ``(rows, heads * D)`` bf16."""
+        batch, n, head_dim = keys.shape
+        rows = batch // heads
+        out = q.new_empty((rows, heads * head_dim))
+        self._cross(
+            q.data_ptr(),
+            keys.data_ptr(),
+            values.data_ptr(),
+            None if mask is None else mask.data_ptr(),
+            out.data_ptr(),
+            rows,
+            heads,
+            head_dim,
+            n,
+            torch.get_num_threads(),
+        )
+        return out
 
 
 def fits_linear(rows: int, cols: int) -> bool:

@@ -1,14 +1,15 @@
-// Kernels for one decoding step on a CPU with AVX-512 BF16: the two things a step spends its time on.
+// Kernels for one decoding step on a CPU with AVX-512 BF16: what a step spends its time on.
 //
-// - linear: y = x @ W.T (+ residual) for a few rows of bf16 activations. A step streams every weight
+// - linear: y = x @ W.T for a few rows of bf16 activations. A step streams every weight
 //   once, so its speed is memory bandwidth; oneDNN's kernels reach about 60% of what a plain read of
 //   the same bytes does on our 2-core VM. Weights here are packed once into panels of 32 output
 //   columns that each thread reads as one sequential stream, and every row of x (up to 8 at once) is
 //   computed per panel load, each x pair broadcast into the dot product: at 8 rows the step is bound
 //   by the dot products themselves, so the inner loop has nothing but loads and dot products.
+//   GELU and the residual add are applied to the sums before they are rounded to bf16.
 // - attend: one query row per (batch row, head) against its cache of keys and values, the new key and
 //   value written first. Reads each cache once, with no copies and no mask (oneDNN's batched product
-//   copied every slice it was handed).
+//   copied every slice it was handed). The same for cross-attention over the text, with its mask.
 //
 // Built on first use by generation/native.py (g++ -O3 -march=native -fopenmp) and called through
 // ctypes with raw pointers; every shape check happens on the Python side.
@@ -26,35 +27,6 @@ constexpr int kChunk = 32;  // bf16 values per 64-byte load
 
 inline __m512 bf16_to_f32(__m256i h) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-// One panel of kPanel output columns for MB rows of x: acc[m][h] holds columns h*16 .. h*16+15.
-// x32 holds x as bf16 pairs (row stride K/2); each pair is broadcast into the dot product's operand.
-template <int MB>
-inline void panel_rows(const uint16_t* panel, const uint32_t* x32, const uint16_t* residual, uint16_t* y,
-                       int m0, int N, int K, int n0) {
-    __m512 acc[MB][2];
-    for (int m = 0; m < MB; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-    const int pairs = K / 2;
-    const uint32_t* xm = x32 + (size_t)m0 * pairs;
-    for (int kk = 0; kk < pairs; kk++) {
-        const uint16_t* p = panel + (size_t)kk * 2 * kPanel;
-        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(p);
-        const __m512bh w1 = (__m512bh)_mm512_loadu_si512(p + 32);
-        for (int m = 0; m < MB; m++) {
-            const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)xm[(size_t)m * pairs + kk]);
-            acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, xb);
-            acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xb);
-        }
-    }
-    for (int m = 0; m < MB; m++) {
-        for (int h = 0; h < 2; h++) {
-            const size_t at = (size_t)(m0 + m) * N + n0 + 16 * h;
-            __m512 v = acc[m][h];
-            if (residual) v = _mm512_add_ps(v, bf16_to_f32(_mm256_loadu_si256((const __m256i*)(residual + at))));
-            _mm256_storeu_si256((__m256i*)(y + at), (__m256i)_mm512_cvtneps_pbh(v));
-        }
-    }
 }
 
 // exp for x <= 0 (softmax after subtracting the max): 2^(x log2 e), split into 2^i * 2^f, f in [-0.5, 0.5]
@@ -75,6 +47,103 @@ inline __m512 exp_neg(__m512 x) {
     return _mm512_scalef_ps(p, i);
 }
 
+// softmax(q . K[p] (+ mask[p]), p < n) . V for one query: scores in fp32, the result rounded to bf16.
+inline void attend_one(const uint16_t* q, const uint16_t* kc, const uint16_t* vc, int n, const float* mask,
+                       uint16_t* o, int D) {
+    float scores[n + 16];
+    float best = -INFINITY;
+    for (int p = 0; p < n; p++) {
+        const uint16_t* kp = kc + (size_t)p * D;
+        __m512 acc = _mm512_setzero_ps();
+        for (int d = 0; d < D; d += kChunk)
+            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + d), (__m512bh)_mm512_loadu_si512(kp + d));
+        float s = _mm512_reduce_add_ps(acc);
+        if (mask) s += mask[p];
+        scores[p] = s;
+        best = s > best ? s : best;
+    }
+    const __m512 vbest = _mm512_set1_ps(best);
+    __m512 vsum = _mm512_setzero_ps();
+    int p = 0;
+    for (; p + 16 <= n; p += 16) {
+        __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(scores + p), vbest));
+        _mm512_storeu_ps(scores + p, e);
+        vsum = _mm512_add_ps(vsum, e);
+    }
+    if (p < n) {
+        __mmask16 tail = (__mmask16)((1u << (n - p)) - 1u);
+        __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, scores + p), vbest));
+        e = _mm512_maskz_mov_ps(tail, e);
+        _mm512_mask_storeu_ps(scores + p, tail, e);
+        vsum = _mm512_add_ps(vsum, e);
+    }
+    const float inv = 1.0f / _mm512_reduce_add_ps(vsum);
+
+    // sum_p softmax[p] * V[p], D / 16 accumulators of 16 lanes (D <= 256)
+    __m512 acc[16];
+    const int lanes = D / 16;
+    for (int i = 0; i < lanes; i++) acc[i] = _mm512_setzero_ps();
+    for (int p2 = 0; p2 < n; p2++) {
+        const __m512 wgt = _mm512_set1_ps(scores[p2]);
+        const uint16_t* vp = vc + (size_t)p2 * D;
+        for (int i = 0; i < lanes; i++)
+            acc[i] = _mm512_fmadd_ps(wgt, bf16_to_f32(_mm256_loadu_si256((const __m256i*)(vp + 16 * i))), acc[i]);
+    }
+    const __m512 vinv = _mm512_set1_ps(inv);
+    for (int i = 0; i < lanes; i++)
+        _mm256_storeu_si256((__m256i*)(o + 16 * i), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[i], vinv)));
+}
+
+// Exact GELU, x * (1 + erf(x / sqrt 2)) / 2, with erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7,
+// far below the bf16 rounding that follows).
+inline __m512 gelu(__m512 x) {
+    const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f));
+    const __m512 a = _mm512_abs_ps(z);
+    const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f)));
+    __m512 poly = _mm512_set1_ps(1.061405429f);
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-1.453152027f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(1.421413741f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(0.254829592f));
+    poly = _mm512_mul_ps(poly, t);
+    const __m512 e = exp_neg(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a)));
+    __m512 erf_abs = _mm512_fnmadd_ps(poly, e, _mm512_set1_ps(1.0f));  // 1 - poly * e
+    // erf is odd: take the sign of z
+    const __m512 sign = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(z), _mm512_set1_epi32(0x80000000)));
+    const __m512 erf_z = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(erf_abs), _mm512_castps_si512(sign)));
+    return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(_mm512_set1_ps(1.0f), erf_z));
+}
+
+// One panel of kPanel output columns for MB rows of x: acc[m][h] holds columns h*16 .. h*16+15.
+// x32 holds x as bf16 pairs (row stride K/2); each pair is broadcast into the dot product's operand.
+template <int MB>
+inline void panel_rows(const uint16_t* panel, const uint32_t* x32, const uint16_t* residual, uint16_t* y,
+                       int m0, int N, int K, int n0, int act) {
+    __m512 acc[MB][2];
+    for (int m = 0; m < MB; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    const int pairs = K / 2;
+    const uint32_t* xm = x32 + (size_t)m0 * pairs;
+    for (int kk = 0; kk < pairs; kk++) {
+        const uint16_t* p = panel + (size_t)kk * 2 * kPanel;
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(p);
+        const __m512bh w1 = (__m512bh)_mm512_loadu_si512(p + 32);
+        for (int m = 0; m < MB; m++) {
+            const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)xm[(size_t)m * pairs + kk]);
+            acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, xb);
+            acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xb);
+        }
+    }
+    for (int m = 0; m < MB; m++) {
+        for (int h = 0; h < 2; h++) {
+            const size_t at = (size_t)(m0 + m) * N + n0 + 16 * h;
+            __m512 v = acc[m][h];
+            if (act == 1) v = gelu(v);
+            if (residual) v = _mm512_add_ps(v, bf16_to_f32(_mm256_loadu_si256((const __m256i*)(residual + at))));
+            _mm256_storeu_si256((__m256i*)(y + at), (__m256i)_mm512_cvtneps_pbh(v));
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -89,9 +158,10 @@ void pack_linear_weight(const uint16_t* W, uint16_t* packed, int N, int K) {
                 W[(size_t)n * K + k];
 }
 
-// y (M, N) = x (M, K) @ W.T [+ residual (M, N)], all bf16, fp32 sums. W packed by pack_linear_weight.
+// y (M, N) = act(x (M, K) @ W.T) [+ residual (M, N)], all bf16, fp32 sums; act 0: none, 1: exact GELU.
+// W packed by pack_linear_weight.
 void linear_bf16(const uint16_t* packed, const uint16_t* x, const uint16_t* residual, uint16_t* y, int M,
-                 int N, int K, int threads) {
+                 int N, int K, int act, int threads) {
     const int panels = N / kPanel;
     const uint32_t* x32 = (const uint32_t*)x;
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -99,15 +169,15 @@ void linear_bf16(const uint16_t* packed, const uint16_t* x, const uint16_t* resi
         const uint16_t* panel = packed + (size_t)b * K * kPanel;
         const int n0 = b * kPanel;
         int m0 = 0;
-        for (; m0 + 8 <= M; m0 += 8) panel_rows<8>(panel, x32, residual, y, m0, N, K, n0);
+        for (; m0 + 8 <= M; m0 += 8) panel_rows<8>(panel, x32, residual, y, m0, N, K, n0, act);
         switch (M - m0) {
-            case 7: panel_rows<7>(panel, x32, residual, y, m0, N, K, n0); break;
-            case 6: panel_rows<6>(panel, x32, residual, y, m0, N, K, n0); break;
-            case 5: panel_rows<5>(panel, x32, residual, y, m0, N, K, n0); break;
-            case 4: panel_rows<4>(panel, x32, residual, y, m0, N, K, n0); break;
-            case 3: panel_rows<3>(panel, x32, residual, y, m0, N, K, n0); break;
-            case 2: panel_rows<2>(panel, x32, residual, y, m0, N, K, n0); break;
-            case 1: panel_rows<1>(panel, x32, residual, y, m0, N, K, n0); break;
+            case 7: panel_rows<7>(panel, x32, residual, y, m0, N, K, n0, act); break;
+            case 6: panel_rows<6>(panel, x32, residual, y, m0, N, K, n0, act); break;
+            case 5: panel_rows<5>(panel, x32, residual, y, m0, N, K, n0, act); break;
+            case 4: panel_rows<4>(panel, x32, residual, y, m0, N, K, n0, act); break;
+            case 3: panel_rows<3>(panel, x32, residual, y, m0, N, K, n0, act); break;
+            case 2: panel_rows<2>(panel, x32, residual, y, m0, N, K, n0, act); break;
+            case 1: panel_rows<1>(panel, x32, residual, y, m0, N, K, n0, act); break;
             default: break;
         }
     }
@@ -120,7 +190,6 @@ void linear_bf16(const uint16_t* packed, const uint16_t* x, const uint16_t* resi
 void attend_bf16(const uint16_t* qkv, uint16_t* keys, uint16_t* values, uint16_t* out, int rows, int heads,
                  int D, int capacity, int pos, int threads) {
     const int hidden = heads * D;
-    const int n = pos + 1;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int b = 0; b < rows * heads; b++) {
         const int r = b / heads, h = b % heads;
@@ -129,53 +198,20 @@ void attend_bf16(const uint16_t* qkv, uint16_t* keys, uint16_t* values, uint16_t
         uint16_t* vc = values + (size_t)b * capacity * D;
         memcpy(kc + (size_t)pos * D, q + hidden, D * sizeof(uint16_t));
         memcpy(vc + (size_t)pos * D, q + 2 * hidden, D * sizeof(uint16_t));
+        attend_one(q, kc, vc, pos + 1, nullptr, out + (size_t)r * hidden + (size_t)h * D, D);
+    }
+}
 
-        float scores[n + 16];
-        float best = -INFINITY;
-        for (int p = 0; p < n; p++) {
-            const uint16_t* kp = kc + (size_t)p * D;
-            __m512 acc = _mm512_setzero_ps();
-            for (int d = 0; d < D; d += kChunk)
-                acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + d),
-                                       (__m512bh)_mm512_loadu_si512(kp + d));
-            float s = _mm512_reduce_add_ps(acc);
-            scores[p] = s;
-            best = s > best ? s : best;
-        }
-        const __m512 vbest = _mm512_set1_ps(best);
-        __m512 vsum = _mm512_setzero_ps();
-        int p = 0;
-        for (; p + 16 <= n; p += 16) {
-            __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(scores + p), vbest));
-            _mm512_storeu_ps(scores + p, e);
-            vsum = _mm512_add_ps(vsum, e);
-        }
-        if (p < n) {
-            __mmask16 tail = (__mmask16)((1u << (n - p)) - 1u);
-            __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, scores + p), vbest));
-            e = _mm512_maskz_mov_ps(tail, e);
-            _mm512_mask_storeu_ps(scores + p, tail, e);
-            vsum = _mm512_add_ps(vsum, e);
-        }
-        const float inv = 1.0f / _mm512_reduce_add_ps(vsum);
-
-        // out = sum_p softmax[p] * V[p], D / 16 accumulators of 16 lanes (D <= 256)
-        __m512 acc[16];
-        const int lanes = D / 16;
-        for (int i = 0; i < lanes; i++) acc[i] = _mm512_setzero_ps();
-        for (int p2 = 0; p2 < n; p2++) {
-            const __m512 wgt = _mm512_set1_ps(scores[p2]);
-            const uint16_t* vp = vc + (size_t)p2 * D;
-            for (int i = 0; i < lanes; i++)
-                acc[i] = _mm512_fmadd_ps(wgt, bf16_to_f32(_mm256_loadu_si256((const __m256i*)(vp + 16 * i))),
-                                         acc[i]);
-        }
-        uint16_t* o = out + (size_t)r * hidden + (size_t)h * D;
-        const __m512 vinv = _mm512_set1_ps(inv);
-        for (int i = 0; i < lanes; i++) {
-            __m512 v = _mm512_mul_ps(acc[i], vinv);
-            _mm256_storeu_si256((__m256i*)(o + 16 * i), (__m256i)_mm512_cvtneps_pbh(v));
-        }
+// Cross-attention of one step: q (rows, heads * D) bf16 (scaled), keys / values (rows * heads, n, D)
+// bf16, mask (rows, n) fp32 added to the scores, or null. out (rows, heads * D) bf16.
+void cross_attend_bf16(const uint16_t* q, const uint16_t* keys, const uint16_t* values, const float* mask,
+                       uint16_t* out, int rows, int heads, int D, int n, int threads) {
+    const int hidden = heads * D;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int b = 0; b < rows * heads; b++) {
+        const int r = b / heads, h = b % heads;
+        attend_one(q + (size_t)r * hidden + (size_t)h * D, keys + (size_t)b * n * D, values + (size_t)b * n * D,
+                   n, mask ? mask + (size_t)r * n : nullptr, out + (size_t)r * hidden + (size_t)h * D, D);
     }
 }
 

@@ -53,6 +53,18 @@ def test_linear_equals_the_fp32_product_to_bf16_rounding(kernels: native.StepKer
         assert torch.all((got.float() - want).abs() <= want.abs() * 2**-8 + 1e-6)
 
 
+def test_linear_with_gelu_equals_torchs_exact_gelu(kernels: native.StepKernels) -> None:
+    g = torch.Generator().manual_seed(7)
+    weight, x, residual = (
+        _bf16(64, 64, generator=g),
+        _bf16(3, 1, 64, generator=g),
+        _bf16(3, 1, 64, generator=g),
+    )
+    want = torch.nn.functional.gelu(x.float() @ weight.float().T) + residual.float()
+    got = kernels.linear(x, kernels.pack(weight), residual, gelu=True).float()
+    assert torch.all((got - want).abs() <= want.abs() * 2**-8 + 1e-5)
+
+
 def test_pack_refuses_shapes_outside_the_panels(kernels: native.StepKernels) -> None:
     with pytest.raises(ValueError, match="does not fit"):
         kernels.pack(torch.zeros(40, 64, dtype=torch.bfloat16))
@@ -108,3 +120,27 @@ def test_a_failed_build_names_the_compiler_error(tmp_path: Path, monkeypatch: py
     with pytest.raises(OSError, match="error"):
         native._build(shutil.which("g++") or "g++")
     assert not list((tmp_path / ".cache" / "musicbot" / "kernels").glob("*.so"))  # nothing half-written kept
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_cross_attention_matches_softmax_attention_with_its_mask(
+    kernels: native.StepKernels, masked: bool
+) -> None:
+    g = torch.Generator().manual_seed(3)
+    rows, heads, dim, text = 4, 2, 32, 19
+    q = _bf16(rows, 1, heads * dim, generator=g) * 2
+    keys, values = _bf16(rows * heads, text, dim, generator=g), _bf16(rows * heads, text, dim, generator=g)
+    mask = None
+    if masked:  # padding after a short prompt, and an unconditional row that sees nothing
+        mask = torch.zeros(rows, text)
+        mask[1, 12:] = torch.finfo(torch.float32).min
+        mask[3, :] = torch.finfo(torch.float32).min
+    got = kernels.cross_attend(q, keys, values, mask, heads).float()
+
+    scores = torch.einsum(
+        "rhd,rhpd->rhp", q.view(rows, heads, dim).float(), keys.view(rows, heads, text, dim).float()
+    )
+    if mask is not None:
+        scores = scores + mask[:, None, :]
+    want = torch.einsum("rhp,rhpd->rhd", scores.softmax(-1), values.view(rows, heads, text, dim).float())
+    assert torch.allclose(got, want.reshape(rows, heads * dim), atol=2e-2, rtol=2**-7)
