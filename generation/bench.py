@@ -129,19 +129,32 @@ def _timed(
     setup: str, batch: int, seconds: float, memory: _PeakMemory, run: Callable[[], int], repeat: int
 ) -> Row:
     """The fastest of ``repeat`` runs (a shared machine only ever adds time), and the highest peak."""
-    walls, peak = [], 0
+    return _timed_together([(setup, batch, run)], seconds, memory, repeat)[0]
+
+
+def _timed_together(
+    runs: list[tuple[str, int, Callable[[], int]]], seconds: float, memory: _PeakMemory, repeat: int
+) -> list[Row]:
+    """Each run's fastest of ``repeat``, the runs taken in turn (one, four, one, four...), so that a
+    slow spell of a shared machine falls on both sides of a ratio rather than on one."""
+    walls: list[list[float]] = [[] for _ in runs]
+    peaks, steps = [0] * len(runs), [0] * len(runs)
     for _ in range(repeat):
-        gc.collect()
-        with memory.measure():
-            started = time.perf_counter()
-            steps = run()
-            if memory.device.type == "cuda":
-                torch.cuda.synchronize()
-            walls.append(time.perf_counter() - started)
-        peak = max(peak, memory.peak)
-    row = Row(setup, batch, seconds, min(walls), steps, peak / 1e9)
-    log.info("%s batch %d: %.2f s per audio second", setup, batch, row.compute_per_audio_second)
-    return row
+        for i, (_setup, _batch, run) in enumerate(runs):
+            gc.collect()
+            with memory.measure():
+                started = time.perf_counter()
+                steps[i] = run()
+                if memory.device.type == "cuda":
+                    torch.cuda.synchronize()
+                walls[i].append(time.perf_counter() - started)
+            peaks[i] = max(peaks[i], memory.peak)
+    rows = []
+    for (setup, batch, _run), wall, peak, count in zip(runs, walls, peaks, steps, strict=True):
+        row = Row(setup, batch, seconds, min(wall), count, peak / 1e9)
+        log.info("%s batch %d: %.2f s per audio second", setup, batch, row.compute_per_audio_second)
+        rows.append(row)
+    return rows
 
 
 async def _loop_lag(engine: MusicGenEngine, seconds: float) -> list[float]:
@@ -226,9 +239,8 @@ def run_bench(
     for setup in setups:
         engine = MusicGenEngine(model, tokenizer, name=arch, source="random weights", placement=setup)
         _ours(engine, 1, 1.0)  # warm-up: weights gathered, kernels chosen
-        for batch in (1, 4):
-            run = partial(_ours, engine, batch, seconds)
-            rows.append(_timed(_label(setup), batch, seconds, memory, run, repeat))
+        runs = [(_label(setup), batch, partial(_ours, engine, batch, seconds)) for batch in (1, 4)]
+        rows.extend(_timed_together(runs, seconds, memory, repeat))
         if setup is not setups[-1]:
             engine.close_steps()
     assert engine is not None
