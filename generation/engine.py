@@ -460,4 +460,8 @@ def load_engine(
         placement.dtype,
         time.perf_counter() - started,
     )
+    if placement.device.type == "cpu" and placement.dtype == torch.bfloat16 and placement.kernels:
+        from generation import native
+
+        native.load()  # built (or found wanting) while loading, not under the first progress bar
     return MusicGenEngine(model, tokenizer, name=name or source, source=source, placement=placement)
