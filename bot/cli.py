@@ -219,7 +219,11 @@ def _generate(args: argparse.Namespace, settings: Settings) -> int:
         from generation.engine import load_engine
 
         engine = load_engine(
-            source, name=size, device=args.device or settings.device, dtype=args.dtype or settings.dtype
+            source,
+            name=size,
+            device=args.device or settings.device,
+            dtype=args.dtype or settings.dtype,
+            kernels=settings.kernels != "off",
         )
         started = time.perf_counter()
         with _ProgressBar() as bar:

@@ -170,7 +170,11 @@ def make_worker_factory(settings: Settings, *, quiet: bool = False) -> WorkerFac
 
             quiet_transformers()
         return load_engine(
-            source, name=sizes.get(source, source), device=settings.device, dtype=settings.dtype
+            source,
+            name=sizes.get(source, source),
+            device=settings.device,
+            dtype=settings.dtype,
+            kernels=settings.kernels != "off",
         )
 
     def loader(source: str) -> Engine:

@@ -11,6 +11,7 @@ MODEL_SIZES = ("small", "medium", "large", "melody")
 DEFAULT_MODEL_SOURCES = {size: f"facebook/musicgen-{size}" for size in MODEL_SIZES}
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
+KERNELS = ("auto", "off")
 
 
 class SettingsError(ValueError):
@@ -34,6 +35,8 @@ class Settings:
     model_sources: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_MODEL_SOURCES))
     device: str = "auto"
     dtype: str = "auto"
+    # auto: bf16 steps on a CPU with AVX-512 BF16 use the native kernels where g++ builds them; off: torch's
+    kernels: str = "auto"
     admin_ids: frozenset[int] = frozenset()
     guild_id: int | None = None
     limits: Limits = field(default_factory=Limits)
@@ -64,6 +67,7 @@ class Settings:
         model = env.get("MUSICBOT_MODEL", "small")
         device = _choice(env, "MUSICBOT_DEVICE", DEVICES, "auto")
         dtype = _choice(env, "MUSICBOT_DTYPE", DTYPES, "auto")
+        kernels = _choice(env, "MUSICBOT_KERNELS", KERNELS, "auto")
         sources = {
             size: env.get(f"MUSICBOT_MODEL_{size.upper()}", DEFAULT_MODEL_SOURCES[size])
             for size in MODEL_SIZES
@@ -79,6 +83,7 @@ class Settings:
             model_sources=sources,
             device=device,
             dtype=dtype,
+            kernels=kernels,
             admin_ids=admin_ids,
             guild_id=_int(env, "MUSICBOT_GUILD_ID", guild) if guild else None,
             limits=Limits(

@@ -14,7 +14,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -447,10 +447,18 @@ class _Prefix(_Conditioning):
 
 
 def load_engine(
-    source: str, *, name: str | None = None, device: str = "auto", dtype: str = "auto"
+    source: str,
+    *,
+    name: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    kernels: bool = True,
 ) -> MusicGenEngine:
-    """Load a checkpoint (hub id or directory) into an engine; ``name`` is what users see (e.g. ``small``)."""
-    placement = choose_placement(device, dtype)
+    """Load a checkpoint (hub id or directory) into an engine; ``name`` is what users see (e.g. ``small``).
+
+    ``kernels=False`` keeps bf16 CPU steps on torch's kernels instead of the native ones.
+    """
+    placement = replace(choose_placement(device, dtype), kernels=kernels)
     started = time.perf_counter()
     model, tokenizer = load_checkpoint(source, placement)
     log.info(

@@ -8,7 +8,8 @@ values never grow by ``torch.cat`` per step: the exact (fp32 reference) path wri
 allocated once; the fast CPU path keeps them contiguous so oneDNN never copies them (see
 ``_ContiguousAttention``). On a CPU with AVX-512 BF16 a bf16 step runs on our own kernels instead
 (``generation.native``: weight products at about 1.3x oneDNN's speed, attention at memory speed,
-2-3x the batched products it replaces), with torch's kernels as the fallback. The prefill still runs through transformers (once).
+2-3x the batched products it replaces), with torch's kernels as the fallback. The prefill still
+runs through transformers (once).
 """
 
 from __future__ import annotations

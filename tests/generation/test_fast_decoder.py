@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,7 @@ def _logits_both_ways(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from transformers import DynamicCache, EncoderDecoderCache
 
-    engine = load_engine(str(model_dir), device="cpu", dtype=dtype)
-    engine.placement = replace(engine.placement, kernels=kernels)
+    engine = load_engine(str(model_dir), device="cpu", dtype=dtype, kernels=kernels)
     prompts = ["calm lo-fi piano with rain", "rock"][:requests]
     n = len(prompts)
     torch.manual_seed(0)
@@ -62,6 +60,13 @@ def test_bf16_packed_step_stays_close_to_transformers(tiny_model_dir: Path, requ
     # grows four times
     ours, theirs = _logits_both_ways(tiny_model_dir, "bfloat16", steps=80, requests=requests, kernels=False)
     assert _worst_step_error(ours, theirs) < 0.02  # bf16 rounding, not a different computation
+
+
+def test_kernels_off_keeps_bf16_steps_on_torchs_kernels(tiny_model_dir: Path) -> None:
+    engine = load_engine(str(tiny_model_dir), device="cpu", dtype="bfloat16", kernels=False)
+    [result] = engine.generate([GenerationRequest("piano", duration=1.0, seed=1)])
+    assert result.tracks[0].samples == 32000
+    assert engine._fast_weights().linear.kind in ("onednn", "plain")
 
 
 @pytest.mark.parametrize("requests", [1, 2])
