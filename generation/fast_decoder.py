@@ -221,7 +221,12 @@ class FastDecoderState:
                 )
         self.cross_mask = None if cross_mask is None else cross_mask.to(self.cross_dtype)
         if self.cross_native and cross_mask is not None:
-            self.cross_mask = cross_mask.float().reshape(self.rows, -1).contiguous()
+            text = self.cross[0][0].shape[1] if self.cross else cross_mask.shape[-1]
+            if cross_mask.numel() != self.rows * text:
+                raise ValueError(
+                    f"cross-attention mask {tuple(cross_mask.shape)} for {self.rows} rows of {text}"
+                )
+            self.cross_mask = cross_mask.float().reshape(self.rows, text).contiguous()
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 On a 2-core AVX-512 BF16 CPU a bf16 step is memory-bound, and oneDNN's small-batch products and
 batched attention reach about 60% of the bandwidth a plain read gets. Two small kernels close most
-of that gap (see the C++ file). They are compiled here with the system's C++ compiler for this very
+of that gap (see the C++ file). They are compiled here with the system's g++ for this very
 CPU (``-march=native``) into a per-user cache, keyed by the source, the flags and the CPU, and loaded
 with ctypes. Wherever that cannot happen (no compiler, no AVX-512 BF16, not x86-64) ``load()``
 returns None and the step runs on torch's own kernels, which give the same results to rounding.
@@ -38,7 +38,8 @@ _build_lock = threading.Lock()
 
 
 class StepKernels:
-    """Typed entry points of the compiled library; shapes are checked by the callers in fast_decoder."""
+    """Typed entry points of the compiled library. Each checks what the kernel would otherwise read or
+    write out of bounds (dtype, contiguity, sizes): a few attribute reads against a memory-bound call."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         self.path = path
@@ -72,7 +73,10 @@ class StepKernels:
     ) -> torch.Tensor:
         """``[GELU](x @ W.T) (+ residual)`` for contiguous bf16 ``x (..., K)``; W as returned by ``pack``."""
         rows_out, cols = packed.shape
+        _require(x, x.shape[-1] == cols, "x")
         y = x.new_empty((*x.shape[:-1], rows_out))
+        if residual is not None:
+            _require(residual, residual.shape == y.shape, "residual")
         self._linear(
             packed.data_ptr(),
             x.data_ptr(),
@@ -97,6 +101,11 @@ class StepKernels:
     ) -> None:
         """Write ``position``'s key/value from ``qkv`` into the caches, then attend over 0..position."""
         batch, capacity, head_dim = keys.shape
+        rows = batch // heads
+        _require(keys, fits_attention(head_dim) and 0 <= position < capacity, "keys")
+        _require(values, values.shape == keys.shape, "values")
+        _require(qkv, qkv.numel() == rows * 3 * heads * head_dim, "qkv")
+        _require(out, out.numel() == rows * heads * head_dim, "out")
         self._attend(
             qkv.data_ptr(),
             keys.data_ptr(),
@@ -117,6 +126,13 @@ class StepKernels:
         with an additive fp32 ``mask (rows, n)`` or None; returns ``(rows, heads * D)`` bf16."""
         batch, n, head_dim = keys.shape
         rows = batch // heads
+        _require(keys, fits_attention(head_dim), "keys")
+        _require(values, values.shape == keys.shape, "values")
+        _require(q, q.numel() == rows * heads * head_dim, "q")
+        if mask is not None and (
+            mask.dtype != torch.float32 or mask.shape != (rows, n) or not mask.is_contiguous()
+        ):
+            raise ValueError(f"mask: {mask.dtype} {tuple(mask.shape)} is not a contiguous fp32 ({rows}, {n})")
         out = q.new_empty((rows, heads * head_dim))
         self._cross(
             q.data_ptr(),
@@ -131,6 +147,16 @@ class StepKernels:
             torch.get_num_threads(),
         )
         return out
+
+
+def _require(tensor: torch.Tensor, sizes_fit: bool, name: str) -> None:
+    if (
+        not sizes_fit
+        or tensor.dtype != torch.bfloat16
+        or not tensor.is_contiguous()
+        or tensor.device.type != "cpu"
+    ):
+        raise ValueError(f"{name}: {tensor.dtype} {tuple(tensor.shape)} does not fit the kernel's call")
 
 
 def fits_linear(rows: int, cols: int) -> bool:
@@ -150,23 +176,38 @@ def load() -> StepKernels | None:
     if platform.machine() not in ("x86_64", "AMD64") or missing:
         log.info("step kernels not used: the CPU lacks %s", ", ".join(missing) or "x86-64")
         return None
-    compiler = shutil.which("c++") or shutil.which("g++")
+    # g++ and its libgomp: torch's OpenMP runtime is GNU's, so the kernels share its threads (clang's
+    # libomp would start a second pool spinning on the same two cores)
+    compiler = shutil.which("g++")
     if compiler is None:
-        log.warning("step kernels not used: no C++ compiler found (with g++, bf16 steps run about 2x faster)")
+        log.warning("step kernels not used: no g++ found (with g++, bf16 steps run about 2x faster)")
         return None
     try:
         path = _build(compiler)
-        return StepKernels(ctypes.CDLL(str(path)), path)
-    except (OSError, subprocess.SubprocessError) as exc:
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:  # a cached build this system can no longer load (e.g. an older libstdc++): once more
+            path.unlink(missing_ok=True)
+            path = _build(compiler)
+            lib = ctypes.CDLL(str(path))
+        return StepKernels(lib, path)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:  # RuntimeError: no home directory
         log.warning("step kernels not used: building them failed: %s", exc)
         return None
 
 
 def _build(compiler: str) -> Path:
     source = SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30).stdout
     key = hashlib.sha256(
         b"\0".join(
-            [source, " ".join(FLAGS).encode(), compiler.encode(), " ".join(sorted(cpu_flags())).encode()]
+            [
+                source,
+                " ".join(FLAGS).encode(),
+                compiler.encode(),
+                version,
+                " ".join(sorted(cpu_flags())).encode(),
+            ]
         )
     ).hexdigest()[:16]
     cache = Path.home() / ".cache" / "musicbot" / "kernels"

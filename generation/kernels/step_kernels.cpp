@@ -16,7 +16,7 @@
 
 #include <immintrin.h>
 #include <omp.h>
-#include <math.h>
+#include <cmath>
 #include <stdint.h>
 #include <string.h>
 
@@ -60,7 +60,11 @@ inline void attend_one(const uint16_t* q, const uint16_t* kc, const uint16_t* vc
         float s = _mm512_reduce_add_ps(acc);
         if (mask) s += mask[p];
         scores[p] = s;
-        best = s > best ? s : best;
+        if (!(s <= best)) best = s;  // a NaN score makes best NaN
+    }
+    if (!std::isfinite(best)) {  // NaN, or nothing but -inf / +inf scores: NaN out, as torch's softmax
+        for (int d = 0; d < D; d++) o[d] = 0x7fc0;
+        return;
     }
     const __m512 vbest = _mm512_set1_ps(best);
     __m512 vsum = _mm512_setzero_ps();
@@ -94,8 +98,9 @@ inline void attend_one(const uint16_t* q, const uint16_t* kc, const uint16_t* vc
         _mm256_storeu_si256((__m256i*)(o + 16 * i), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[i], vinv)));
 }
 
-// Exact GELU, x * (1 + erf(x / sqrt 2)) / 2, with erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7,
-// far below the bf16 rounding that follows).
+// Exact GELU, x * (1 + erf(x / sqrt 2)) / 2, with erf by Abramowitz & Stegun 7.1.26: absolute error
+// below 1.5e-7, far below the bf16 rounding that follows for all but tiny results (x < -4.5, where
+// GELU itself is under 1e-5 and comes out as about 0).
 inline __m512 gelu(__m512 x) {
     const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f));
     const __m512 a = _mm512_abs_ps(z);
@@ -115,20 +120,22 @@ inline __m512 gelu(__m512 x) {
 }
 
 // One panel of kPanel output columns for MB rows of x: acc[m][h] holds columns h*16 .. h*16+15.
-// x32 holds x as bf16 pairs (row stride K/2); each pair is broadcast into the dot product's operand.
+// Each pair of x's bf16 values (k, k+1) is broadcast into the dot product's operand.
 template <int MB>
-inline void panel_rows(const uint16_t* panel, const uint32_t* x32, const uint16_t* residual, uint16_t* y,
+inline void panel_rows(const uint16_t* panel, const uint16_t* x, const uint16_t* residual, uint16_t* y,
                        int m0, int N, int K, int n0, int act) {
     __m512 acc[MB][2];
     for (int m = 0; m < MB; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
     const int pairs = K / 2;
-    const uint32_t* xm = x32 + (size_t)m0 * pairs;
+    const uint16_t* xm = x + (size_t)m0 * K;
     for (int kk = 0; kk < pairs; kk++) {
         const uint16_t* p = panel + (size_t)kk * 2 * kPanel;
         const __m512bh w0 = (__m512bh)_mm512_loadu_si512(p);
         const __m512bh w1 = (__m512bh)_mm512_loadu_si512(p + 32);
         for (int m = 0; m < MB; m++) {
-            const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)xm[(size_t)m * pairs + kk]);
+            int32_t pair;
+            memcpy(&pair, xm + (size_t)m * K + 2 * kk, sizeof pair);
+            const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
             acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, xb);
             acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xb);
         }
@@ -163,21 +170,20 @@ void pack_linear_weight(const uint16_t* W, uint16_t* packed, int N, int K) {
 void linear_bf16(const uint16_t* packed, const uint16_t* x, const uint16_t* residual, uint16_t* y, int M,
                  int N, int K, int act, int threads) {
     const int panels = N / kPanel;
-    const uint32_t* x32 = (const uint32_t*)x;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int b = 0; b < panels; b++) {
         const uint16_t* panel = packed + (size_t)b * K * kPanel;
         const int n0 = b * kPanel;
         int m0 = 0;
-        for (; m0 + 8 <= M; m0 += 8) panel_rows<8>(panel, x32, residual, y, m0, N, K, n0, act);
+        for (; m0 + 8 <= M; m0 += 8) panel_rows<8>(panel, x, residual, y, m0, N, K, n0, act);
         switch (M - m0) {
-            case 7: panel_rows<7>(panel, x32, residual, y, m0, N, K, n0, act); break;
-            case 6: panel_rows<6>(panel, x32, residual, y, m0, N, K, n0, act); break;
-            case 5: panel_rows<5>(panel, x32, residual, y, m0, N, K, n0, act); break;
-            case 4: panel_rows<4>(panel, x32, residual, y, m0, N, K, n0, act); break;
-            case 3: panel_rows<3>(panel, x32, residual, y, m0, N, K, n0, act); break;
-            case 2: panel_rows<2>(panel, x32, residual, y, m0, N, K, n0, act); break;
-            case 1: panel_rows<1>(panel, x32, residual, y, m0, N, K, n0, act); break;
+            case 7: panel_rows<7>(panel, x, residual, y, m0, N, K, n0, act); break;
+            case 6: panel_rows<6>(panel, x, residual, y, m0, N, K, n0, act); break;
+            case 5: panel_rows<5>(panel, x, residual, y, m0, N, K, n0, act); break;
+            case 4: panel_rows<4>(panel, x, residual, y, m0, N, K, n0, act); break;
+            case 3: panel_rows<3>(panel, x, residual, y, m0, N, K, n0, act); break;
+            case 2: panel_rows<2>(panel, x, residual, y, m0, N, K, n0, act); break;
+            case 1: panel_rows<1>(panel, x, residual, y, m0, N, K, n0, act); break;
             default: break;
         }
     }

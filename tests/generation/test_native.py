@@ -106,7 +106,7 @@ def test_without_a_compiler_the_step_falls_back_to_torch(
     try:
         with caplog.at_level(logging.WARNING, logger="generation.native"):
             assert native.load() is None
-        assert "no C++ compiler" in caplog.text
+        assert "no g++ found" in caplog.text
     finally:
         native.load.cache_clear()
 
@@ -158,3 +158,45 @@ def test_native_engine_repeats_a_seed_bit_for_bit(kernels: native.StepKernels, t
     assert [t.samples for t in a.tracks] == [64000, 64000]
     for first, second in zip(a.tracks, b.tracks, strict=True):
         assert torch.equal(torch.from_numpy(first.audio), torch.from_numpy(second.audio))
+
+
+def test_kernel_calls_refuse_tensors_they_would_read_out_of_bounds(kernels: native.StepKernels) -> None:
+    packed = kernels.pack(torch.zeros(32, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"x: torch\.float32"):
+        kernels.linear(torch.zeros(2, 1, 64), packed)
+    with pytest.raises(ValueError, match="x:"):
+        kernels.linear(torch.zeros(2, 1, 62, dtype=torch.bfloat16), packed)
+    with pytest.raises(ValueError, match="residual"):
+        kernels.linear(
+            torch.zeros(2, 1, 64, dtype=torch.bfloat16), packed, torch.zeros(1, 1, 32, dtype=torch.bfloat16)
+        )
+    keys = torch.zeros(2, 8, 32, dtype=torch.bfloat16)
+    qkv, out = torch.zeros(1, 1, 3 * 64, dtype=torch.bfloat16), torch.zeros(1, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="keys"):
+        kernels.attend(qkv, keys, keys.clone(), out, 2, 8)  # past the cache's 8 positions
+
+
+def test_attention_over_nothing_but_minus_infinity_is_nan_as_in_torch(kernels: native.StepKernels) -> None:
+    g = torch.Generator().manual_seed(5)
+    q = _bf16(1, 1, 64, generator=g)
+    keys, values = _bf16(2, 4, 32, generator=g), _bf16(2, 4, 32, generator=g)
+    mask = torch.full((1, 4), float("-inf"))
+    got = kernels.cross_attend(q, keys, values, mask, 2)
+    want = torch.softmax(torch.zeros(4) + mask[0], -1)
+    assert torch.isnan(want).all() and torch.isnan(got.float()).all()
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="no AVX-512 BF16 CPU or no g++ here")
+def test_a_cached_library_that_no_longer_loads_is_built_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(native.Path, "home", lambda: tmp_path)
+    path = native._build(shutil.which("g++") or "g++")
+    path.write_bytes(b"not a shared library")
+    native.load.cache_clear()
+    try:
+        rebuilt = native.load()
+        assert rebuilt is not None and rebuilt.path == path
+        assert path.read_bytes()[:4] == b"\x7fELF"
+    finally:
+        native.load.cache_clear()
