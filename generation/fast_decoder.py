@@ -219,14 +219,12 @@ class FastDecoderState:
                 self.cross.append(
                     (keys.to(self.cross_dtype).contiguous(), values.to(self.cross_dtype).contiguous())
                 )
-        self.cross_mask = None if cross_mask is None else cross_mask.to(self.cross_dtype)
-        if self.cross_native and cross_mask is not None:
+        self.cross_mask = None
+        if cross_mask is not None and self.cross_native:  # fp32 (rows, text); reshape refuses any other size
             text = self.cross[0][0].shape[1] if self.cross else cross_mask.shape[-1]
-            if cross_mask.numel() != self.rows * text:
-                raise ValueError(
-                    f"cross-attention mask {tuple(cross_mask.shape)} for {self.rows} rows of {text}"
-                )
             self.cross_mask = cross_mask.float().reshape(self.rows, text).contiguous()
+        elif cross_mask is not None:
+            self.cross_mask = cross_mask.to(self.cross_dtype)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -369,12 +367,9 @@ class _NativeAttention:
         for i, (keys, values) in enumerate(prefix):
             self.keys[i, :, : self.filled] = keys.reshape(rows * self.heads, self.filled, head_dim)
             self.values[i, :, : self.filled] = values.reshape(rows * self.heads, self.filled, head_dim)
-        self.out_shape = (rows, self.heads * head_dim)
 
     def __call__(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(self.out_shape, dtype=torch.bfloat16)
-        self.kernels.attend(qkv, self.keys[layer], self.values[layer], out, self.heads, self.filled)
-        return out
+        return self.kernels.attend(qkv, self.keys[layer], self.values[layer], self.heads, self.filled)
 
     def advance(self) -> None:
         self.filled += 1

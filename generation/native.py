@@ -95,29 +95,30 @@ class StepKernels:
         qkv: torch.Tensor,
         keys: torch.Tensor,
         values: torch.Tensor,
-        out: torch.Tensor,
         heads: int,
         position: int,
-    ) -> None:
-        """Write ``position``'s key/value from ``qkv`` into the caches, then attend over 0..position."""
+    ) -> torch.Tensor:
+        """Write ``position``'s key/value from ``qkv (rows, 1, 3 * heads * D)`` into the caches
+        ``(rows * heads, capacity, D)``, then attend over 0..position; returns ``(rows, heads * D)`` bf16."""
         batch, capacity, head_dim = keys.shape
         rows = batch // heads
         _require(keys, fits_attention(head_dim) and 0 <= position < capacity, "keys")
         _require(values, values.shape == keys.shape, "values")
         _require(qkv, qkv.numel() == rows * 3 * heads * head_dim, "qkv")
-        _require(out, out.numel() == rows * heads * head_dim, "out")
+        out = qkv.new_empty((rows, heads * head_dim))
         self._attend(
             qkv.data_ptr(),
             keys.data_ptr(),
             values.data_ptr(),
             out.data_ptr(),
-            batch // heads,
+            rows,
             heads,
             head_dim,
             capacity,
             position,
             torch.get_num_threads(),
         )
+        return out
 
     def cross_attend(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, heads: int

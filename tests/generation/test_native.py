@@ -82,8 +82,7 @@ def test_attention_writes_the_new_key_and_attends_over_the_filled_positions(
         _bf16(rows * heads, capacity, dim, generator=g),
     )
     after = keys[:, position + 1 :].clone(), values[:, position + 1 :].clone()
-    out = torch.empty(rows, heads * dim, dtype=torch.bfloat16)
-    kernels.attend(qkv, keys, values, out, heads, position)
+    out = kernels.attend(qkv, keys, values, heads, position)
 
     q, k, v = qkv.view(rows, 3, heads, dim).unbind(1)
     assert torch.equal(keys.view(rows, heads, capacity, dim)[:, :, position], k)
@@ -171,9 +170,9 @@ def test_kernel_calls_refuse_tensors_they_would_read_out_of_bounds(kernels: nati
             torch.zeros(2, 1, 64, dtype=torch.bfloat16), packed, torch.zeros(1, 1, 32, dtype=torch.bfloat16)
         )
     keys = torch.zeros(2, 8, 32, dtype=torch.bfloat16)
-    qkv, out = torch.zeros(1, 1, 3 * 64, dtype=torch.bfloat16), torch.zeros(1, 64, dtype=torch.bfloat16)
+    qkv = torch.zeros(1, 1, 3 * 64, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="keys"):
-        kernels.attend(qkv, keys, keys.clone(), out, 2, 8)  # past the cache's 8 positions
+        kernels.attend(qkv, keys, keys.clone(), 2, 8)  # past the cache's 8 positions
 
 
 def test_attention_over_nothing_but_minus_infinity_is_nan_as_in_torch(kernels: native.StepKernels) -> None:
