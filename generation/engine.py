@@ -33,7 +33,7 @@ from generation.request import (
     Track,
     check_batch,
 )
-from generation.sampling import guide, sample, warp
+from generation.sampling import choose, guide
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ class MusicGenEngine:
         cancelled = False
         for t in range(first, length):
             scores = guide(logits.float(), rows, params.guidance)
-            tokens = scores.argmax(dim=-1) if params.top_k == 1 else sample(warp(scores, params), generators)
+            tokens = choose(scores, params, generators)
             column = pattern[..., t]
             column = torch.where(column == -1, tokens, column)
             pattern[..., t] = column
