@@ -2,7 +2,8 @@
 
 The token is checked first (logging in is quick; loading a model is not), so a missing or rejected
 token stops the start at once with a message that says what to do, never with the token in it. A
-damaged or locked database, or a model that does not load, stops it with one line too.
+damaged or locked database, a second bot already running on the same database, or a model that
+does not load, stops it with one line too.
 
 SIGTERM or Ctrl-C stops it in order: no new jobs are taken (users are told to try again in a
 minute), the running batch is put back in the queue, status messages are brought up to date, the
@@ -25,7 +26,7 @@ import aiohttp
 import discord
 
 from bot.client import MusicBot
-from bot.jobs import DatabaseError, JobService, WorkerFactory, open_database
+from bot.jobs import DatabaseError, JobService, WorkerFactory, open_database, sole_bot
 from bot.settings import MODEL_SIZES, Settings
 from generation import Engine, GenerationRequest, GenerationResult, GenerationWorker, ModelLoadError
 
@@ -51,16 +52,17 @@ async def run(settings: Settings, *, worker_factory: WorkerFactory | None = None
     stop = asyncio.Event()
     with _stopped_by_signals(stop):
         try:
-            async with open_database(settings.db_path) as db:
-                service = JobService(db, settings, worker_factory or make_worker_factory(settings))
-                bot = MusicBot(service, settings)
-                async with bot:
-                    await _login(bot, token)
-                    await _start(service, settings)
-                    try:
-                        await _serve(bot, service, stop)
-                    finally:
-                        await service.close()
+            with sole_bot(settings.db_path):
+                async with open_database(settings.db_path) as db:
+                    service = JobService(db, settings, worker_factory or make_worker_factory(settings))
+                    bot = MusicBot(service, settings)
+                    async with bot:
+                        await _login(bot, token)
+                        await _start(service, settings)
+                        try:
+                            await _serve(bot, service, stop)
+                        finally:
+                            await service.close()
         except DatabaseError as exc:
             raise StartupError(str(exc)) from None
     log.info("stopped")

@@ -1,7 +1,7 @@
 """The job service: a fair queue in front of the one generation worker, per-user limits, and every
 job in SQLite. It knows users and seconds; it reaches the model only through ``generation``."""
 
-from bot.jobs.db import Database, DatabaseError, backup_database, open_database
+from bot.jobs.db import Database, DatabaseError, backup_database, open_database, sole_bot
 from bot.jobs.errors import (
     BotError,
     InvalidLimit,
@@ -64,5 +64,6 @@ __all__ = [
     "WorkerFactory",
     "backup_database",
     "open_database",
+    "sole_bot",
     "utc_now",
 ]

@@ -14,8 +14,8 @@ import contextlib
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -275,6 +275,41 @@ async def open_database(
             checkpoints.cancel()
             await asyncio.wait([checkpoints])
         await db.close()
+
+
+@contextmanager
+def sole_bot(path: Path) -> Iterator[None]:
+    """Hold ``<database>.lock`` while the bot runs: a second bot on the same database stops at once.
+
+    Two bots on one database would both take the queued jobs, and every request would be answered
+    twice. The lock is the kernel's (``flock``), so it goes with the process however that ends,
+    SIGKILL included, and a restart never finds a stale one. ``musicbot backup`` does not take it.
+    """
+    if os.name != "posix" or str(path) == ":memory:" or str(path).startswith("file:"):
+        yield
+        return
+    import fcntl
+
+    lock = Path(f"{path}.lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, PRIVATE_MODE)
+    except OSError as exc:
+        raise DatabaseError(f"cannot create the lock file {lock}: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise DatabaseError(
+                f"another musicbot{who} is already running on {path}: stop it first, or give this one"
+                " its own MUSICBOT_DB"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """The database survives: private files, the WAL checkpointed and emptied, a clear one-line start-up error
-for a damaged or locked file, and ``musicbot backup`` taking a good copy while the bot writes."""
+for a damaged or locked file or a second bot on it, and ``musicbot backup`` taking a good copy while the
+bot writes."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import bot.jobs.db
-from bot.jobs import Database, DatabaseError
+from bot.jobs import Database, DatabaseError, sole_bot
 from bot.runner import StartupError, run
 from bot.settings import Settings
 from generation import GenerationWorker
@@ -23,6 +24,8 @@ from tests.reliability.harness import (
     FaultyModels,
     answered,
     bot_running,
+    child_bot,
+    child_env,
     file_mode,
     rows,
     settings_for,
@@ -165,6 +168,36 @@ async def test_a_locked_database_says_so_in_one_line(db_path: Path, monkeypatch:
         " database tool with an open transaction); stop it and start again"
     )
     assert str(opened.value) == str(started.value) == message
+
+
+async def test_a_second_bot_on_the_same_database_stops_at_once_and_the_first_goes_on(
+    emu: DiscordEmulator, db_path: Path, tmp_path: Path
+) -> None:
+    async with child_bot(emu, child_env(emu, db_path), cwd=tmp_path) as first:
+        identified = emu.identify_count
+        code, out, err = await musicbot("run", db_path=db_path, cwd=tmp_path, DISCORD_TOKEN=emu.token)
+        interaction = await emu.invoke_command("music", {"prompt": "still here", "duration": 1.0})
+        reply = await answered(emu, interaction, lambda m: bool(m.attachments))
+        pid = first.process.pid
+
+    assert code == 2 and out == ""
+    assert err.splitlines() == [
+        f"musicbot: another musicbot (pid {pid}) is already running on {db_path}: stop it first, or give"
+        " this one its own MUSICBOT_DB"
+    ]
+    assert emu.identify_count == identified  # the second never connected
+    assert len(reply.attachments) == 1
+    assert rows(db_path, "SELECT count(*) FROM jobs") == [(1,)]
+
+
+def test_the_bot_lock_is_private_and_free_again_once_released(db_path: Path) -> None:
+    taken = rf"another musicbot \(pid {os.getpid()}\) is already running on {db_path}"
+    with sole_bot(db_path), pytest.raises(DatabaseError, match=taken), sole_bot(db_path):
+        pass
+    with sole_bot(db_path):
+        pass
+
+    assert file_mode(Path(f"{db_path}.lock")) == 0o600
 
 
 async def test_backup_while_the_bot_runs_and_writes_gives_a_good_private_copy(
