@@ -35,7 +35,8 @@ class Settings:
     model_sources: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_MODEL_SOURCES))
     device: str = "auto"
     dtype: str = "auto"
-    # auto: bf16 steps on a CPU with AVX-512 BF16 use the native kernels where g++ builds them; off: torch's
+    # auto: on a CPU with AVX-512 BF16, bf16 steps and EnCodec's residual blocks use the native kernels
+    # where g++ builds them; off: torch's
     kernels: str = "auto"
     admin_ids: frozenset[int] = frozenset()
     guild_id: int | None = None

@@ -122,7 +122,9 @@ class MusicGenEngine:
     def codes_to_audio(self, codes: torch.Tensor) -> np.ndarray:
         """EnCodec-decode ``(rows, codebooks, frames)`` codes to float32 ``(rows, channels, samples)``."""
         if self._decoder is None:
-            self._decoder = EncodecDecoder(self.model.audio_encoder, self.placement.device)
+            self._decoder = EncodecDecoder(
+                self.model.audio_encoder, self.placement.device, kernels=self.placement.kernels
+            )
         with torch.inference_mode():
             audio = self._decoder(codes.to(self.placement.device))
         return audio.float().cpu().numpy()
@@ -456,7 +458,7 @@ def load_engine(
 ) -> MusicGenEngine:
     """Load a checkpoint (hub id or directory) into an engine; ``name`` is what users see (e.g. ``small``).
 
-    ``kernels=False`` keeps bf16 CPU steps on torch's kernels instead of the native ones.
+    ``kernels=False`` keeps bf16 CPU steps and EnCodec on torch's kernels instead of the native ones.
     """
     placement = replace(choose_placement(device, dtype), kernels=kernels)
     started = time.perf_counter()

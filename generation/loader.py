@@ -22,8 +22,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass(frozen=True)
 class Placement:
-    """Where the model runs, its weights' dtype, whether decoding steps use int8 weights, and whether
-    bf16 steps on a CPU may use the native kernels (``generation.native``; torch's own otherwise)."""
+    """Where the model runs, its weights' dtype, whether decoding steps use int8 weights, and whether a
+    CPU may use the native kernels (``generation.native``: bf16 steps and EnCodec's residual blocks;
+    torch's own otherwise)."""
 
     device: torch.device
     dtype: torch.dtype

@@ -1,4 +1,5 @@
-"""The decoding step's own CPU kernels (``kernels/step_kernels.cpp``): built on first use, else None.
+"""Our own CPU kernels for the decoding step and EnCodec's residual blocks (``kernels/step_kernels.cpp``):
+built on first use, else None.
 
 On a 2-core AVX-512 BF16 CPU a bf16 step is memory-bound, and oneDNN's small-batch products and
 batched attention reach about 60% of the bandwidth a plain read gets. Two small kernels close most
@@ -52,6 +53,10 @@ class StepKernels:
         self._attend.argtypes, self._attend.restype = [p, p, p, p, i, i, i, i, i, i], None
         self._cross = lib.cross_attend_bf16
         self._cross.argtypes, self._cross.restype = [p, p, p, p, p, i, i, i, i, i], None
+        self._resblock = lib.resblock_f32
+        self._resblock.argtypes, self._resblock.restype = [p, p, p, p, p, p, p, i, i, i, i, i], None
+        self._resblock_scratch = lib.resblock_scratch
+        self._resblock_scratch.argtypes, self._resblock_scratch.restype = [i, i], i
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
         """A bf16 ``(N, K)`` weight in the linear kernel's panel layout (N % 32 == 0, K even)."""
@@ -149,20 +154,60 @@ class StepKernels:
         )
         return out
 
+    @staticmethod
+    def pack_resblock(conv1: torch.Tensor, conv2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual-block weights ``conv1 (H, C, 3)`` and ``conv2 (C, H, 1)`` in the kernel's order."""
+        hidden, channels, _ = conv1.shape
+        w1 = conv1.detach().float().reshape(hidden // 4, 4, channels, 3).permute(0, 2, 3, 1).contiguous()
+        w2 = conv2.detach().float().reshape(channels // 4, 4, hidden).permute(0, 2, 1).contiguous()
+        return w1, w2
 
-def _require(tensor: torch.Tensor, sizes_fit: bool, name: str) -> None:
-    if (
-        not sizes_fit
-        or tensor.dtype != torch.bfloat16
-        or not tensor.is_contiguous()
-        or tensor.device.type != "cpu"
-    ):
+    def resblock(
+        self, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
+    ) -> torch.Tensor:
+        """EnCodec's residual block on fp32 ``x (rows, C, T)``, T >= 2: ``x + b2 + W2 ELU(b1 + W1 *
+        reflect_pad(ELU(x)))``, the weights as returned by ``pack_resblock``; returns a new tensor."""
+        rows, channels, length = x.shape
+        hidden = b1.shape[0]
+        fp32 = torch.float32
+        _require(x, fits_resblock(channels, hidden) and length >= 2, "x", fp32)
+        _require(w1, w1.shape == (hidden // 4, channels, 3, 4), "w1", fp32)
+        _require(b1, b1.shape == (hidden,), "b1", fp32)
+        _require(w2, w2.shape == (channels // 4, hidden, 4), "w2", fp32)
+        _require(b2, b2.shape == (channels,), "b2", fp32)
+        threads = torch.get_num_threads()
+        scratch = torch.empty(threads * self._resblock_scratch(channels, hidden))
+        y = torch.empty_like(x)
+        self._resblock(
+            x.data_ptr(),
+            y.data_ptr(),
+            w1.data_ptr(),
+            b1.data_ptr(),
+            w2.data_ptr(),
+            b2.data_ptr(),
+            scratch.data_ptr(),
+            rows,
+            channels,
+            hidden,
+            length,
+            threads,
+        )
+        return y
+
+
+def _require(tensor: torch.Tensor, sizes_fit: bool, name: str, dtype: torch.dtype = torch.bfloat16) -> None:
+    if not sizes_fit or tensor.dtype != dtype or not tensor.is_contiguous() or tensor.device.type != "cpu":
         raise ValueError(f"{name}: {tensor.dtype} {tuple(tensor.shape)} does not fit the kernel's call")
 
 
 def fits_linear(rows: int, cols: int) -> bool:
     """Whether an ``(N, K)`` weight fits the linear kernel's panels."""
     return rows % 32 == 0 and cols % 2 == 0
+
+
+def fits_resblock(channels: int, hidden: int) -> bool:
+    """Whether a residual block of ``channels`` (``hidden`` inside) fits the kernel's blocks of 4."""
+    return channels % 4 == 0 and hidden % 4 == 0 and channels > 0 and hidden > 0
 
 
 def fits_attention(head_dim: int) -> bool:

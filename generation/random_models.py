@@ -62,7 +62,9 @@ TINY = {
         "kernel_size": 7,
         "last_kernel_size": 7,
         "residual_kernel_size": 3,
+        "dilation_growth_rate": 2,
         "compress": 2,
+        "use_conv_shortcut": False,  # as in every real MusicGen (its residual blocks take the native kernel)
         "norm_type": "weight_norm",
         "pad_mode": "reflect",
         "normalize": False,

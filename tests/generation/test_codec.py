@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from generation.codec import EncodecDecoder
@@ -62,3 +63,19 @@ def test_the_codec_splits_after_the_first_upsampling(tiny_engine: MusicGenEngine
     assert decoder.hop * decoder.upsampled == tiny_engine.hop
     assert isinstance(decoder.global_layers[-1].conv, torch.nn.ConvTranspose1d)
     assert isinstance(decoder.local_layers[-1].conv, _NarrowConv1d)  # the last, to one channel
+
+
+def test_residual_blocks_take_the_native_kernel_unless_kernels_are_off(tiny_engine: MusicGenEngine) -> None:
+    from generation import native
+    from generation.codec import _NativeResnetBlock
+
+    if native.load() is None:
+        pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
+    encodec = tiny_engine.model.audio_encoder
+
+    def fused(decoder: EncodecDecoder) -> int:
+        return sum(isinstance(layer, _NativeResnetBlock) for layer in decoder.local_layers)
+
+    # the tiny codec's blocks of 32, 16 and 8 channels; 4 channels (2 inside) stay with EnCodec's own
+    assert fused(EncodecDecoder(encodec, torch.device("cpu"))) == 3
+    assert fused(EncodecDecoder(encodec, torch.device("cpu"), kernels=False)) == 0

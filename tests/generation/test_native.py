@@ -199,3 +199,84 @@ def test_a_cached_library_that_no_longer_loads_is_built_again(
         assert path.read_bytes()[:4] == b"\x7fELF"
     finally:
         native.load.cache_clear()
+
+
+def _resnet_block(channels: int, seed: int) -> torch.nn.Module:
+    """A residual block exactly as MusicGen's EnCodec builds it (weight-normed, no shortcut conv)."""
+    from transformers import EncodecConfig
+    from transformers.models.encodec.modeling_encodec import EncodecResnetBlock
+
+    torch.manual_seed(seed)
+    config = EncodecConfig(use_conv_shortcut=False, pad_mode="reflect", use_causal_conv=False)
+    block = EncodecResnetBlock(config, channels, [1, 1]).eval()
+    for conv in (block.block[1].conv, block.block[3].conv):
+        torch.nn.init.normal_(conv.bias)
+    return block
+
+
+def _native_block(block: torch.nn.Module, kernels: native.StepKernels) -> torch.nn.Module:
+    from generation.codec import _NativeResnetBlock
+
+    assert _NativeResnetBlock.fits(block)
+    return _NativeResnetBlock(block, kernels)
+
+
+# lengths: the shortest reflect padding allows, one tile of 64 and either side of it, several tiles
+@pytest.mark.parametrize(("channels", "length"), [(8, 2), (8, 3), (32, 63), (32, 64), (32, 65), (64, 300)])
+def test_residual_block_equals_encodecs_to_fp32_rounding(
+    kernels: native.StepKernels, channels: int, length: int
+) -> None:
+    block = _resnet_block(channels, seed=length)
+    fused = _native_block(block, kernels)
+    x = torch.randn(3, channels, length, generator=torch.Generator().manual_seed(length))
+    with torch.inference_mode():
+        want, got = block(x), fused(x)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+def test_residual_block_keeps_nan_where_encodecs_has_it(kernels: native.StepKernels) -> None:
+    block = _resnet_block(16, seed=1)
+    x = torch.randn(2, 16, 200)
+    x[1, 5, 100] = float("nan")
+    with torch.inference_mode():
+        want, got = block(x), _native_block(block, kernels)(x)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert want.isnan().any()
+
+
+def test_residual_block_call_refuses_what_it_would_read_out_of_bounds(kernels: native.StepKernels) -> None:
+    block = _resnet_block(16, seed=2)
+    fused = _native_block(block, kernels)
+    weights = (fused.w1, fused.b1, fused.w2, fused.b2)
+    for bad in (
+        torch.randn(1, 16, 1),  # too short to reflect
+        torch.randn(1, 12, 50),  # other channels than the weights
+        torch.randn(1, 16, 50).to(torch.bfloat16),
+        torch.randn(1, 50, 16).transpose(1, 2),  # not contiguous
+    ):
+        with pytest.raises(ValueError, match="does not fit"):
+            kernels.resblock(bad, *weights)
+    # the module itself hands what the kernel cannot take back to EnCodec's own block
+    short = torch.randn(1, 16, 1)
+    with torch.inference_mode():
+        assert torch.equal(fused(short), block(short))
+
+
+def test_only_encodecs_plain_residual_blocks_up_to_128_channels_take_the_kernel() -> None:
+    from transformers import EncodecConfig
+    from transformers.models.encodec.modeling_encodec import EncodecResnetBlock
+
+    from generation.codec import _NativeResnetBlock
+
+    plain = EncodecConfig(use_conv_shortcut=False, pad_mode="reflect", use_causal_conv=False)
+    assert _NativeResnetBlock.fits(EncodecResnetBlock(plain, 128, [1, 1]))
+    assert not _NativeResnetBlock.fits(EncodecResnetBlock(plain, 256, [1, 1]))  # oneDNN is as fast
+    assert not _NativeResnetBlock.fits(EncodecResnetBlock(plain, 6, [1, 1]))  # hidden 3: not in 4s
+    assert not _NativeResnetBlock.fits(EncodecResnetBlock(plain, 64, [2, 1]))  # dilated
+    for other in (
+        EncodecConfig(use_conv_shortcut=True, pad_mode="reflect", use_causal_conv=False),
+        EncodecConfig(use_conv_shortcut=False, pad_mode="constant", use_causal_conv=False),
+        EncodecConfig(use_conv_shortcut=False, pad_mode="reflect", use_causal_conv=True),
+    ):
+        assert not _NativeResnetBlock.fits(EncodecResnetBlock(other, 64, [1, 1]))
