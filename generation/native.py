@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels") / "step_kernels.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 REQUIRED_CPU = ("avx512f", "avx512bw", "avx512_bf16")
+MAX_HEADS = 64  # self-attention's per-head state lives on the kernel's stack
 _build_lock = threading.Lock()
 
 
@@ -50,7 +51,9 @@ class StepKernels:
         self._linear = lib.linear_bf16
         self._linear.argtypes, self._linear.restype = [p, p, p, p, i, i, i, i, i], None
         self._attend = lib.attend_bf16
-        self._attend.argtypes, self._attend.restype = [p, p, p, p, i, i, i, i, i, i], None
+        self._attend.argtypes, self._attend.restype = [p, p, p, p, p, i, i, i, i, i, i], None
+        self._attend_scratch = lib.attend_scratch
+        self._attend_scratch.argtypes, self._attend_scratch.restype = [i, i, i], i
         self._cross = lib.cross_attend_bf16
         self._cross.argtypes, self._cross.restype = [p, p, p, p, p, i, i, i, i, i], None
         self._resblock = lib.resblock_f32
@@ -103,25 +106,30 @@ class StepKernels:
         heads: int,
         position: int,
     ) -> torch.Tensor:
-        """Write ``position``'s key/value from ``qkv (rows, 1, 3 * heads * D)`` into the caches
-        ``(rows * heads, capacity, D)``, then attend over 0..position; returns ``(rows, heads * D)`` bf16."""
-        batch, capacity, head_dim = keys.shape
-        rows = batch // heads
-        _require(keys, fits_attention(head_dim) and 0 <= position < capacity, "keys")
+        """Write ``position``'s key/value from ``qkv (rows, 1, 3 * heads * D)`` into the position-major
+        caches ``(rows, capacity, heads * D)``, then attend over 0..position; returns ``(rows, heads * D)``
+        bf16."""
+        rows, capacity, hidden = keys.shape
+        head_dim = hidden // heads
+        fits = 0 < heads <= MAX_HEADS and head_dim * heads == hidden and fits_attention(head_dim)
+        _require(keys, fits and 0 <= position < capacity, "keys")
         _require(values, values.shape == keys.shape, "values")
-        _require(qkv, qkv.numel() == rows * 3 * heads * head_dim, "qkv")
-        out = qkv.new_empty((rows, heads * head_dim))
+        _require(qkv, qkv.numel() == rows * 3 * hidden, "qkv")
+        out = qkv.new_empty((rows, hidden))
+        threads = torch.get_num_threads()
+        scratch = torch.empty(threads * self._attend_scratch(heads, head_dim, capacity))
         self._attend(
             qkv.data_ptr(),
             keys.data_ptr(),
             values.data_ptr(),
             out.data_ptr(),
+            scratch.data_ptr(),
             rows,
             heads,
             head_dim,
             capacity,
             position,
-            torch.get_num_threads(),
+            threads,
         )
         return out
 

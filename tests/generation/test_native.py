@@ -70,29 +70,45 @@ def test_pack_refuses_shapes_outside_the_panels(kernels: native.StepKernels) -> 
         kernels.pack(torch.zeros(40, 64, dtype=torch.bfloat16))
 
 
-@pytest.mark.parametrize("position", [0, 1, 15, 16, 17, 70])  # masked tails of 16 lanes, full ones
+# positions: masked tails of 16 lanes and full ones; rows: fewer than the threads, or not a multiple of
+# them (a row's heads are then shared out), and whole rows per thread
+@pytest.mark.parametrize(("position", "rows"), [(0, 3), (1, 1), (15, 2), (16, 3), (17, 1), (70, 3), (70, 4)])
 def test_attention_writes_the_new_key_and_attends_over_the_filled_positions(
-    kernels: native.StepKernels, position: int
+    kernels: native.StepKernels, position: int, rows: int
 ) -> None:
     g = torch.Generator().manual_seed(position)
-    rows, heads, dim, capacity = 3, 4, 64, 80
+    heads, dim, capacity = 4, 64, 80
     qkv = _bf16(rows, 1, 3 * heads * dim, generator=g) * 2  # peaked: a wrong position shows
     keys, values = (
-        _bf16(rows * heads, capacity, dim, generator=g),
-        _bf16(rows * heads, capacity, dim, generator=g),
+        _bf16(rows, capacity, heads * dim, generator=g),
+        _bf16(rows, capacity, heads * dim, generator=g),
     )
     after = keys[:, position + 1 :].clone(), values[:, position + 1 :].clone()
     out = kernels.attend(qkv, keys, values, heads, position)
 
-    q, k, v = qkv.view(rows, 3, heads, dim).unbind(1)
-    assert torch.equal(keys.view(rows, heads, capacity, dim)[:, :, position], k)
-    assert torch.equal(values.view(rows, heads, capacity, dim)[:, :, position], v)
+    q, k, v = qkv.view(rows, 3, heads * dim).unbind(1)
+    assert torch.equal(keys[:, position], k) and torch.equal(values[:, position], v)
     assert torch.equal(keys[:, position + 1 :], after[0]) and torch.equal(values[:, position + 1 :], after[1])
-    seen_k = keys.view(rows, heads, capacity, dim)[:, :, : position + 1].float()
-    seen_v = values.view(rows, heads, capacity, dim)[:, :, : position + 1].float()
-    weights = torch.einsum("rhd,rhpd->rhp", q.float(), seen_k).softmax(-1)
-    want = torch.einsum("rhp,rhpd->rhd", weights, seen_v).reshape(rows, heads * dim)
+    seen_k = keys[:, : position + 1].view(rows, position + 1, heads, dim).float()
+    seen_v = values[:, : position + 1].view(rows, position + 1, heads, dim).float()
+    weights = torch.einsum("rhd,rphd->rhp", q.view(rows, heads, dim).float(), seen_k).softmax(-1)
+    want = torch.einsum("rhp,rphd->rhd", weights, seen_v).reshape(rows, heads * dim)
     assert torch.allclose(out.float(), want, atol=2e-2, rtol=2**-7)
+
+
+def test_self_attention_with_a_nan_key_is_nan_for_that_head_alone(kernels: native.StepKernels) -> None:
+    g = torch.Generator().manual_seed(9)
+    rows, heads, dim, capacity = 2, 4, 32, 20
+    qkv = _bf16(rows, 1, 3 * heads * dim, generator=g)
+    keys, values = (
+        _bf16(rows, capacity, heads * dim, generator=g),
+        _bf16(rows, capacity, heads * dim, generator=g),
+    )
+    keys[1, 3, 2 * dim + 5] = float("nan")  # row 1, position 3, head 2
+    out = kernels.attend(qkv, keys, values, heads, 10).float().view(rows, heads, dim)
+    assert out[1, 2].isnan().all()
+    out[1, 2] = 0
+    assert not out.isnan().any()
 
 
 def test_without_a_compiler_the_step_falls_back_to_torch(
@@ -169,10 +185,25 @@ def test_kernel_calls_refuse_tensors_they_would_read_out_of_bounds(kernels: nati
         kernels.linear(
             torch.zeros(2, 1, 64, dtype=torch.bfloat16), packed, torch.zeros(1, 1, 32, dtype=torch.bfloat16)
         )
-    keys = torch.zeros(2, 8, 32, dtype=torch.bfloat16)
+    keys = torch.zeros(1, 8, 64, dtype=torch.bfloat16)
     qkv = torch.zeros(1, 1, 3 * 64, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="keys"):
         kernels.attend(qkv, keys, keys.clone(), 2, 8)  # past the cache's 8 positions
+    with pytest.raises(ValueError, match="keys"):
+        kernels.attend(qkv, keys, keys.clone(), 4, 0)  # heads of 16: not in 32s
+    with pytest.raises(ValueError, match="qkv"):
+        kernels.attend(qkv[..., :96], keys, keys.clone(), 2, 0)
+
+
+def test_cross_attention_with_a_nan_key_is_nan_for_that_head_alone(kernels: native.StepKernels) -> None:
+    g = torch.Generator().manual_seed(6)
+    q = _bf16(2, 1, 64, generator=g)
+    keys, values = _bf16(4, 5, 32, generator=g), _bf16(4, 5, 32, generator=g)
+    keys[3, 0, 7] = float("nan")  # row 1, head 1, the first of 5 text positions
+    out = kernels.cross_attend(q, keys, values, None, 2).float().view(2, 2, 32)
+    assert out[1, 1].isnan().all()
+    out[1, 1] = 0
+    assert not out.isnan().any()
 
 
 def test_attention_over_nothing_but_minus_infinity_is_nan_as_in_torch(kernels: native.StepKernels) -> None:
