@@ -203,7 +203,7 @@ class FastDecoderState:
         # One fused SDPA kernel is fastest over the few text positions for one request's two rows; from
         # four rows on, matmul-softmax-matmul in fp32 is (8 rows: 2.6 against 3.6 ms a step), and the
         # exact path always uses matmuls. Keys are stored the way each product wants them.
-        # The native kernel takes the text's keys/values flat, (rows * heads, text, head_dim).
+        # The native kernel takes the text's keys/values position-major, (rows, text, heads * head_dim).
         self.cross_native = weights.linear.kernels is not None
         self.cross_fused = weights.fast_math and self.rows <= 2 and not self.cross_native
         self.cross_dtype = (
@@ -213,8 +213,8 @@ class FastDecoderState:
         if hasattr(cache, "cross_attention_cache") and weights.layers[0].cross_q is not None:
             for layer in cache.cross_attention_cache.layers:
                 keys, values = layer.keys, layer.values
-                if self.cross_native:
-                    keys, values = keys.flatten(0, 1), values.flatten(0, 1)
+                if self.cross_native:  # (rows, heads, text, head_dim) → (rows, text, hidden)
+                    keys, values = (t.transpose(1, 2).flatten(2) for t in (keys, values))
                 elif not self.cross_fused:
                     keys = keys.transpose(-1, -2)
                 self.cross.append(

@@ -55,7 +55,7 @@ class StepKernels:
         self._attend_scratch = lib.attend_scratch
         self._attend_scratch.argtypes, self._attend_scratch.restype = [i, i, i], i
         self._cross = lib.cross_attend_bf16
-        self._cross.argtypes, self._cross.restype = [p, p, p, p, p, i, i, i, i, i], None
+        self._cross.argtypes, self._cross.restype = [p, p, p, p, p, p, i, i, i, i, i], None
         self._resblock = lib.resblock_f32
         self._resblock.argtypes, self._resblock.restype = [p, p, p, p, p, p, p, i, i, i, i, i], None
         self._resblock_scratch = lib.resblock_scratch
@@ -110,9 +110,8 @@ class StepKernels:
         caches ``(rows, capacity, heads * D)``, then attend over 0..position; returns ``(rows, heads * D)``
         bf16."""
         rows, capacity, hidden = keys.shape
-        head_dim = hidden // heads
-        fits = 0 < heads <= MAX_HEADS and head_dim * heads == hidden and fits_attention(head_dim)
-        _require(keys, fits and 0 <= position < capacity, "keys")
+        head_dim = _head_dim(keys, heads)
+        _require(keys, 0 <= position < capacity, "keys")
         _require(values, values.shape == keys.shape, "values")
         _require(qkv, qkv.numel() == rows * 3 * hidden, "qkv")
         out = qkv.new_empty((rows, hidden))
@@ -136,29 +135,31 @@ class StepKernels:
     def cross_attend(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, heads: int
     ) -> torch.Tensor:
-        """Attention of ``q (rows, 1, heads * D)`` over fixed ``keys``/``values (rows * heads, n, D)``,
-        with an additive fp32 ``mask (rows, n)`` or None; returns ``(rows, heads * D)`` bf16."""
-        batch, n, head_dim = keys.shape
-        rows = batch // heads
-        _require(keys, fits_attention(head_dim), "keys")
+        """Attention of ``q (rows, 1, heads * D)`` over fixed position-major ``keys``/``values (rows, n,
+        heads * D)``, with an additive fp32 ``mask (rows, n)`` or None; returns ``(rows, heads * D)`` bf16."""
+        rows, n, hidden = keys.shape
+        head_dim = _head_dim(keys, heads)
         _require(values, values.shape == keys.shape, "values")
-        _require(q, q.numel() == rows * heads * head_dim, "q")
+        _require(q, q.numel() == rows * hidden, "q")
         if mask is not None and (
             mask.dtype != torch.float32 or mask.shape != (rows, n) or not mask.is_contiguous()
         ):
             raise ValueError(f"mask: {mask.dtype} {tuple(mask.shape)} is not a contiguous fp32 ({rows}, {n})")
-        out = q.new_empty((rows, heads * head_dim))
+        out = q.new_empty((rows, hidden))
+        threads = torch.get_num_threads()
+        scratch = torch.empty(threads * self._attend_scratch(heads, head_dim, n))
         self._cross(
             q.data_ptr(),
             keys.data_ptr(),
             values.data_ptr(),
             None if mask is None else mask.data_ptr(),
             out.data_ptr(),
+            scratch.data_ptr(),
             rows,
             heads,
             head_dim,
             n,
-            torch.get_num_threads(),
+            threads,
         )
         return out
 
@@ -206,6 +207,15 @@ class StepKernels:
 def _require(tensor: torch.Tensor, sizes_fit: bool, name: str, dtype: torch.dtype = torch.bfloat16) -> None:
     if not sizes_fit or tensor.dtype != dtype or not tensor.is_contiguous() or tensor.device.type != "cpu":
         raise ValueError(f"{name}: {tensor.dtype} {tuple(tensor.shape)} does not fit the kernel's call")
+
+
+def _head_dim(keys: torch.Tensor, heads: int) -> int:
+    """The head size of position-major ``keys (rows, positions, heads * D)``, checked against the kernel."""
+    hidden = keys.shape[-1]
+    head_dim = hidden // heads if heads > 0 else 0
+    fits = keys.dim() == 3 and 0 < heads <= MAX_HEADS and head_dim * heads == hidden
+    _require(keys, fits and fits_attention(head_dim), "keys")
+    return head_dim
 
 
 def fits_linear(rows: int, cols: int) -> bool:

@@ -12,7 +12,7 @@
 //   slice it was handed). The caches are position-major (all heads of a position side by side), so a
 //   row's keys are one stream: per-head slices of a few kB ran at two thirds of the memory's speed
 //   (at 150 positions and 8 rows, 17 against 28 GB/s). The same for cross-attention over the text, with
-//   its mask, on per-head slices (a few positions, read once per step).
+//   its mask.
 //
 // - resblock: EnCodec's residual block (ELU, 3-tap convolution, ELU, 1-tap convolution, plus the input)
 //   in one pass over tiles of 64 samples, fp32 throughout. At 64 and 128 channels oneDNN ran it as
@@ -77,48 +77,13 @@ inline float softmax_weights(float* scores, int n, float best) {
     return 1.0f / _mm512_reduce_add_ps(vsum);
 }
 
-// softmax(q . K[p] (+ mask[p]), p < n) . V for one query: scores in fp32, the result rounded to bf16.
-inline void attend_one(const uint16_t* q, const uint16_t* kc, const uint16_t* vc, int n, const float* mask,
-                       uint16_t* o, int D) {
-    float scores[n + 16];
-    float best = -INFINITY;
-    for (int p = 0; p < n; p++) {
-        const uint16_t* kp = kc + (size_t)p * D;
-        __m512 acc = _mm512_setzero_ps();
-        for (int d = 0; d < D; d += kChunk)
-            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + d), (__m512bh)_mm512_loadu_si512(kp + d));
-        float s = _mm512_reduce_add_ps(acc);
-        if (mask) s += mask[p];
-        scores[p] = s;
-        if (!(s <= best) && best == best) best = s;  // a NaN score makes best NaN, and it stays NaN
-    }
-    const float inv = softmax_weights(scores, n, best);
-    if (std::isnan(inv)) {
-        for (int d = 0; d < D; d++) o[d] = 0x7fc0;
-        return;
-    }
-
-    // sum_p softmax[p] * V[p], D / 16 accumulators of 16 lanes (D <= 256)
-    __m512 acc[16];
-    const int lanes = D / 16;
-    for (int i = 0; i < lanes; i++) acc[i] = _mm512_setzero_ps();
-    for (int p2 = 0; p2 < n; p2++) {
-        const __m512 wgt = _mm512_set1_ps(scores[p2]);
-        const uint16_t* vp = vc + (size_t)p2 * D;
-        for (int i = 0; i < lanes; i++)
-            acc[i] = _mm512_fmadd_ps(wgt, bf16_to_f32(_mm256_loadu_si256((const __m256i*)(vp + 16 * i))), acc[i]);
-    }
-    const __m512 vinv = _mm512_set1_ps(inv);
-    for (int i = 0; i < lanes; i++)
-        _mm256_storeu_si256((__m256i*)(o + 16 * i), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[i], vinv)));
-}
-
-// The same for heads h0 .. h1 - 1 of one row whose caches are position-major: position p's keys for all
-// heads are kc[p * stride ...], head h at offset h * D. Positions are the outer loop, so each cache is
-// read as one stream (per-head slices of a few kB ran at two thirds of the memory's speed).
+// softmax(q . K[p] (+ mask[p]), p < n) . V for heads h0 .. h1 - 1 of one row, scores in fp32, the
+// result rounded to bf16. The caches are position-major: position p's keys for all heads are
+// kc[p * stride ...], head h at offset h * D. Positions are the outer loop, so each cache is read as one
+// stream (per-head slices of a few kB ran at two thirds of the memory's speed).
 // scores: (h1 - h0) * n floats; acc: (h1 - h0) * D floats.
 inline void attend_heads(const uint16_t* q, const uint16_t* kc, const uint16_t* vc, int n, int stride, int h0,
-                         int h1, int D, uint16_t* o, float* scores, float* acc) {
+                         int h1, int D, const float* mask, uint16_t* o, float* scores, float* acc) {
     const int nh = h1 - h0;
     float best[64];
     for (int h = 0; h < nh; h++) best[h] = -INFINITY;
@@ -129,9 +94,9 @@ inline void attend_heads(const uint16_t* q, const uint16_t* kc, const uint16_t* 
             __m512 a = _mm512_setzero_ps();
             for (int d = 0; d < D; d += kChunk)
                 a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(q + at + d), (__m512bh)_mm512_loadu_si512(kp + at + d));
-            const float sc = _mm512_reduce_add_ps(a);
+            const float sc = _mm512_reduce_add_ps(a) + (mask ? mask[p] : 0.0f);
             scores[(size_t)h * n + p] = sc;
-            if (!(sc <= best[h]) && best[h] == best[h]) best[h] = sc;  // NaN sticks, as above
+            if (!(sc <= best[h]) && best[h] == best[h]) best[h] = sc;  // a NaN score makes best NaN, for good
         }
     }
     float inv[64];
@@ -284,6 +249,19 @@ void resblock_tile(const float* x, float* y, const float* w1, const float* b1, c
     }
 }
 
+// Tasks per row: a row's heads, or a share of them when the rows are fewer than a multiple of the
+// threads (one request without guidance: one row, two threads).
+inline int head_groups(int rows, int heads, int threads) {
+    int a = rows, b = threads;
+    while (b) {
+        const int t = a % b;
+        a = b;
+        b = t;
+    }
+    const int groups = threads / a;
+    return groups > heads ? heads : groups;
+}
+
 }  // namespace
 
 extern "C" {
@@ -331,13 +309,7 @@ int attend_scratch(int heads, int D, int capacity) { return heads * (capacity + 
 
 void attend_bf16(const uint16_t* qkv, uint16_t* keys, uint16_t* values, uint16_t* out, float* scratch, int rows,
                  int heads, int D, int capacity, int pos, int threads) {
-    const int hidden = heads * D;
-    // Each task is a row's heads, or a share of them when there are fewer rows than a multiple of the
-    // threads (one request without guidance: one row, two threads).
-    int a = rows, b = threads;
-    while (b) { const int t = a % b; a = b; b = t; }
-    int groups = threads / a;
-    if (groups > heads) groups = heads;
+    const int hidden = heads * D, groups = head_groups(rows, heads, threads);
 #pragma omp parallel num_threads(threads)
     {
         float* scores = scratch + (size_t)omp_get_thread_num() * attend_scratch(heads, D, capacity);
@@ -352,21 +324,29 @@ void attend_bf16(const uint16_t* qkv, uint16_t* keys, uint16_t* values, uint16_t
             const size_t at = (size_t)pos * hidden + (size_t)h0 * D, count = (size_t)(h1 - h0) * D;
             memcpy(kc + at, q + hidden + (size_t)h0 * D, count * sizeof(uint16_t));
             memcpy(vc + at, q + 2 * hidden + (size_t)h0 * D, count * sizeof(uint16_t));
-            attend_heads(q, kc, vc, pos + 1, hidden, h0, h1, D, out + (size_t)r * hidden, scores, acc);
+            attend_heads(q, kc, vc, pos + 1, hidden, h0, h1, D, nullptr, out + (size_t)r * hidden, scores, acc);
         }
     }
 }
 
-// Cross-attention of one step: q (rows, heads * D) bf16 (scaled), keys / values (rows * heads, n, D)
-// bf16, mask (rows, n) fp32 added to the scores, or null. out (rows, heads * D) bf16.
+// Cross-attention of one step: q (rows, heads * D) bf16 (scaled), keys / values (rows, n, heads * D) bf16,
+// position-major as above, mask (rows, n) fp32 added to the scores, or null. out (rows, heads * D) bf16.
+// scratch: threads * attend_scratch(heads, D, n) floats.
 void cross_attend_bf16(const uint16_t* q, const uint16_t* keys, const uint16_t* values, const float* mask,
-                       uint16_t* out, int rows, int heads, int D, int n, int threads) {
-    const int hidden = heads * D;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int b = 0; b < rows * heads; b++) {
-        const int r = b / heads, h = b % heads;
-        attend_one(q + (size_t)r * hidden + (size_t)h * D, keys + (size_t)b * n * D, values + (size_t)b * n * D,
-                   n, mask ? mask + (size_t)r * n : nullptr, out + (size_t)r * hidden + (size_t)h * D, D);
+                       uint16_t* out, float* scratch, int rows, int heads, int D, int n, int threads) {
+    const int hidden = heads * D, groups = head_groups(rows, heads, threads);
+#pragma omp parallel num_threads(threads)
+    {
+        float* scores = scratch + (size_t)omp_get_thread_num() * attend_scratch(heads, D, n);
+        float* acc = scores + (size_t)heads * n;
+#pragma omp for schedule(static)
+        for (int task = 0; task < rows * groups; task++) {
+            const int r = task / groups, g = task % groups;
+            const int h0 = g * heads / groups, h1 = (g + 1) * heads / groups;
+            const size_t cache = (size_t)r * n * hidden;
+            attend_heads(q + (size_t)r * hidden, keys + cache, values + cache, n, hidden, h0, h1, D,
+                         mask ? mask + (size_t)r * n : nullptr, out + (size_t)r * hidden, scores, acc);
+        }
     }
 }
 
