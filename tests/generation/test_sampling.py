@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from generation import SamplingParams
@@ -57,20 +58,30 @@ def test_temperature_flattens_the_distribution() -> None:
     assert torch.allclose(freq, (scores / 2.0).softmax(-1), atol=0.03)
 
 
-def test_top_k_one_is_the_best_token() -> None:
-    scores = torch.randn(3, 4, 50)
-    tokens = choose(scores, SamplingParams(top_k=1), [torch.Generator() for _ in range(3)])
-    assert torch.equal(tokens, scores.argmax(-1))
+def test_ties_in_one_codebook_leave_the_others_to_their_top_k() -> None:
+    # codebook 0 ties three ways at its 2nd place (so each codebook keeps 4 candidates); codebook 1 has
+    # no ties and must still draw from its top 2 alone
+    scores = torch.tensor([[3.0, 1.0, 1.0, 1.0, -5.0, 0.0], [0.0, 2.0, 1.0, 3.0, -1.0, 0.5]])
+    generator = torch.Generator().manual_seed(0)
+    tokens = choose(
+        scores.expand(1, DRAWS, 2, 6).reshape(1, DRAWS * 2, 6), SamplingParams(top_k=2), [generator]
+    )
+    second = torch.bincount(tokens.view(DRAWS, 2)[:, 1], minlength=6).float() / DRAWS
+    assert torch.allclose(second, _masked_softmax(scores[1], [3, 1]), atol=0.03)
 
 
-def test_a_rows_draw_depends_on_its_seed_alone() -> None:
-    scores = torch.randn(3, 4, 2048)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16 logits tie often
+def test_a_rows_draw_depends_on_its_seed_alone(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(3)
+    scores = (torch.randn(3, 4, 2048, generator=g) * 3).to(dtype).float()
+    scores[2, 1, :300] = 50.0  # another row: 300 scores tied for the best, past top_k
     params = SamplingParams()  # top_k 250, as the bot uses
 
     def seeded(*seeds: int) -> list[torch.Generator]:
         return [torch.Generator().manual_seed(s) for s in seeds]
 
-    together = choose(scores, params, seeded(11, 12, 13))
-    alone = choose(scores[1:2], params, seeded(12))
-    assert torch.equal(together[1:2], alone)
-    assert torch.equal(choose(scores, params, seeded(11, 12, 13)), together)  # and repeats
+    for seed in range(20):
+        together = choose(scores, params, seeded(seed, seed + 1, seed + 2))
+        assert torch.equal(together[:1], choose(scores[:1], params, seeded(seed)))
+        assert torch.equal(together[1:2], choose(scores[1:2], params, seeded(seed + 1)))
+        assert torch.equal(choose(scores, params, seeded(seed, seed + 1, seed + 2)), together)  # and repeats
