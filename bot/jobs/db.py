@@ -290,9 +290,12 @@ def sole_bot(path: Path) -> Iterator[None]:
         return
     import fcntl
 
-    lock = Path(f"{path}.lock")
+    lock = Path(f"{Path(path).resolve()}.lock")  # a link to the database finds the same lock
     try:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, PRIVATE_MODE)
+        writable = True
+    except PermissionError:  # left by another user (flock needs only a read descriptor)
+        fd, writable = _open_readable(lock), False
     except OSError as exc:
         raise DatabaseError(f"cannot create the lock file {lock}: {exc.strerror or exc}") from None
     try:
@@ -305,11 +308,22 @@ def sole_bot(path: Path) -> Iterator[None]:
                 f"another musicbot{who} is already running on {path}: stop it first, or give this one"
                 " its own MUSICBOT_DB"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        except OSError as exc:  # e.g. a file system without locks
+            raise DatabaseError(f"cannot lock {lock}: {exc.strerror or exc}") from None
+        if writable:
+            with contextlib.suppress(OSError):  # the pid is for the message above, not the lock
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
         yield
     finally:
         os.close(fd)
+
+
+def _open_readable(lock: Path) -> int:
+    try:
+        return os.open(lock, os.O_RDONLY)
+    except OSError as exc:
+        raise DatabaseError(f"cannot open the lock file {lock}: {exc.strerror or exc}") from None
 
 
 @dataclass(frozen=True)

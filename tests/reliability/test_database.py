@@ -200,6 +200,39 @@ def test_the_bot_lock_is_private_and_free_again_once_released(db_path: Path) -> 
     assert file_mode(Path(f"{db_path}.lock")) == 0o600
 
 
+def test_the_bot_lock_holds_through_a_link_and_says_why_it_cannot_be_had(
+    db_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import fcntl
+
+    link = tmp_path / "elsewhere.sqlite3"
+    link.symlink_to(db_path)
+    with sole_bot(db_path), pytest.raises(DatabaseError, match="already running"), sole_bot(link):
+        pass
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)  # e.g. a network file system without a lock daemon
+    with pytest.raises(DatabaseError, match=r"cannot lock .*\.lock: No locks available"), sole_bot(db_path):
+        pass
+
+
+def test_a_lock_file_left_by_another_user_still_locks(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    Path(f"{db_path}.lock").write_text("")
+    real_open = os.open
+
+    def read_only(path: str, flags: int, *args: int) -> int:
+        if str(path).endswith(".lock") and flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied")  # as for a 0600 file of another owner
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with sole_bot(db_path), pytest.raises(DatabaseError, match="already running"), sole_bot(db_path):
+        pass
+
+
 async def test_backup_while_the_bot_runs_and_writes_gives_a_good_private_copy(
     emu: DiscordEmulator, db_path: Path, tmp_path: Path, models: FaultyModels
 ) -> None:
