@@ -184,7 +184,7 @@ class _NativeResnetBlock(torch.nn.Module):
 
 def _bias(conv: Conv1d) -> torch.Tensor:
     if conv.bias is None:
-        return torch.zeros(conv.out_channels)
+        return torch.zeros(conv.out_channels, dtype=torch.float32)
     return conv.bias.detach().float().contiguous()
 
 

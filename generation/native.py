@@ -116,7 +116,7 @@ class StepKernels:
         _require(qkv, qkv.numel() == rows * 3 * hidden, "qkv")
         out = qkv.new_empty((rows, hidden))
         threads = torch.get_num_threads()
-        scratch = torch.empty(threads * self._attend_scratch(heads, head_dim, capacity))
+        scratch = torch.empty(threads * self._attend_scratch(heads, head_dim, capacity), dtype=torch.float32)
         self._attend(
             qkv.data_ptr(),
             keys.data_ptr(),
@@ -147,7 +147,7 @@ class StepKernels:
             raise ValueError(f"mask: {mask.dtype} {tuple(mask.shape)} is not a contiguous fp32 ({rows}, {n})")
         out = q.new_empty((rows, hidden))
         threads = torch.get_num_threads()
-        scratch = torch.empty(threads * self._attend_scratch(heads, head_dim, n))
+        scratch = torch.empty(threads * self._attend_scratch(heads, head_dim, n), dtype=torch.float32)
         self._cross(
             q.data_ptr(),
             keys.data_ptr(),
@@ -185,7 +185,7 @@ class StepKernels:
         _require(w2, w2.shape == (channels // 4, hidden, 4), "w2", fp32)
         _require(b2, b2.shape == (channels,), "b2", fp32)
         threads = torch.get_num_threads()
-        scratch = torch.empty(threads * self._resblock_scratch(channels, hidden))
+        scratch = torch.empty(threads * self._resblock_scratch(channels, hidden), dtype=torch.float32)
         y = torch.empty_like(x)
         self._resblock(
             x.data_ptr(),

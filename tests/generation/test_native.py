@@ -96,6 +96,31 @@ def test_attention_writes_the_new_key_and_attends_over_the_filled_positions(
     assert torch.allclose(out.float(), want, atol=2e-2, rtol=2**-7)
 
 
+@pytest.mark.parametrize(("threads", "rows", "heads"), [(1, 2, 3), (3, 1, 5), (3, 2, 4), (3, 4, 3)])
+def test_attention_shares_heads_out_unevenly_and_still_attends_right(
+    kernels: native.StepKernels, threads: int, rows: int, heads: int
+) -> None:
+    g = torch.Generator().manual_seed(threads * 10 + rows)
+    dim, capacity, position = 32, 40, 33
+    qkv = _bf16(rows, 1, 3 * heads * dim, generator=g) * 2
+    keys, values = (
+        _bf16(rows, capacity, heads * dim, generator=g),
+        _bf16(rows, capacity, heads * dim, generator=g),
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # 3 threads over 4 heads: groups of 1, 1 and 2
+    try:
+        out = kernels.attend(qkv, keys, values, heads, position)
+    finally:
+        torch.set_num_threads(before)
+    q = qkv.view(rows, 3, heads, dim)[:, 0].float()
+    seen_k = keys[:, : position + 1].view(rows, -1, heads, dim).float()
+    seen_v = values[:, : position + 1].view(rows, -1, heads, dim).float()
+    weights = torch.einsum("rhd,rphd->rhp", q, seen_k).softmax(-1)
+    want = torch.einsum("rhp,rphd->rhd", weights, seen_v).reshape(rows, heads * dim)
+    assert torch.allclose(out.float(), want, atol=2e-2, rtol=2**-7)
+
+
 def test_self_attention_with_a_nan_key_is_nan_for_that_head_alone(kernels: native.StepKernels) -> None:
     g = torch.Generator().manual_seed(9)
     rows, heads, dim, capacity = 2, 4, 32, 20
