@@ -370,9 +370,12 @@ class _NativeAttention:
         for i, (keys, values) in enumerate(prefix):  # (rows, heads, filled, head_dim)
             self.keys[i, :, : self.filled] = keys.transpose(1, 2).reshape(rows, self.filled, -1)
             self.values[i, :, : self.filled] = values.transpose(1, 2).reshape(rows, self.filled, -1)
+        self.scratch = kernels.attention_scratch(self.heads, head_dim, length)
 
     def __call__(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
-        return self.kernels.attend(qkv, self.keys[layer], self.values[layer], self.heads, self.filled)
+        return self.kernels.attend(
+            qkv, self.keys[layer], self.values[layer], self.heads, self.filled, self.scratch
+        )
 
     def advance(self) -> None:
         self.filled += 1

@@ -105,10 +105,11 @@ class StepKernels:
         values: torch.Tensor,
         heads: int,
         position: int,
+        scratch: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Write ``position``'s key/value from ``qkv (rows, 1, 3 * heads * D)`` into the position-major
         caches ``(rows, capacity, heads * D)``, then attend over 0..position; returns ``(rows, heads * D)``
-        bf16."""
+        bf16. ``scratch`` from ``attention_scratch`` saves an allocation a call (a pass makes thousands)."""
         rows, capacity, hidden = keys.shape
         head_dim = _head_dim(keys, heads)
         _require(keys, 0 <= position < capacity, "keys")
@@ -116,7 +117,7 @@ class StepKernels:
         _require(qkv, qkv.numel() == rows * 3 * hidden, "qkv")
         out = qkv.new_empty((rows, hidden))
         threads = torch.get_num_threads()
-        scratch = torch.empty(threads * self._attend_scratch(heads, head_dim, capacity), dtype=torch.float32)
+        scratch = self._fit_scratch(scratch, threads * self._attend_scratch(heads, head_dim, capacity))
         self._attend(
             qkv.data_ptr(),
             keys.data_ptr(),
@@ -131,6 +132,19 @@ class StepKernels:
             threads,
         )
         return out
+
+    def attention_scratch(self, heads: int, head_dim: int, capacity: int) -> torch.Tensor:
+        """Working memory for ``attend`` over caches of ``capacity`` positions, for torch's threads."""
+        return torch.empty(
+            torch.get_num_threads() * self._attend_scratch(heads, head_dim, capacity), dtype=torch.float32
+        )
+
+    @staticmethod
+    def _fit_scratch(scratch: torch.Tensor | None, floats: int) -> torch.Tensor:
+        if scratch is None or scratch.numel() < floats:  # none given, or the threads have grown since
+            return torch.empty(floats, dtype=torch.float32)
+        _require(scratch, True, "scratch", torch.float32)
+        return scratch
 
     def cross_attend(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, heads: int
@@ -147,7 +161,7 @@ class StepKernels:
             raise ValueError(f"mask: {mask.dtype} {tuple(mask.shape)} is not a contiguous fp32 ({rows}, {n})")
         out = q.new_empty((rows, hidden))
         threads = torch.get_num_threads()
-        scratch = torch.empty(threads * self._attend_scratch(heads, head_dim, n), dtype=torch.float32)
+        scratch = self._fit_scratch(None, threads * self._attend_scratch(heads, head_dim, n))
         self._cross(
             q.data_ptr(),
             keys.data_ptr(),
