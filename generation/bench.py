@@ -208,6 +208,7 @@ def run_bench(
     params = sum(p.numel() for p in model.parameters())
     memory = _PeakMemory(placement.device)
     rows: list[Row] = []
+    read_speed = [_read_speed(placement.device)]
 
     def classic_run(batch: int, dtype: torch.dtype, label: str) -> None:
         place_model(model, Placement(placement.device, dtype))
@@ -244,6 +245,7 @@ def run_bench(
         if setup is not setups[-1]:
             engine.close_steps()
     assert engine is not None
+    read_speed.append(_read_speed(placement.device))
     gaps = asyncio.run(_loop_lag(engine, min(seconds, 3.0)))
     lag_p99 = statistics.quantiles(gaps, n=100)[98] * 1000 if len(gaps) > 1 else float("nan")
 
@@ -264,6 +266,7 @@ def run_bench(
             for r in rows
         ],
         "event_loop_lag_p99_ms": lag_p99,
+        "memory_read_gb_per_s": read_speed,
     }
     print(format_table(rows, figures))
     if out is not None:
@@ -296,7 +299,27 @@ def format_table(rows: list[Row], figures: dict[str, Any]) -> str:
             gain = one.compute_per_audio_second / four.compute_per_audio_second
             lines.append(f"{setup}: a batch of 4 gives {gain:.1f}x the throughput of one request")
     lines.append(f"event-loop lag p99 while the worker generates: {figures['event_loop_lag_p99_ms']:.1f} ms")
+    start, end = figures["memory_read_gb_per_s"]
+    if start is not None and end is not None:
+        lines.append(
+            f"memory read speed (torch.sum over 256 MB): {start:.0f} GB/s before the runs, {end:.0f} after;"
+            " one bf16 request is bound by it, so compare runs made at like speeds"
+        )
     return "\n".join(lines)
+
+
+def _read_speed(device: torch.device) -> float | None:
+    """GB/s of the fastest of three sums over 256 MB: on a shared host this moves by a third between
+    hours, and a one-request bf16 step (its weights read once) with it."""
+    if device.type != "cpu":
+        return None
+    data = torch.ones(64 * 2**20)
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - started)
+    return data.numel() * data.element_size() / best / 1e9
 
 
 def _label(setup: Placement) -> str:

@@ -32,8 +32,10 @@ def test_bench_times_every_setup_and_writes_its_figures(
         assert row["steps"] == 50 + 3  # 1 s at 50 frames/s, plus the delay pattern's 3 steps
         assert row["wall_seconds"] > 0 and row["peak_memory_gb"] > 0
     assert 0 <= figures["event_loop_lag_p99_ms"] < 1000
+    assert all(1 < speed < 10_000 for speed in figures["memory_read_gb_per_s"])  # GB/s, before and after
     table = capsys.readouterr().out
     assert "best of 2 runs" in table and "a batch of 4 gives" in table and "event-loop lag p99" in table
+    assert "memory read speed" in table
 
 
 def test_bench_refuses_zero_runs(capsys: pytest.CaptureFixture[str]) -> None:
