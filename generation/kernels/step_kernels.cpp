@@ -262,6 +262,37 @@ inline int head_groups(int rows, int heads, int threads) {
     return groups > heads ? heads : groups;
 }
 
+inline int attention_scratch(int heads, int D, int capacity) { return heads * (capacity + D); }
+
+// rows x heads queries q (row r at q + r * q_stride) over position-major caches (rows, capacity, heads * D),
+// attending positions 0 .. n - 1. With `fresh` (self-attention) position n - 1 is first written from it:
+// keys at fresh + r * q_stride, values heads * D further. Work is shared out as head_groups says.
+void attend_rows(const uint16_t* q, size_t q_stride, const uint16_t* fresh, uint16_t* keys, uint16_t* values,
+                 const float* mask, uint16_t* out, float* scratch, int rows, int heads, int D, int capacity,
+                 int n, int threads) {
+    const int hidden = heads * D, groups = head_groups(rows, heads, threads);
+#pragma omp parallel num_threads(threads)
+    {
+        float* scores = scratch + (size_t)omp_get_thread_num() * attention_scratch(heads, D, capacity);
+        float* acc = scores + (size_t)heads * capacity;
+#pragma omp for schedule(static)
+        for (int task = 0; task < rows * groups; task++) {
+            const int r = task / groups, g = task % groups;
+            const int h0 = g * heads / groups, h1 = (g + 1) * heads / groups;
+            uint16_t* kc = keys + (size_t)r * capacity * hidden;
+            uint16_t* vc = values + (size_t)r * capacity * hidden;
+            if (fresh) {
+                const uint16_t* k = fresh + (size_t)r * q_stride + (size_t)h0 * D;
+                const size_t at = (size_t)(n - 1) * hidden + (size_t)h0 * D, count = (size_t)(h1 - h0) * D;
+                memcpy(kc + at, k, count * sizeof(uint16_t));
+                memcpy(vc + at, k + hidden, count * sizeof(uint16_t));
+            }
+            attend_heads(q + (size_t)r * q_stride, kc, vc, n, hidden, h0, h1, D, mask ? mask + (size_t)r * n : nullptr,
+                         out + (size_t)r * hidden, scores, acc);
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -305,28 +336,13 @@ void linear_bf16(const uint16_t* packed, const uint16_t* x, const uint16_t* resi
 // keys / values (rows, capacity, heads * D) bf16, position-major: position `pos` is written from qkv,
 // then each query attends over positions 0..pos. out (rows, heads * D) bf16.
 // scratch: threads * attend_scratch(heads, D, capacity) floats.
-int attend_scratch(int heads, int D, int capacity) { return heads * (capacity + D); }
+int attend_scratch(int heads, int D, int capacity) { return attention_scratch(heads, D, capacity); }
 
 void attend_bf16(const uint16_t* qkv, uint16_t* keys, uint16_t* values, uint16_t* out, float* scratch, int rows,
                  int heads, int D, int capacity, int pos, int threads) {
-    const int hidden = heads * D, groups = head_groups(rows, heads, threads);
-#pragma omp parallel num_threads(threads)
-    {
-        float* scores = scratch + (size_t)omp_get_thread_num() * attend_scratch(heads, D, capacity);
-        float* acc = scores + (size_t)heads * capacity;
-#pragma omp for schedule(static)
-        for (int task = 0; task < rows * groups; task++) {
-            const int r = task / groups, g = task % groups;
-            const int h0 = g * heads / groups, h1 = (g + 1) * heads / groups;
-            const uint16_t* q = qkv + (size_t)r * 3 * hidden;
-            uint16_t* kc = keys + (size_t)r * capacity * hidden;
-            uint16_t* vc = values + (size_t)r * capacity * hidden;
-            const size_t at = (size_t)pos * hidden + (size_t)h0 * D, count = (size_t)(h1 - h0) * D;
-            memcpy(kc + at, q + hidden + (size_t)h0 * D, count * sizeof(uint16_t));
-            memcpy(vc + at, q + 2 * hidden + (size_t)h0 * D, count * sizeof(uint16_t));
-            attend_heads(q, kc, vc, pos + 1, hidden, h0, h1, D, nullptr, out + (size_t)r * hidden, scores, acc);
-        }
-    }
+    const size_t hidden = (size_t)heads * D;
+    attend_rows(qkv, 3 * hidden, qkv + hidden, keys, values, nullptr, out, scratch, rows, heads, D, capacity,
+                pos + 1, threads);
 }
 
 // Cross-attention of one step: q (rows, heads * D) bf16 (scaled), keys / values (rows, n, heads * D) bf16,
@@ -334,20 +350,9 @@ void attend_bf16(const uint16_t* qkv, uint16_t* keys, uint16_t* values, uint16_t
 // scratch: threads * attend_scratch(heads, D, n) floats.
 void cross_attend_bf16(const uint16_t* q, const uint16_t* keys, const uint16_t* values, const float* mask,
                        uint16_t* out, float* scratch, int rows, int heads, int D, int n, int threads) {
-    const int hidden = heads * D, groups = head_groups(rows, heads, threads);
-#pragma omp parallel num_threads(threads)
-    {
-        float* scores = scratch + (size_t)omp_get_thread_num() * attend_scratch(heads, D, n);
-        float* acc = scores + (size_t)heads * n;
-#pragma omp for schedule(static)
-        for (int task = 0; task < rows * groups; task++) {
-            const int r = task / groups, g = task % groups;
-            const int h0 = g * heads / groups, h1 = (g + 1) * heads / groups;
-            const size_t cache = (size_t)r * n * hidden;
-            attend_heads(q + (size_t)r * hidden, keys + cache, values + cache, n, hidden, h0, h1, D,
-                         mask ? mask + (size_t)r * n : nullptr, out + (size_t)r * hidden, scores, acc);
-        }
-    }
+    // read only: without `fresh` nothing is written to the caches
+    attend_rows(q, (size_t)heads * D, nullptr, const_cast<uint16_t*>(keys), const_cast<uint16_t*>(values), mask,
+                out, scratch, rows, heads, D, n, n, threads);
 }
 
 // EnCodec's residual block: y = x + b2 + W2 . ELU(b1 + W1 * pad(ELU(x))), x and y (rows, C, T) fp32
