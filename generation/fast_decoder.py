@@ -220,6 +220,12 @@ class FastDecoderState:
                 self.cross.append(
                     (keys.to(self.cross_dtype).contiguous(), values.to(self.cross_dtype).contiguous())
                 )
+        self.cross_scratch = None
+        if self.cross_native and self.cross:
+            text = self.cross[0][0].shape[1]
+            self.cross_scratch = weights.linear.kernels.attention_scratch(
+                weights.heads, weights.head_dim, text
+            )  # type: ignore[union-attr]
         self.cross_mask = None
         if cross_mask is not None and self.cross_native:  # fp32 (rows, text); reshape refuses any other size
             text = self.cross[0][0].shape[1] if self.cross else cross_mask.shape[-1]
@@ -258,7 +264,8 @@ class FastDecoderState:
         """Attention of the projected queries ``(rows, 1, hidden)`` over the text, ``(rows, ..., hidden)``."""
         keys, values = self.cross[layer]
         if self.cross_native:
-            return self.w.linear.kernels.cross_attend(q, keys, values, self.cross_mask, self.w.heads)  # type: ignore[union-attr]
+            kernels = self.w.linear.kernels
+            return kernels.cross_attend(q, keys, values, self.cross_mask, self.w.heads, self.cross_scratch)  # type: ignore[union-attr]
         q = q.view(self.rows, self.w.heads, 1, self.w.head_dim)
         if self.cross_fused:
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.cross_mask, scale=1.0)

@@ -147,10 +147,17 @@ class StepKernels:
         return scratch
 
     def cross_attend(
-        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, heads: int
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor | None,
+        heads: int,
+        scratch: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention of ``q (rows, 1, heads * D)`` over fixed position-major ``keys``/``values (rows, n,
-        heads * D)``, with an additive fp32 ``mask (rows, n)`` or None; returns ``(rows, heads * D)`` bf16."""
+        heads * D)``, with an additive fp32 ``mask (rows, n)`` or None; returns ``(rows, heads * D)`` bf16.
+        ``scratch`` as for ``attend``, from ``attention_scratch(heads, D, n)``."""
         rows, n, hidden = keys.shape
         head_dim = _head_dim(keys, heads)
         _require(values, values.shape == keys.shape, "values")
@@ -161,7 +168,7 @@ class StepKernels:
             raise ValueError(f"mask: {mask.dtype} {tuple(mask.shape)} is not a contiguous fp32 ({rows}, {n})")
         out = q.new_empty((rows, hidden))
         threads = torch.get_num_threads()
-        scratch = self._fit_scratch(None, threads * self._attend_scratch(heads, head_dim, n))
+        scratch = self._fit_scratch(scratch, threads * self._attend_scratch(heads, head_dim, n))
         self._cross(
             q.data_ptr(),
             keys.data_ptr(),
