@@ -2,8 +2,9 @@
 built on first use, else None.
 
 On a 2-core AVX-512 BF16 CPU a bf16 step is memory-bound, and oneDNN's small-batch products and
-batched attention reach about 60% of the bandwidth a plain read gets. Two small kernels close most
-of that gap (see the C++ file). They are compiled here with the system's g++ for this very
+batched attention reach about 60% of the bandwidth a plain read gets. Our weight-product and
+attention kernels close most of that gap, and a fused residual block speeds up EnCodec (see the C++
+file). They are compiled here with the system's g++ for this very
 CPU (``-march=native``) into a per-user cache, keyed by the source, the flags and the CPU, and loaded
 with ctypes. Wherever that cannot happen (no compiler, no AVX-512 BF16, not x86-64) ``load()``
 returns None and the step runs on torch's own kernels, which give the same results to rounding.
