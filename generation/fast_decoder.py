@@ -220,16 +220,15 @@ class FastDecoderState:
                 self.cross.append(
                     (keys.to(self.cross_dtype).contiguous(), values.to(self.cross_dtype).contiguous())
                 )
-        self.cross_scratch = None
-        if self.cross_native and self.cross:
-            text = self.cross[0][0].shape[1]
-            self.cross_scratch = weights.linear.kernels.attention_scratch(
-                weights.heads, weights.head_dim, text
-            )  # type: ignore[union-attr]
+        kernels, text = weights.linear.kernels, self.cross[0][0].shape[1] if self.cross else 0
+        self.cross_scratch = (
+            kernels.attention_scratch(weights.heads, weights.head_dim, text)
+            if kernels and self.cross
+            else None
+        )
         self.cross_mask = None
         if cross_mask is not None and self.cross_native:  # fp32 (rows, text); reshape refuses any other size
-            text = self.cross[0][0].shape[1] if self.cross else cross_mask.shape[-1]
-            self.cross_mask = cross_mask.float().reshape(self.rows, text).contiguous()
+            self.cross_mask = cross_mask.float().reshape(self.rows, text or cross_mask.shape[-1]).contiguous()
         elif cross_mask is not None:
             self.cross_mask = cross_mask.to(self.cross_dtype)
 

@@ -30,14 +30,14 @@ def choose(scores: torch.Tensor, params: SamplingParams, generators: list[torch.
         return scores.argmax(dim=-1)
     if params.temperature != 1.0:
         scores = scores / params.temperature
-    k = params.top_k
-    if 0 < k < scores.shape[-1]:
+    k = params.top_k if 0 < params.top_k < scores.shape[-1] else 0
+    if k:
         values, candidates = torch.topk(scores, k, dim=-1)  # each (row, codebook) on its own
         kth = values[..., -1:]
         kept = (scores >= kth).sum(dim=-1).amax(dim=-1).tolist()
     tokens = []
     for row, generator in enumerate(generators):
-        if not 0 < k < scores.shape[-1]:
+        if not k:
             row_scores, row_candidates = scores[row], None
         elif kept[row] > k:  # ties with a codebook's k-th score: keep them all
             row_scores, row_candidates = torch.topk(scores[row], kept[row], dim=-1)
