@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,12 +35,37 @@ def _bf16(*shape: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(*shape, generator=generator).to(torch.bfloat16)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 19])  # whole groups of 8 rows, remainders, both
-def test_linear_equals_the_fp32_product_to_bf16_rounding(kernels: native.StepKernels, rows: int) -> None:
+HAS_AMX = {"amx_tile", "amx_bf16"} <= cpu_flags()
+
+
+@pytest.fixture(
+    params=["avx512", pytest.param("amx", marks=pytest.mark.skipif(not HAS_AMX, reason="no AMX"))]
+)
+def products(request: pytest.FixtureRequest, kernels: native.StepKernels) -> Iterator[native.StepKernels]:
+    """The kernels with their products on AVX-512 dot products, then (where the CPU has them) on AMX."""
+    before = kernels.amx
+    kernels.amx = request.param == "amx"
+    yield kernels
+    kernels.amx = before
+
+
+def test_amx_is_used_where_the_cpu_has_it(kernels: native.StepKernels) -> None:
+    assert kernels.amx == HAS_AMX
+
+
+# rows: whole groups of 8 (AVX-512) or 16 (AMX tiles), remainders, both; K: whole 32-wide tile columns
+# and K = 48, which AMX leaves to the AVX-512 loop
+@pytest.mark.parametrize(
+    ("rows", "cols"), [(1, 64), (2, 64), (3, 64), (8, 64), (9, 64), (19, 64), (35, 96), (3, 48)]
+)
+def test_linear_equals_the_fp32_product_to_bf16_rounding(
+    products: native.StepKernels, rows: int, cols: int
+) -> None:
+    kernels = products
     g = torch.Generator().manual_seed(rows)
     weight, x, residual = (
-        _bf16(96, 64, generator=g),
-        _bf16(rows, 1, 64, generator=g),
+        _bf16(96, cols, generator=g),
+        _bf16(rows, 1, cols, generator=g),
         _bf16(rows, 1, 96, generator=g),
     )
     packed = kernels.pack(weight)
@@ -53,7 +79,8 @@ def test_linear_equals_the_fp32_product_to_bf16_rounding(kernels: native.StepKer
         assert torch.all((got.float() - want).abs() <= want.abs() * 2**-8 + 1e-6)
 
 
-def test_linear_with_gelu_equals_torchs_exact_gelu(kernels: native.StepKernels) -> None:
+def test_linear_with_gelu_equals_torchs_exact_gelu(products: native.StepKernels) -> None:
+    kernels = products
     g = torch.Generator().manual_seed(7)
     weight, x, residual = (
         _bf16(64, 64, generator=g),
