@@ -200,26 +200,34 @@ class FastDecoderState:
             self.attention = _ContiguousAttention(prefix, weights.cache_dtype)
         else:
             self.attention = _PlainAttention(prefix, length, weights.scale, weights.dtype)
+        cross_layers = []
+        if hasattr(cache, "cross_attention_cache") and weights.layers[0].cross_q is not None:
+            cross_layers = [(layer.keys, layer.values) for layer in cache.cross_attention_cache.layers]
+        # Guidance's unconditional rows come last and attend over the text of no prompt: values that are
+        # all zero (the projections have no biases), so their cross-attention adds exactly zero. Only
+        # the rows before them take part (at four requests, half the cross-attention's work).
+        self.cross_rows = self.rows
+        while self.cross_rows > 0 and all(not v[self.cross_rows - 1].any() for _, v in cross_layers):
+            self.cross_rows -= 1
         # One fused SDPA kernel is fastest over the few text positions for one request's two rows; from
         # four rows on, matmul-softmax-matmul in fp32 is (8 rows: 2.6 against 3.6 ms a step), and the
         # exact path always uses matmuls. Keys are stored the way each product wants them.
         # The native kernel takes the text's keys/values position-major, (rows, text, heads * head_dim).
         self.cross_native = weights.linear.kernels is not None
-        self.cross_fused = weights.fast_math and self.rows <= 2 and not self.cross_native
+        self.cross_fused = weights.fast_math and self.cross_rows <= 2 and not self.cross_native
         self.cross_dtype = (
             weights.dtype if self.cross_fused or self.cross_native or not weights.fast_math else torch.float32
         )
         self.cross: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if hasattr(cache, "cross_attention_cache") and weights.layers[0].cross_q is not None:
-            for layer in cache.cross_attention_cache.layers:
-                keys, values = layer.keys, layer.values
-                if self.cross_native:  # (rows, heads, text, head_dim) → (rows, text, hidden)
-                    keys, values = (t.transpose(1, 2).flatten(2) for t in (keys, values))
-                elif not self.cross_fused:
-                    keys = keys.transpose(-1, -2)
-                self.cross.append(
-                    (keys.to(self.cross_dtype).contiguous(), values.to(self.cross_dtype).contiguous())
-                )
+        for keys, values in cross_layers:
+            keys, values = keys[: self.cross_rows], values[: self.cross_rows]
+            if self.cross_native:  # (rows, heads, text, head_dim) → (rows, text, hidden)
+                keys, values = (t.transpose(1, 2).flatten(2) for t in (keys, values))
+            elif not self.cross_fused:
+                keys = keys.transpose(-1, -2)
+            self.cross.append(
+                (keys.to(self.cross_dtype).contiguous(), values.to(self.cross_dtype).contiguous())
+            )
         kernels, text = weights.linear.kernels, self.cross[0][0].shape[1] if self.cross else 0
         self.cross_scratch = (
             kernels.attention_scratch(weights.heads, weights.head_dim, text)
@@ -227,8 +235,12 @@ class FastDecoderState:
             else None
         )
         self.cross_mask = None
+        if cross_mask is not None:
+            cross_mask = cross_mask[: self.cross_rows]
         if cross_mask is not None and self.cross_native:  # fp32 (rows, text); reshape refuses any other size
-            self.cross_mask = cross_mask.float().reshape(self.rows, text or cross_mask.shape[-1]).contiguous()
+            self.cross_mask = (
+                cross_mask.float().reshape(self.cross_rows, text or cross_mask.shape[-1]).contiguous()
+            )
         elif cross_mask is not None:
             self.cross_mask = cross_mask.to(self.cross_dtype)
 
@@ -247,11 +259,14 @@ class FastDecoderState:
             h = F.layer_norm(x, (hidden,), *layer.ln1[:2], layer.ln1[2])
             attn = self.attention(i, linear(h, layer.qkv))
             x = linear.add(attn.reshape(rows, 1, hidden), layer.out, x)
-            if self.cross:
-                h = F.layer_norm(x, (hidden,), *layer.ln2[:2], layer.ln2[2])  # type: ignore[index,misc]
+            if self.cross_rows:
+                a = self.cross_rows
+                seen = x[:a]
+                h = F.layer_norm(seen, (hidden,), *layer.ln2[:2], layer.ln2[2])  # type: ignore[index,misc]
                 q = linear(h, layer.cross_q)  # type: ignore[arg-type]
                 attn = self._cross_attention(q, i)
-                x = linear.add(attn.reshape(rows, 1, hidden), layer.cross_out, x)  # type: ignore[arg-type]
+                seen = linear.add(attn.reshape(a, 1, hidden), layer.cross_out, seen)  # type: ignore[arg-type]
+                x = seen if a == rows else torch.cat([seen, x[a:]])
             h = F.layer_norm(x, (hidden,), *layer.ln3[:2], layer.ln3[2])
             x = w.feed_forward(h, layer, x)
         self.filled = pos + 1
@@ -265,7 +280,7 @@ class FastDecoderState:
         if self.cross_native:
             kernels = self.w.linear.kernels
             return kernels.cross_attend(q, keys, values, self.cross_mask, self.w.heads, self.cross_scratch)  # type: ignore[union-attr]
-        q = q.view(self.rows, self.w.heads, 1, self.w.head_dim)
+        q = q.view(self.cross_rows, self.w.heads, 1, self.w.head_dim)
         if self.cross_fused:
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.cross_mask, scale=1.0)
         scores = torch.matmul(q.to(keys.dtype), keys)

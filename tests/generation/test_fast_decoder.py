@@ -126,3 +126,22 @@ def test_contiguous_cache_attends_exactly_like_the_preallocated_one() -> None:
             assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
         plain.advance()
         contiguous.advance()
+
+
+@pytest.mark.parametrize(("guidance", "cross_rows"), [(3.0, 2), (1.0, 2)])
+def test_only_conditioned_rows_take_part_in_cross_attention(
+    tiny_model_dir: Path, guidance: float, cross_rows: int
+) -> None:
+    # with guidance the two unconditional rows (last) attend over zeros and are skipped; the fp32 test
+    # above holds the skipping to transformers' logits for those rows
+    from generation.request import SamplingParams
+
+    engine = load_engine(str(tiny_model_dir), device="cpu", dtype="float32")
+    prompts = ["calm lo-fi piano with rain", "rock"]
+    request = GenerationRequest(prompts[0], sampling=SamplingParams(guidance=guidance))
+    with torch.inference_mode():
+        conditioning = engine._condition(prompts, request)
+        conditioning.prefill(torch.full((2, engine.codebooks, 1), engine.pad_token), 4)
+    assert conditioning.state is not None
+    assert conditioning.state.rows == (4 if guidance > 1 else 2)
+    assert conditioning.state.cross_rows == cross_rows
