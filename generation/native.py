@@ -5,10 +5,11 @@ On a 2-core AVX-512 BF16 CPU a bf16 step is memory-bound, and oneDNN's small-bat
 batched attention reach about 60% of the bandwidth a plain read gets. Our weight-product and
 attention kernels close most of that gap, and a fused residual block speeds up EnCodec (see the C++
 file). Where the CPU has AMX tiles the weight products run on them: on a 2-core Xeon a step's
-products took 29 ms at 2 and 31 ms at 8 rows, against 42 and 64 on AVX-512 and 39 and 40 in oneDNN. They are compiled here with the system's g++ for this very
-CPU (``-march=native``) into a per-user cache, keyed by the source, the flags and the CPU, and loaded
-with ctypes. Wherever that cannot happen (no compiler, no AVX-512 BF16, not x86-64) ``load()``
-returns None and the step runs on torch's own kernels, which give the same results to rounding.
+products took 29 ms at 2 and 31 ms at 8 rows, against 42 and 64 on AVX-512 and 39 and 40 in oneDNN.
+They are compiled here with the system's g++ for this very CPU (``-march=native``) into a per-user
+cache, keyed by the source, the flags and the CPU, and loaded with ctypes. Wherever that cannot
+happen (no compiler, no AVX-512 BF16, not x86-64) ``load()`` returns None and the step runs on
+torch's own kernels, which give the same results to rounding.
 
 The library links the process's OpenMP runtime (torch's libgomp is already loaded under the same
 soname), so its threads are torch's threads, not a second pool fighting them for the two cores.
