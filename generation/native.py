@@ -69,6 +69,14 @@ class StepKernels:
         self._resblock.argtypes, self._resblock.restype = [p, p, p, p, p, p, p, i, i, i, i, i], None
         self._resblock_scratch = lib.resblock_scratch
         self._resblock_scratch.argtypes, self._resblock_scratch.restype = [i, i], i
+        self._upsample = lib.upsample4_f32
+        self._upsample.argtypes, self._upsample.restype = [p, p, p, p, p, i, i, i, i, i, i, i], None
+        self._upsample_scratch = lib.upsample_scratch
+        self._upsample_scratch.argtypes, self._upsample_scratch.restype = [i], i
+        self._narrow = lib.narrow_conv_f32
+        self._narrow.argtypes, self._narrow.restype = [p, p, p, p, p, i, i, i, i, i, i, i, i], None
+        self._narrow_scratch = lib.narrow_scratch
+        self._narrow_scratch.argtypes, self._narrow_scratch.restype = [i], i
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
         """A bf16 ``(N, K)`` weight in the linear kernel's panel layout (N % 32 == 0, K even)."""
@@ -233,6 +241,65 @@ class StepKernels:
             threads,
         )
         return y
+
+    @staticmethod
+    def pack_upsample(weight: torch.Tensor) -> torch.Tensor:
+        """A transposed convolution's ``weight (Cin, Cout, 8)`` in ``upsample4``'s order."""
+        cin, cout, taps = weight.shape
+        return weight.detach().float().reshape(cin, cout // 4, 4, taps).permute(1, 0, 2, 3).contiguous()
+
+    def upsample4(
+        self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, left: int, *, activate: bool
+    ) -> torch.Tensor:
+        """EnCodec's transposed convolution of stride 4 and kernel 8 on fp32 ``x (rows, Cin, T)``, or on
+        ``ELU(x)`` with ``activate``, its 4 samples of padding trimmed (``left`` at the start):
+        ``(rows, Cout, 4 T)``. ``w`` from ``pack_upsample``."""
+        rows, cin, length = x.shape
+        cout = b.shape[0]
+        fp32 = torch.float32
+        _require(x, fits_upsample(cin, cout, 8, 4) and length > 0 and 0 <= left <= 4, "x", fp32)
+        _require(w, w.shape == (cout // 4, cin, 4, 8), "w", fp32)
+        _require(b, b.shape == (cout,), "b", fp32)
+        threads = torch.get_num_threads()
+        scratch = torch.empty(threads * self._upsample_scratch(cin), dtype=fp32)
+        y = torch.empty((rows, cout, 4 * length), dtype=fp32)
+        self._upsample(
+            x.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), scratch.data_ptr(),
+            rows, cin, cout, length, left, int(activate), threads,
+        )  # fmt: skip
+        return y
+
+    def narrow_conv(
+        self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, left: int, *, activate: bool
+    ) -> torch.Tensor:
+        """A convolution to a few channels over fp32 ``x (rows, C, T)`` (or ``ELU(x)`` with ``activate``)
+        reflect-padded by ``left`` samples before and ``K - 1 - left`` after: ``(rows, O, T)`` for
+        ``w (O, C, K)``."""
+        rows, channels, length = x.shape
+        outs, _, taps = w.shape
+        fp32 = torch.float32
+        fits = fits_narrow(outs, taps) and 0 <= left < taps and length > max(left, taps - 1 - left)
+        _require(x, fits, "x", fp32)
+        _require(w, w.shape[1] == channels, "w", fp32)
+        _require(b, b.shape == (outs,), "b", fp32)
+        threads = torch.get_num_threads()
+        scratch = torch.empty(threads * self._narrow_scratch(channels), dtype=fp32)
+        y = torch.empty((rows, outs, length), dtype=fp32)
+        self._narrow(
+            x.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), scratch.data_ptr(),
+            rows, channels, outs, taps, length, left, int(activate), threads,
+        )  # fmt: skip
+        return y
+
+
+def fits_upsample(in_channels: int, out_channels: int, kernel: int, stride: int) -> bool:
+    """Whether a transposed convolution fits ``upsample4``: stride 4, kernel 8, outputs in fours."""
+    return stride == 4 and kernel == 8 and out_channels % 4 == 0 and in_channels > 0 and out_channels > 0
+
+
+def fits_narrow(out_channels: int, kernel: int) -> bool:
+    """Whether a convolution fits ``narrow_conv``: at most 4 outputs and 17 taps."""
+    return 0 < out_channels <= 4 and 0 < kernel <= 17
 
 
 def _require(tensor: torch.Tensor, sizes_fit: bool, name: str, dtype: torch.dtype = torch.bfloat16) -> None:

@@ -246,6 +246,34 @@ inline __m512 elu(__m512 x) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, zero, _CMP_NLE_UQ), neg, x);
 }
 
+// e[c][i] = ELU(x[c][t0 + i]) (or x itself) for i < count, zero for count <= i < width (a multiple of 16):
+// a tile's input, activated once for all its outputs. Where t0 + i falls outside 0 .. T - 1 the sample is
+// zero, or with `reflect` the one reflected at the track's ends (T > the reach outside).
+inline void activated_rows(const float* x, float* e, int C, int T, int t0, int count, int width, bool activate,
+                           bool reflect = false) {
+    const bool inside = t0 >= 0 && t0 + count <= T;  // all but a track's first and last tiles
+    for (int c = 0; c < C; c++) {
+        const float* xc = x + (size_t)c * T;
+        float* ec = e + (size_t)c * width;
+        if (inside) {
+            for (int i = 0; i < width; i += 16) {
+                const int left = count - i;
+                const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+                const __m512 v = _mm512_maskz_loadu_ps(m, xc + t0 + i);
+                _mm512_storeu_ps(ec + i, activate ? _mm512_maskz_mov_ps(m, elu(v)) : v);
+            }
+            continue;
+        }
+        for (int i = 0; i < width; i++) {
+            int t = t0 + i;
+            if (reflect) t = t < 0 ? -t : t >= T ? 2 * (T - 1) - t : t;
+            ec[i] = i < count && t >= 0 && t < T ? xc[t] : 0.0f;
+        }
+        if (activate)
+            for (int i = 0; i < width; i += 16) _mm512_storeu_ps(ec + i, elu(_mm512_loadu_ps(ec + i)));
+    }
+}
+
 constexpr int kTile = 64;             // samples per residual-block tile: four 16-lane vectors
 constexpr int kTileRow = kTile + 16;  // a tile's ELU(x) row: 64 samples and the 2 around them, padded
 
@@ -253,15 +281,7 @@ constexpr int kTileRow = kTile + 16;  // a tile's ELU(x) row: 64 samples and the
 void resblock_tile(const float* x, float* y, const float* w1, const float* b1, const float* w2,
                    const float* b2, int C, int H, int T, int t0, int n, float* e, float* h) {
     // e[c][i] = ELU(x[c][t0 - 1 + i]), i = 0 .. n + 1, reflected at both ends of the track; 0 after
-    for (int c = 0; c < C; c++) {
-        const float* xc = x + (size_t)c * T;
-        float* ec = e + (size_t)c * kTileRow;
-        for (int i = 0; i < kTileRow; i++) {
-            const int t = t0 - 1 + i;
-            ec[i] = i > n + 1 ? 0.0f : xc[t < 0 ? -t : t >= T ? 2 * (T - 1) - t : t];
-        }
-        for (int i = 0; i < kTileRow; i += 16) _mm512_storeu_ps(ec + i, elu(_mm512_loadu_ps(ec + i)));
-    }
+    activated_rows(x, e, C, T, t0 - 1, n + 2, kTileRow, true, true);
     // h[o][i] = ELU(b1[o] + sum over c, j of w1[o][c][j] e[c][i + j]); w1 packed [H/4][C][3][4]
     for (int o = 0; o < H; o += 4) {
         __m512 acc[4][4];
@@ -304,6 +324,74 @@ void resblock_tile(const float* x, float* y, const float* w1, const float* b1, c
                 const __m512 r = _mm512_add_ps(acc[k][v], _mm512_maskz_loadu_ps(m, x + at));
                 _mm512_mask_storeu_ps(y + at, m, r);
             }
+        }
+    }
+}
+
+// EnCodec's upsampling: a transposed convolution of stride S and kernel 2S over ELU(x), non-causal (the
+// S samples of padding trimmed, `left` of them at the start). Output sample m = q S + r - left is
+// b + sum over c of W[c][r] x[q] + W[c][r + S] x[q - 1]: one phase r at a time, 16 q in the lanes, both
+// taps a broadcast weight each; the S phases are interleaved by a scatter. OB output channels x S
+// phases of sums stay in registers (16 at S = 4) while the input channels pass once.
+constexpr int kUpTile = 16;  // input samples q per tile
+constexpr int kUpRow = 32;   // a tile's activated input row: x[q0 - 1] .. x[q0 + 15], padded
+
+template <int S, int OB>
+inline void upsample_tile(const float* e, const float* w, const float* b, float* y, int Cin, int Cout, int T,
+                          int q0, int left) {
+    const int length = T * S;
+    __m512i idx[S];
+    __mmask16 valid[S];
+    for (int r = 0; r < S; r++) {
+        const __m512i m = _mm512_add_epi32(
+            _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32(q0), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)),
+                               _mm512_set1_epi32(S)),
+            _mm512_set1_epi32(r - left));
+        valid[r] = _mm512_cmpge_epi32_mask(m, _mm512_setzero_si512()) & _mm512_cmplt_epi32_mask(m, _mm512_set1_epi32(length));
+        idx[r] = m;
+    }
+    for (int o0 = 0; o0 < Cout; o0 += OB) {
+        __m512 acc[OB][S];
+        for (int k = 0; k < OB; k++)
+            for (int r = 0; r < S; r++) acc[k][r] = _mm512_set1_ps(b[o0 + k]);
+        const float* wp = w + (size_t)o0 * Cin * 2 * S;  // packed [Cout / OB][Cin][OB][2S]
+        for (int c = 0; c < Cin; c++, wp += OB * 2 * S) {
+            const __m512 now = _mm512_loadu_ps(e + (size_t)c * kUpRow + 1), before = _mm512_loadu_ps(e + (size_t)c * kUpRow);
+            for (int k = 0; k < OB; k++)
+                for (int r = 0; r < S; r++) {
+                    acc[k][r] = _mm512_fmadd_ps(_mm512_set1_ps(wp[k * 2 * S + r]), now, acc[k][r]);
+                    acc[k][r] = _mm512_fmadd_ps(_mm512_set1_ps(wp[k * 2 * S + S + r]), before, acc[k][r]);
+                }
+        }
+        for (int k = 0; k < OB; k++)
+            for (int r = 0; r < S; r++) _mm512_mask_i32scatter_ps(y + (size_t)(o0 + k) * length, valid[r], idx[r], acc[k][r], 4);
+    }
+}
+
+// EnCodec's last convolution (to O <= 4 channels, K <= 17 taps) over ELU(x) reflect-padded by `left`
+// samples before and K - 1 - left after: y[o][t] = b[o] + sum over c, j of W[o][c][j] x[c][t + j - left],
+// 64 samples a tile, the input padded and activated once a tile (no padded copy of the track).
+constexpr int kNarrowTile = 64;
+constexpr int kNarrowRow = kNarrowTile + 16;
+
+inline void narrow_tile(const float* x, float* y, const float* w, const float* b, int C, int O, int K, int T,
+                        int left, int t0, int n, float* e, bool activate) {
+    activated_rows(x, e, C, T, t0 - left, n + K - 1, kNarrowRow, activate, true);
+    for (int o = 0; o < O; o++) {
+        __m512 acc[4];
+        for (int v = 0; v < 4; v++) acc[v] = _mm512_set1_ps(b[o]);
+        const float* wo = w + (size_t)o * C * K;
+        for (int c = 0; c < C; c++) {
+            const float* ec = e + (size_t)c * kNarrowRow;
+            for (int j = 0; j < K; j++) {
+                const __m512 wv = _mm512_set1_ps(wo[c * K + j]);
+                for (int v = 0; v < 4; v++) acc[v] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(ec + j + 16 * v), acc[v]);
+            }
+        }
+        for (int v = 0; v < 4 && 16 * v < n; v++) {
+            const int left = n - 16 * v;
+            const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+            _mm512_mask_storeu_ps(y + (size_t)o * T + t0 + 16 * v, m, acc[v]);
         }
     }
 }
@@ -457,6 +545,49 @@ void resblock_f32(const float* x, float* y, const float* w1, const float* b1, co
             const size_t offset = (size_t)r * C * T;
             const int n = T - t0 < kTile ? T - t0 : kTile;
             resblock_tile(x + offset, y + offset, w1, b1, w2, b2, C, H, T, t0, n, e, h);
+        }
+    }
+}
+
+
+// EnCodec's transposed convolution of stride 4 and kernel 8 (non-causal, `left` samples of its 4 of
+// padding trimmed at the start) over ELU(x) (or x): x (rows, Cin, T) -> y (rows, Cout, 4 T) fp32, W (Cin,
+// Cout, 8) packed [Cout / 4][Cin][4][8] by the caller, Cout % 4 == 0. scratch: threads *
+// upsample_scratch(Cin) floats.
+int upsample_scratch(int Cin) { return Cin * kUpRow; }
+
+void upsample4_f32(const float* x, float* y, const float* w, const float* b, float* scratch, int rows, int Cin,
+                   int Cout, int T, int left, int activate, int threads) {
+    const int tiles = (T + 1 + kUpTile - 1) / kUpTile;  // q runs to T: its x[q - 1] tap is the last sample's
+#pragma omp parallel num_threads(threads)
+    {
+        float* e = scratch + (size_t)omp_get_thread_num() * upsample_scratch(Cin);
+#pragma omp for schedule(static)
+        for (int job = 0; job < rows * tiles; job++) {
+            const int r = job / tiles, q0 = (job % tiles) * kUpTile;
+            const float* xr = x + (size_t)r * Cin * T;
+            activated_rows(xr, e, Cin, T, q0 - 1, kUpTile + 1, kUpRow, activate != 0);
+            upsample_tile<4, 4>(e, w, b, y + (size_t)r * Cout * T * 4, Cin, Cout, T, q0, left);
+        }
+    }
+}
+
+// EnCodec's last convolution: y (rows, O, T) = b + W * reflect_pad(ELU(x)) (or of x), x (rows, C, T) fp32,
+// `left` samples of padding before and K - 1 - left after (T > both), W (O, C, K) as is, O <= 4, K <= 17.
+// scratch: threads * narrow_scratch(C) floats.
+int narrow_scratch(int C) { return C * kNarrowRow; }
+
+void narrow_conv_f32(const float* x, float* y, const float* w, const float* b, float* scratch, int rows, int C,
+                     int O, int K, int T, int left, int activate, int threads) {
+    const int tiles = (T + kNarrowTile - 1) / kNarrowTile;
+#pragma omp parallel num_threads(threads)
+    {
+        float* e = scratch + (size_t)omp_get_thread_num() * narrow_scratch(C);
+#pragma omp for schedule(static)
+        for (int job = 0; job < rows * tiles; job++) {
+            const int r = job / tiles, t0 = (job % tiles) * kNarrowTile;
+            const int n = T - t0 < kNarrowTile ? T - t0 : kNarrowTile;
+            narrow_tile(x + (size_t)r * C * T, y + (size_t)r * O * T, w, b, C, O, K, T, left, t0, n, e, activate != 0);
         }
     }
 }

@@ -55,14 +55,17 @@ def test_narrow_convolution_equals_torchs() -> None:
 
 
 def test_the_codec_splits_after_the_first_upsampling(tiny_engine: MusicGenEngine) -> None:
-    from generation.codec import _NarrowConv1d
+    from generation.codec import _NarrowConv1d, _NativeLastConv
 
     decoder = EncodecDecoder(tiny_engine.model.audio_encoder, torch.device("cpu"))
     ratios = tiny_engine.model.config.audio_encoder.upsampling_ratios
     assert decoder.upsampled == ratios[0]
     assert decoder.hop * decoder.upsampled == tiny_engine.hop
     assert isinstance(decoder.global_layers[-1].conv, torch.nn.ConvTranspose1d)
-    assert isinstance(decoder.local_layers[-1].conv, _NarrowConv1d)  # the last, to one channel
+    last = decoder.local_layers[
+        -1
+    ]  # the last, to one channel: the native kernel's, or in torch the narrow one
+    assert isinstance(last, _NativeLastConv) or isinstance(last.conv, _NarrowConv1d)
 
 
 def test_residual_blocks_take_the_native_kernel_unless_kernels_are_off(tiny_engine: MusicGenEngine) -> None:
@@ -79,3 +82,76 @@ def test_residual_blocks_take_the_native_kernel_unless_kernels_are_off(tiny_engi
     # the tiny codec's blocks of 32, 16 and 8 channels; 4 channels (2 inside) stay with EnCodec's own
     assert fused(EncodecDecoder(encodec, torch.device("cpu"))) == 3
     assert fused(EncodecDecoder(encodec, torch.device("cpu"), kernels=False)) == 0
+
+
+def test_stride_4_upsamplings_and_the_last_convolution_take_the_kernels_with_their_elus(
+    tiny_engine: MusicGenEngine,
+) -> None:
+    from torch.nn import ELU, Identity
+
+    from generation import native
+    from generation.codec import _NarrowConv1d, _NativeLastConv, _NativeUpsample
+
+    if native.load() is None:
+        pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
+    encodec = tiny_engine.model.audio_encoder
+    before = [type(layer) for layer in encodec.decoder.layers]
+    decoder = EncodecDecoder(encodec, torch.device("cpu"))
+    layers = decoder.local_layers
+    upsampling = [i for i, layer in enumerate(layers) if isinstance(layer, _NativeUpsample)]
+    assert len(upsampling) == 2  # the tiny codec's 16 -> 8 and 8 -> 4 channels, stride 4 each
+    assert isinstance(layers[-1], _NativeLastConv) and layers[-1].activate
+    for i in [*upsampling, len(layers) - 1]:  # each one's ELU now runs inside it
+        assert isinstance(layers[i - 1], Identity)
+    assert all(layer.activate for layer in layers if isinstance(layer, _NativeUpsample))
+    # the model's own layers are untouched: EnCodec's decode still has its ELUs and convolutions
+    assert [type(layer) for layer in encodec.decoder.layers] == before
+    assert sum(isinstance(layer, ELU) for layer in encodec.decoder.layers) > 2
+    assert not isinstance(encodec.decoder.layers[-1].conv, _NarrowConv1d)
+
+    off = EncodecDecoder(encodec, torch.device("cpu"), kernels=False).local_layers
+    assert not any(isinstance(layer, (_NativeUpsample, _NativeLastConv, Identity)) for layer in off)
+    assert isinstance(off[-1].conv, _NarrowConv1d)
+
+
+@pytest.mark.parametrize(("rows", "length", "left"), [(1, 1, 2), (2, 17, 2), (3, 40, 1), (1, 64, 3)])
+def test_native_upsampling_equals_torchs_transposed_convolution(rows: int, length: int, left: int) -> None:
+    from generation import native
+
+    kernels = native.load()
+    if kernels is None:
+        pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
+    g = torch.Generator().manual_seed(length)
+    x = torch.randn(rows, 24, length, generator=g)
+    weight, bias = torch.randn(24, 12, 8, generator=g) / 5, torch.randn(12, generator=g)
+    for activate in (False, True):
+        full = torch.nn.functional.conv_transpose1d(
+            torch.nn.functional.elu(x) if activate else x, weight, bias, stride=4
+        )
+        want = full[..., left : full.shape[-1] - (4 - left)]
+        got = kernels.upsample4(x, kernels.pack_upsample(weight), bias, left, activate=activate)
+        assert got.shape == want.shape == (rows, 12, 4 * length)
+        assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+@pytest.mark.parametrize(("outs", "length", "taps"), [(1, 301, 7), (3, 8, 7), (2, 64, 3), (1, 5, 9)])
+def test_native_last_convolution_with_its_elu_and_padding_equals_encodecs(
+    outs: int, length: int, taps: int
+) -> None:
+    from generation import native
+
+    kernels = native.load()
+    if kernels is None:
+        pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
+    g = torch.Generator().manual_seed(length)
+    x = torch.randn(2, 16, length, generator=g)
+    weight, bias = torch.randn(outs, 16, taps, generator=g) / 4, torch.randn(outs, generator=g)
+    padding = taps - 1
+    left = padding - padding // 2
+    for activate in (False, True):
+        inner = torch.nn.functional.elu(x) if activate else x
+        padded = torch.nn.functional.pad(inner, (left, padding - left), mode="reflect")
+        want = torch.nn.functional.conv1d(padded, weight, bias)
+        got = kernels.narrow_conv(x, weight, bias, left, activate=activate)
+        assert got.shape == want.shape == (2, outs, length)
+        assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
