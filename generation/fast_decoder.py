@@ -243,6 +243,36 @@ class FastDecoderState:
             )
         elif cross_mask is not None:
             self.cross_mask = cross_mask.to(self.cross_dtype)
+        # With the native kernels (and GELU, as every MusicGen has) the whole step is one native call.
+        self.native_step = self._native_step() if isinstance(self.attention, _NativeAttention) else None
+
+    def _native_step(self) -> native.NativeStep | None:
+        w, attention = self.w, self.attention
+        assert isinstance(attention, _NativeAttention) and w.linear.kernels is not None
+        if not w.gelu:
+            return None
+        layers = []
+        for i, layer in enumerate(w.layers):
+            fields = {
+                "ln1": layer.ln1, "ln2": layer.ln2, "ln3": layer.ln3, "qkv": layer.qkv, "out": layer.out,
+                "cross_q": layer.cross_q, "cross_out": layer.cross_out, "fc1": layer.fc1, "fc2": layer.fc2,
+                "keys": attention.keys[i], "values": attention.values[i],
+            }  # fmt: skip
+            if self.cross_rows:
+                fields["cross_keys"], fields["cross_values"] = self.cross[i]
+            layers.append(fields)
+        return native.NativeStep(
+            w.linear.kernels,
+            heads=w.heads,
+            embeddings=w.embeddings,
+            positions=w.positions,
+            final_ln=w.final_ln,
+            lm_head=w.lm_head,
+            layers=layers,
+            rows=self.rows,
+            cross_rows=self.cross_rows,
+            cross_mask=self.cross_mask if self.cross_rows else None,
+        )
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -250,6 +280,11 @@ class FastDecoderState:
         w, pos = self.w, self.filled
         if pos >= self.length:
             raise IndexError("the decoding pass is longer than its buffers")
+        if self.native_step is not None:
+            logits = self.native_step(tokens.contiguous(), pos)
+            self.filled = pos + 1
+            self.attention.advance()
+            return logits
         x = sum(F.embedding(tokens[:, k], w.embeddings[k]) for k in range(w.codebooks))
         x = x + w.positions[pos]
         x = x[:, None, :]  # (rows, 1, hidden)

@@ -28,6 +28,7 @@ import tempfile
 import threading
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,6 +41,45 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 REQUIRED_CPU = ("avx512f", "avx512bw", "avx512_bf16")
 MAX_HEADS = 64  # self-attention's per-head state lives on the kernel's stack
 _build_lock = threading.Lock()
+
+
+_LAYER_TENSORS = (
+    "ln1_w",
+    "ln1_b",
+    "qkv",
+    "out",
+    "ln2_w",
+    "ln2_b",
+    "cross_q",
+    "cross_out",
+    "ln3_w",
+    "ln3_b",
+    "fc1",
+    "fc2",
+)
+
+
+class StepLayer(ctypes.Structure):
+    """One decoder layer for ``decoder_step`` (the C++ struct of the same name)."""
+
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in _LAYER_TENSORS),
+        *((name, ctypes.c_float) for name in ("eps1", "eps2", "eps3")),
+        *((name, ctypes.c_void_p) for name in ("keys", "values", "cross_keys", "cross_values")),
+    ]
+
+
+class StepModel(ctypes.Structure):
+    """The model-wide part of ``decoder_step``'s arguments (the C++ struct of the same name)."""
+
+    _fields_ = [
+        *((name, ctypes.c_int) for name in ("layers", "hidden", "heads", "ffn", "codebooks", "vocab")),
+        *((name, ctypes.c_int) for name in ("capacity", "text", "amx")),
+        ("embeddings", ctypes.POINTER(ctypes.c_void_p)),
+        *((name, ctypes.c_void_p) for name in ("positions", "final_w", "final_b")),
+        ("final_eps", ctypes.c_float),
+        *((name, ctypes.c_void_p) for name in ("lm_head", "cross_mask")),
+    ]
 
 
 class StepKernels:
@@ -77,6 +117,23 @@ class StepKernels:
         self._narrow.argtypes, self._narrow.restype = [p, p, p, p, p, i, i, i, i, i, i, i, i], None
         self._narrow_scratch = lib.narrow_scratch
         self._narrow_scratch.argtypes, self._narrow_scratch.restype = [i], i
+        self._step = lib.decoder_step
+        self._step.argtypes = [
+            ctypes.POINTER(StepModel),
+            ctypes.POINTER(StepLayer),
+            p,
+            p,
+            p,
+            p,
+            p,
+            i,
+            i,
+            i,
+            i,
+        ]
+        self._step.restype = None
+        self._step_work = lib.step_work
+        self._step_work.argtypes, self._step_work.restype = [i, i, i], i
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
         """A bf16 ``(N, K)`` weight in the linear kernel's panel layout (N % 32 == 0, K even)."""
@@ -290,6 +347,129 @@ class StepKernels:
             rows, channels, outs, taps, length, left, int(activate), threads,
         )  # fmt: skip
         return y
+
+
+class NativeStep:
+    """One decoding pass's whole step as one ``decoder_step`` call (embeddings, every layer, the LM
+    heads): the tensors it reads are checked once here, the tokens and position at every step.
+
+    ``layers`` holds per layer ``ln1``/``ln2``/``ln3`` as (weight, bias, eps) (``ln2`` None without
+    cross-attention), the packed ``qkv``, ``out``, ``cross_q``, ``cross_out``, ``fc1`` (followed by exact
+    GELU), ``fc2``, the self-attention ``keys``/``values`` (rows, capacity, hidden) and, with
+    cross-attention, ``cross_keys``/``cross_values`` (cross_rows, text, hidden).
+    """
+
+    def __init__(
+        self,
+        kernels: StepKernels,
+        *,
+        heads: int,
+        embeddings: list[torch.Tensor],
+        positions: torch.Tensor,
+        final_ln: tuple[torch.Tensor, torch.Tensor, float],
+        lm_head: torch.Tensor,
+        layers: list[dict[str, Any]],
+        rows: int,
+        cross_rows: int,
+        cross_mask: torch.Tensor | None,
+    ) -> None:
+        self.kernels, self.rows, self.cross_rows = kernels, rows, cross_rows
+        first = layers[0]
+        hidden = first["out"].shape[0]
+        ffn = first["fc1"].shape[0]
+        capacity = first["keys"].shape[1]
+        cross = first.get("cross_keys") is not None
+        text = first["cross_keys"].shape[1] if cross else 0
+        self.codebooks, self.vocab = len(embeddings), lm_head.shape[0] // len(embeddings)
+        self.tokens_below = min(e.shape[0] for e in embeddings)
+        self.capacity = min(capacity, positions.shape[0])
+        self._keep: list[Any] = []  # every tensor the structs point into
+
+        def ptr(
+            t: torch.Tensor | None,
+            shape: tuple[int, ...] | None,
+            name: str,
+            dtype: torch.dtype = torch.bfloat16,
+        ) -> int | None:
+            if t is None:
+                return None
+            _require(t, shape is None or tuple(t.shape) == shape, name, dtype)
+            self._keep.append(t)
+            return t.data_ptr()
+
+        def norm(
+            ln: tuple[torch.Tensor, torch.Tensor, float], name: str
+        ) -> tuple[int | None, int | None, float]:
+            w, b, eps = ln
+            return ptr(w, (hidden,), name), ptr(b, (hidden,), name), float(eps)
+
+        _head_dim(first["keys"], heads)  # heads that fit the attention kernel
+        _require(lm_head, fits_linear(lm_head.shape[0], hidden) and lm_head.shape[1] == hidden, "lm_head")
+        structs = []
+        for i, layer in enumerate(layers):
+            n = f"layer {i}"
+            ln1, ln3 = norm(layer["ln1"], n), norm(layer["ln3"], n)
+            ln2 = norm(layer["ln2"], n) if cross else (None, None, 0.0)
+            fields: dict[str, Any] = {
+                "qkv": ptr(layer["qkv"], (3 * hidden, hidden), n),
+                "out": ptr(layer["out"], (hidden, hidden), n),
+                "fc1": ptr(layer["fc1"], (ffn, hidden), n),
+                "fc2": ptr(layer["fc2"], (hidden, ffn), n),
+                "keys": ptr(layer["keys"], (rows, capacity, hidden), n),
+                "values": ptr(layer["values"], (rows, capacity, hidden), n),
+            }
+            if cross:
+                fields["cross_q"] = ptr(layer["cross_q"], (hidden, hidden), n)
+                fields["cross_out"] = ptr(layer["cross_out"], (hidden, hidden), n)
+                fields["cross_keys"] = ptr(layer["cross_keys"], (cross_rows, text, hidden), n)
+                fields["cross_values"] = ptr(layer["cross_values"], (cross_rows, text, hidden), n)
+            for k, (w, b, eps) in enumerate((ln1, ln2, ln3), 1):
+                fields[f"ln{k}_w"], fields[f"ln{k}_b"], fields[f"eps{k}"] = w, b, eps
+            structs.append(StepLayer(**fields))
+        self.layers = (StepLayer * len(structs))(*structs)
+        tables = [ptr(e, (e.shape[0], hidden), "embeddings") for e in embeddings]
+        self.tables = (ctypes.c_void_p * len(tables))(*tables)
+        final = norm(final_ln, "final layer norm")
+        sizes = {"layers": len(layers), "hidden": hidden, "heads": heads, "ffn": ffn, "text": text}
+        self.model = StepModel(
+            **sizes,
+            codebooks=self.codebooks,
+            vocab=self.vocab,
+            capacity=capacity,
+            amx=int(kernels.amx),
+            embeddings=ctypes.cast(self.tables, ctypes.POINTER(ctypes.c_void_p)),
+            positions=ptr(positions, (positions.shape[0], hidden), "positions"),
+            final_w=final[0],
+            final_b=final[1],
+            final_eps=final[2],
+            lm_head=ptr(lm_head, None, "lm_head"),
+            cross_mask=ptr(cross_mask, (cross_rows, text), "cross_mask", torch.float32) if cross else None,
+        )
+        threads = torch.get_num_threads()
+        self.threads = threads
+        self.work = torch.empty(kernels._step_work(rows, hidden, ffn), dtype=torch.bfloat16)
+        head_dim = hidden // heads
+        self.scratch = torch.empty(
+            threads * kernels._attend_scratch(heads, head_dim, max(capacity, text)), dtype=torch.float32
+        )
+        self.hidden = hidden
+
+    def __call__(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        """Logits ``(rows, codebooks, vocab)`` bf16 of the next column, given this one's ``tokens (rows,
+        codebooks)`` at ``position``."""
+        fits = tokens.shape == (self.rows, self.codebooks) and 0 <= position < self.capacity
+        _require(tokens, fits, "tokens", torch.int64)
+        if int(tokens.min()) < 0 or int(tokens.max()) >= self.tokens_below:
+            raise ValueError(f"tokens: outside the embeddings' 0 .. {self.tokens_below - 1}")
+        if torch.get_num_threads() != self.threads:  # the scratch was sized for the threads
+            raise RuntimeError("torch's thread count changed during a decoding pass")
+        x = torch.empty((self.rows, self.hidden), dtype=torch.bfloat16)
+        logits = torch.empty((self.rows, self.codebooks * self.vocab), dtype=torch.bfloat16)
+        self.kernels._step(
+            ctypes.byref(self.model), self.layers, tokens.data_ptr(), x.data_ptr(), logits.data_ptr(),
+            self.work.data_ptr(), self.scratch.data_ptr(), self.rows, self.cross_rows, position, self.threads,
+        )  # fmt: skip
+        return logits.view(self.rows, self.codebooks, self.vocab)
 
 
 def fits_upsample(in_channels: int, out_channels: int, kernel: int, stride: int) -> bool:

@@ -145,3 +145,47 @@ def test_only_conditioned_rows_take_part_in_cross_attention(
     assert conditioning.state is not None
     assert conditioning.state.rows == (4 if guidance > 1 else 2)
     assert conditioning.state.cross_rows == cross_rows
+
+
+@pytest.mark.parametrize("guidance", [3.0, 1.0])
+def test_one_native_call_a_step_gives_the_python_loops_logits(tiny_model_dir: Path, guidance: float) -> None:
+    # the whole step as one native call, against the same kernels called layer by layer from Python:
+    # the same operations in the same order and precision, so the very same logits
+    from generation import native
+    from generation.request import SamplingParams
+
+    if native.load() is None:
+        pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
+    engine = load_engine(str(tiny_model_dir), device="cpu", dtype="bfloat16")
+    prompts = ["calm lo-fi piano with rain", "rock"]
+    request = GenerationRequest(prompts[0], sampling=SamplingParams(guidance=guidance))
+    torch.manual_seed(1)
+    tokens = torch.randint(0, engine.model.config.decoder.vocab_size, (2, engine.codebooks, 40))
+    runs = []
+    for fused in (True, False):
+        with torch.inference_mode():
+            conditioning = engine._condition(prompts, request)
+            conditioning.prefill(torch.full((2, engine.codebooks, 1), engine.pad_token), 41)
+            state = conditioning.state
+            assert state is not None and (state.native_step is not None) == (state.w.linear.kind == "native")
+            assert state.native_step is not None
+            if not fused:
+                state.native_step = None
+            runs.append(torch.stack([conditioning.step(tokens[..., t]) for t in range(40)]).float())
+    fused_logits, loop_logits = runs
+    assert torch.equal(fused_logits, loop_logits)
+
+
+def test_the_native_step_refuses_tokens_outside_the_embeddings(tiny_model_dir: Path) -> None:
+    from generation import native
+
+    if native.load() is None:
+        pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
+    engine = load_engine(str(tiny_model_dir), device="cpu", dtype="bfloat16")
+    with torch.inference_mode():
+        conditioning = engine._condition(["rock"], GenerationRequest("rock"))
+        conditioning.prefill(torch.full((1, engine.codebooks, 1), engine.pad_token), 4)
+        tables = conditioning.state.w.embeddings[0].shape[0]
+        for bad in (tables, -1):
+            with pytest.raises(ValueError, match="tokens"):
+                conditioning.step(torch.full((1, engine.codebooks), bad))
