@@ -9,13 +9,18 @@ on pieces of a few hundred milliseconds that stay in the caches, each with a few
 both sides that are cut away again. Those convolutions see less than two frames to each side, so the
 result equals the one-call decode to float rounding (a test holds it to that).
 
-Where the native kernels load (``generation.native``), the residual blocks of 64 and 128 channels run
-as one fused pass each: oneDNN took 30-55 ms a piece for them, the kernel 11-13 ms.
+Where the native kernels load (``generation.native``), the layers after the LSTM run on them, each
+ELU folded into the layer it feeds: on AVX-512 the residual blocks of 64 and 128 channels, the stride-4
+upsamplings and the last convolution, in fp32; with AMX every residual block and upsampling whose
+channels fit its tiles, in three bf16 products (about 2^-16 of fp32). Four 5 s tracks on the 2-core
+Xeon: 1.6 s with oneDNN, 0.78 s with the kernels.
 """
 
 from __future__ import annotations
 
 import copy
+import ctypes
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -59,24 +64,10 @@ class EncodecDecoder:
             split, self.upsampled = first_up + 1, ratios[0]
         self.global_layers, self.local_layers = layers[:split], layers[split:]
         step_kernels = native.load() if self.pieces and kernels else None
-        for i, layer in enumerate(self.local_layers if self.pieces else ()):
-            conv = getattr(layer, "conv", None)
-            # an ELU that only feeds the next layer's kernel is applied inside it, as the kernel reads
-            # its input (padding first is the same: ELU(0) = 0, and reflection only copies samples)
-            fuse = step_kernels is not None and i > 0 and _is_elu(self.local_layers[i - 1])
-            if step_kernels is not None and _NativeLastConv.fits(layer):
-                self.local_layers[i] = _NativeLastConv(layer, step_kernels, activate=fuse)
-            elif isinstance(conv, Conv1d) and _NarrowConv1d.fits(conv):
-                self.local_layers[i] = _with_conv(layer, _NarrowConv1d(conv))
-                fuse = False
-            elif step_kernels is not None and _NativeUpsample.fits(layer):
-                self.local_layers[i] = _NativeUpsample(layer, step_kernels, activate=fuse)
-            else:
-                fuse = False
-            if step_kernels is not None and _NativeResnetBlock.fits(layer):
-                self.local_layers[i] = _NativeResnetBlock(layer, step_kernels)
-            if fuse:
-                self.local_layers[i - 1] = Identity()
+        if self.pieces:
+            _keep_freed_blocks()
+            for part in (self.global_layers, self.local_layers):
+                _native_layers(part, step_kernels)
         self.hop = 1  # output samples per column at the split
         for ratio in ratios:
             self.hop *= ratio
@@ -149,20 +140,32 @@ class _NativeResnetBlock(torch.nn.Module):
 
     At 64 and 128 channels oneDNN ran it as five passes over activations of tens of megabytes, with
     the padding and layout copies between them; wider blocks (256 and 512 channels, where the samples
-    are few) are as fast or faster in oneDNN, so they stay there.
+    are few) are as fast or faster in oneDNN, so on AVX-512 they stay there. On AMX every block whose
+    channels fit the tiles runs there, in three bf16 products (about 2^-16 of fp32).
     """
 
-    MAX_CHANNELS = 128
+    MAX_CHANNELS = 128  # the fp32 kernel's
+    MAX_AMX_CHANNELS = 512
 
     def __init__(self, block: Any, kernels: native.StepKernels) -> None:
         super().__init__()
         conv1, conv2 = block.block[1].conv, block.block[3].conv
         self.block, self.kernels = block, kernels
-        self.w1, self.w2 = kernels.pack_resblock(conv1.weight, conv2.weight)
+        self.amx = self._amx(kernels, conv1.in_channels, conv1.out_channels)
+        if self.amx:  # taps first: (3, H, C) and (1, C, H)
+            self.a1 = kernels.pack_amx_conv(conv1.weight.permute(2, 0, 1))
+            self.a2 = kernels.pack_amx_conv(conv2.weight.permute(2, 0, 1))
+        else:
+            self.w1, self.w2 = kernels.pack_resblock(conv1.weight, conv2.weight)
         self.b1, self.b2 = (_bias(conv) for conv in (conv1, conv2))
 
     @classmethod
-    def fits(cls, block: Any) -> bool:
+    def _amx(cls, kernels: native.StepKernels, channels: int, hidden: int) -> bool:
+        fits = native.fits_amx_conv(hidden, channels) and native.fits_amx_conv(channels, hidden)
+        return kernels.amx and fits and channels <= cls.MAX_AMX_CHANNELS
+
+    @classmethod
+    def fits(cls, block: Any, kernels: native.StepKernels) -> bool:
         layers = list(getattr(block, "block", ()))
         if len(layers) != 4 or not isinstance(getattr(block, "shortcut", None), Identity):
             return False
@@ -180,57 +183,77 @@ class _NativeResnetBlock(torch.nn.Module):
         if any(w.causal or w.norm_type != "weight_norm" for w in (pad_conv, point_conv)):
             return False
         first, second = convs
+        channels, hidden = first.in_channels, first.out_channels
+        wide_enough = channels <= cls.MAX_CHANNELS or cls._amx(kernels, channels, hidden)
         return (
             pad_conv.pad_mode == "reflect"
             and first.kernel_size == (3,)
             and second.kernel_size == (1,)
-            and first.in_channels == second.out_channels <= cls.MAX_CHANNELS
-            and first.out_channels == second.in_channels
-            and native.fits_resblock(first.in_channels, first.out_channels)
+            and channels == second.out_channels
+            and wide_enough
+            and hidden == second.in_channels
+            and native.fits_resblock(channels, hidden)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] < 2 or x.dtype != torch.float32:
             return self.block(x)
+        if self.amx:
+            return self.kernels.resblock_amx(x.contiguous(), self.a1, self.b1, self.a2, self.b2)
         return self.kernels.resblock(x.contiguous(), self.w1, self.b1, self.w2, self.b2)
 
 
 class _NativeUpsample(torch.nn.Module):
-    """EnCodec's transposed convolution of stride 4 (kernel 8) by the native kernel, with the ELU before
-    it folded in: oneDNN ran the 128- and 256-channel ones at 56 and 111 GFLOPS (372 and 187 ms for four
-    5 s tracks); the kernel keeps sixteen sums of four channels and four phases in registers while the
-    input channels pass once (130-170 GFLOPS).
+    """EnCodec's transposed convolutions (stride S, kernel 2S) by the native kernels, with the ELU before
+    each folded in. oneDNN ran the 128- and 256-channel ones at 56 and 111 GFLOPS (372 and 187 ms for
+    four 5 s tracks). On AVX-512 the stride-4 ones take the fp32 kernel, which keeps sixteen sums of four
+    channels and four phases in registers while the input channels pass once (130-170 GFLOPS); on AMX
+    every stride does, its S phases as two-tap products of three bf16 parts (about 2^-16 of fp32).
     """
 
     def __init__(self, layer: Any, kernels: native.StepKernels, *, activate: bool) -> None:
         super().__init__()
         conv = layer.conv
         self.layer, self.kernels, self.activate = layer, kernels, activate
-        self.weight = kernels.pack_upsample(conv.weight)
+        self.amx = self._amx(conv, kernels)
+        self.stride = conv.stride[0]
+        self.weight = (
+            kernels.pack_upsample_amx(conv.weight) if self.amx else kernels.pack_upsample(conv.weight)
+        )
         self.bias = _bias(conv)
-        padding = conv.kernel_size[0] - conv.stride[0]
+        padding = conv.kernel_size[0] - self.stride
         self.left = padding - padding // 2  # EnCodec trims the rest at the end
 
+    @staticmethod
+    def _amx(conv: ConvTranspose1d, kernels: native.StepKernels) -> bool:
+        doubled = conv.kernel_size[0] == 2 * conv.stride[0]
+        return kernels.amx and doubled and native.fits_amx_conv(conv.out_channels, conv.in_channels)
+
     @classmethod
-    def fits(cls, layer: Any) -> bool:
+    def fits(cls, layer: Any, kernels: native.StepKernels) -> bool:
         conv = getattr(layer, "conv", None)
+        if not isinstance(conv, ConvTranspose1d):
+            return False
+        sizes = (conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0])
         return (
-            isinstance(conv, ConvTranspose1d)
-            and not getattr(layer, "causal", True)
+            not getattr(layer, "causal", True)
             and getattr(layer, "norm_type", None) == "weight_norm"
             and conv.groups == 1
             and conv.dilation == (1,)
             and conv.padding == (0,)
             and conv.output_padding == (0,)
-            and native.fits_upsample(conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0])
+            and (native.fits_upsample(*sizes) or cls._amx(conv, kernels))
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or x.shape[-1] == 0:
             return self.layer(torch.nn.functional.elu(x) if self.activate else x)
-        return self.kernels.upsample4(
-            x.contiguous(), self.weight, self.bias, self.left, activate=self.activate
-        )
+        x = x.contiguous()
+        if self.amx:
+            return self.kernels.upsample_amx(
+                x, self.weight, self.bias, self.stride, self.left, activate=self.activate
+            )
+        return self.kernels.upsample4(x, self.weight, self.bias, self.left, activate=self.activate)
 
 
 class _NativeLastConv(torch.nn.Module):
@@ -269,6 +292,42 @@ class _NativeLastConv(torch.nn.Module):
         return self.kernels.narrow_conv(
             x.contiguous(), self.weight, self.bias, self.left, activate=self.activate
         )
+
+
+@lru_cache(maxsize=1)
+def _keep_freed_blocks() -> None:
+    """Have glibc keep freed blocks of up to 32 MB for reuse instead of unmapping them: a piece's
+    activations are new tensors of tens of MB at every layer, and fresh pages cost a fault and a
+    zeroing each (a four-track decode: 0.83 -> 0.76 s). Process-wide, once; elsewhere nothing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    mmap_threshold, trim_threshold = -3, -1  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    libc.mallopt(mmap_threshold, 32 * 2**20)
+    libc.mallopt(trim_threshold, 256 * 2**20)
+
+
+def _native_layers(layers: list[Any], kernels: native.StepKernels | None) -> None:
+    """The layers (in order) that the native kernels or the narrow product can take, swapped for them."""
+    for i, layer in enumerate(layers):
+        conv = getattr(layer, "conv", None)
+        # an ELU that only feeds the next layer's kernel is applied inside it, as the kernel reads its
+        # input (padding first is the same: ELU(0) = 0, and reflection only copies samples)
+        fuse = kernels is not None and i > 0 and _is_elu(layers[i - 1])
+        if kernels is not None and _NativeLastConv.fits(layer):
+            layers[i] = _NativeLastConv(layer, kernels, activate=fuse)
+        elif isinstance(conv, Conv1d) and _NarrowConv1d.fits(conv):
+            layers[i] = _with_conv(layer, _NarrowConv1d(conv))
+            fuse = False
+        elif kernels is not None and _NativeUpsample.fits(layer, kernels):
+            layers[i] = _NativeUpsample(layer, kernels, activate=fuse)
+        else:
+            fuse = False
+        if kernels is not None and _NativeResnetBlock.fits(layer, kernels):
+            layers[i] = _NativeResnetBlock(layer, kernels)
+        if fuse:
+            layers[i - 1] = Identity()
 
 
 def _with_conv(layer: Any, conv: torch.nn.Module) -> Any:

@@ -117,6 +117,20 @@ class StepKernels:
         self._narrow.argtypes, self._narrow.restype = [p, p, p, p, p, i, i, i, i, i, i, i, i], None
         self._narrow_scratch = lib.narrow_scratch
         self._narrow_scratch.argtypes, self._narrow_scratch.restype = [i], i
+        self._pack_amx = lib.pack_amx_conv
+        self._pack_amx.argtypes, self._pack_amx.restype = [p, p, p, i, i, i], None
+        self._resblock_amx = lib.resblock_amx
+        self._resblock_amx.argtypes, self._resblock_amx.restype = (
+            [p, p, p, p, p, p, p, p, p, i, i, i, i, i],
+            None,
+        )
+        self._resblock_amx_scratch = lib.resblock_amx_scratch
+        self._resblock_amx_scratch.argtypes, self._resblock_amx_scratch.restype = [i, i], i
+        self._upsample_amx = lib.upsample_amx
+        self._upsample_amx.argtypes = [p, p, p, p, p, p, i, i, i, i, i, i, i, i]
+        self._upsample_amx.restype = None
+        self._upsample_amx_scratch = lib.upsample_amx_scratch
+        self._upsample_amx_scratch.argtypes, self._upsample_amx_scratch.restype = [i, i, i], i
         self._step = lib.decoder_step
         self._step.argtypes = [
             ctypes.POINTER(StepModel),
@@ -299,6 +313,85 @@ class StepKernels:
         )
         return y
 
+    def pack_amx_conv(self, taps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A convolution's weights as ``taps (J, M, K)`` (tap j: an output-by-input matrix) split into
+        the bf16 hi and lo parts of AMX tiles, for ``resblock_amx`` and ``upsample_amx``."""
+        taps = taps.detach().float().contiguous()
+        count, rows, cols = taps.shape
+        if not fits_amx_conv(rows, cols):
+            raise ValueError(f"weights {tuple(taps.shape)} do not fit the AMX tiles")
+        hi = torch.empty(taps.shape, dtype=torch.bfloat16)
+        lo = torch.empty_like(hi)
+        self._pack_amx(taps.data_ptr(), hi.data_ptr(), lo.data_ptr(), count, rows, cols)
+        return hi, lo
+
+    def resblock_amx(
+        self,
+        x: torch.Tensor,
+        w1: tuple[torch.Tensor, torch.Tensor],
+        b1: torch.Tensor,
+        w2: tuple[torch.Tensor, torch.Tensor],
+        b2: torch.Tensor,
+    ) -> torch.Tensor:
+        """``resblock`` on AMX tiles, to about 2^-16 of fp32: ``w1`` packed from ``conv1`` as its 3 taps of
+        ``(H, C)``, ``w2`` from ``conv2`` as 1 tap of ``(C, H)`` (``pack_amx_conv``)."""
+        rows, channels, length = x.shape
+        hidden = b1.shape[0]
+        fp32 = torch.float32
+        _require(x, self.amx and fits_amx_conv(hidden, channels) and length >= 2, "x", fp32)
+        for part in w1:
+            _require(part, part.shape == (3, hidden, channels), "w1")
+        for part in w2:
+            _require(part, part.shape == (1, channels, hidden), "w2")
+        _require(b1, b1.shape == (hidden,), "b1", fp32)
+        _require(b2, b2.shape == (channels,), "b2", fp32)
+        threads = torch.get_num_threads()
+        scratch = torch.empty(threads * self._resblock_amx_scratch(channels, hidden), dtype=fp32)
+        y = torch.empty_like(x)
+        self._resblock_amx(
+            x.data_ptr(), y.data_ptr(), w1[0].data_ptr(), w1[1].data_ptr(), b1.data_ptr(),
+            w2[0].data_ptr(), w2[1].data_ptr(), b2.data_ptr(), scratch.data_ptr(),
+            rows, channels, hidden, length, threads,
+        )  # fmt: skip
+        return y
+
+    def upsample_amx(
+        self,
+        x: torch.Tensor,
+        w: tuple[torch.Tensor, torch.Tensor],
+        b: torch.Tensor,
+        stride: int,
+        left: int,
+        *,
+        activate: bool,
+    ) -> torch.Tensor:
+        """EnCodec's transposed convolution of ``stride`` S and kernel 2S on fp32 ``x (rows, Cin, T)`` (or on
+        ``ELU(x)``) on AMX tiles, to about 2^-16 of fp32, its S samples of padding trimmed (``left`` at the
+        start): ``(rows, Cout, S T)``. ``w`` from ``pack_upsample_amx``."""
+        rows, cin, length = x.shape
+        cout = b.shape[0]
+        fp32 = torch.float32
+        fits = self.amx and fits_amx_conv(cout, cin) and length > 0 and stride > 0 and 0 <= left <= stride
+        _require(x, fits, "x", fp32)
+        for part in w:
+            _require(part, part.shape == (2 * stride, cout, cin), "w")
+        _require(b, b.shape == (cout,), "b", fp32)
+        threads = torch.get_num_threads()
+        scratch = torch.empty(threads * self._upsample_amx_scratch(cin, cout, stride), dtype=fp32)
+        y = torch.empty((rows, cout, stride * length), dtype=fp32)
+        self._upsample_amx(
+            x.data_ptr(), y.data_ptr(), w[0].data_ptr(), w[1].data_ptr(), b.data_ptr(), scratch.data_ptr(),
+            rows, cin, cout, length, stride, left, int(activate), threads,
+        )  # fmt: skip
+        return y
+
+    def pack_upsample_amx(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A transposed convolution's ``weight (Cin, Cout, 2S)`` as ``upsample_amx``'s taps: for each phase
+        r, ``W[:, :, r]`` (on x[q]) then ``W[:, :, r + S]`` (on x[q - 1]), each (Cout, Cin)."""
+        stride = weight.shape[-1] // 2
+        order = [tap for r in range(stride) for tap in (r, r + stride)]
+        return self.pack_amx_conv(weight.detach().float().permute(2, 1, 0)[order])
+
     @staticmethod
     def pack_upsample(weight: torch.Tensor) -> torch.Tensor:
         """A transposed convolution's ``weight (Cin, Cout, 8)`` in ``upsample4``'s order."""
@@ -475,6 +568,11 @@ class NativeStep:
 def fits_upsample(in_channels: int, out_channels: int, kernel: int, stride: int) -> bool:
     """Whether a transposed convolution fits ``upsample4``: stride 4, kernel 8, outputs in fours."""
     return stride == 4 and kernel == 8 and out_channels % 4 == 0 and in_channels > 0 and out_channels > 0
+
+
+def fits_amx_conv(outputs: int, inputs: int) -> bool:
+    """Whether a convolution's (outputs, inputs) fit the AMX kernels' tiles: outputs in 16s, inputs in 32s."""
+    return outputs % 16 == 0 and inputs % 32 == 0 and outputs > 0 and inputs > 0
 
 
 def fits_narrow(out_channels: int, kernel: int) -> bool:

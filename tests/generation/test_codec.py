@@ -55,13 +55,14 @@ def test_narrow_convolution_equals_torchs() -> None:
 
 
 def test_the_codec_splits_after_the_first_upsampling(tiny_engine: MusicGenEngine) -> None:
-    from generation.codec import _NarrowConv1d, _NativeLastConv
+    from generation.codec import _NarrowConv1d, _NativeLastConv, _NativeUpsample
 
     decoder = EncodecDecoder(tiny_engine.model.audio_encoder, torch.device("cpu"))
     ratios = tiny_engine.model.config.audio_encoder.upsampling_ratios
     assert decoder.upsampled == ratios[0]
     assert decoder.hop * decoder.upsampled == tiny_engine.hop
-    assert isinstance(decoder.global_layers[-1].conv, torch.nn.ConvTranspose1d)
+    first_up = decoder.global_layers[-1]  # the first upsampling: EnCodec's own, or the native kernel's
+    assert isinstance(first_up, _NativeUpsample) or isinstance(first_up.conv, torch.nn.ConvTranspose1d)
     last = decoder.local_layers[
         -1
     ]  # the last, to one channel: the native kernel's, or in torch the narrow one
@@ -99,7 +100,11 @@ def test_stride_4_upsamplings_and_the_last_convolution_take_the_kernels_with_the
     decoder = EncodecDecoder(encodec, torch.device("cpu"))
     layers = decoder.local_layers
     upsampling = [i for i, layer in enumerate(layers) if isinstance(layer, _NativeUpsample)]
-    assert len(upsampling) == 2  # the tiny codec's 16 -> 8 and 8 -> 4 channels, stride 4 each
+    # the tiny codec's 16 -> 8 and 8 -> 4 channels, stride 4 each; with AMX also 32 -> 16 (stride 5)
+    amx = native.load().amx
+    assert len(upsampling) == (3 if amx else 2)
+    assert [layers[i].amx for i in upsampling] == ([True, False, False] if amx else [False, False])
+    assert isinstance(decoder.global_layers[-1], _NativeUpsample) == amx  # 64 -> 32, stride 8
     assert isinstance(layers[-1], _NativeLastConv) and layers[-1].activate
     for i in [*upsampling, len(layers) - 1]:  # each one's ELU now runs inside it
         assert isinstance(layers[i - 1], Identity)
@@ -109,8 +114,10 @@ def test_stride_4_upsamplings_and_the_last_convolution_take_the_kernels_with_the
     assert sum(isinstance(layer, ELU) for layer in encodec.decoder.layers) > 2
     assert not isinstance(encodec.decoder.layers[-1].conv, _NarrowConv1d)
 
-    off = EncodecDecoder(encodec, torch.device("cpu"), kernels=False).local_layers
+    off_decoder = EncodecDecoder(encodec, torch.device("cpu"), kernels=False)
+    off = off_decoder.local_layers
     assert not any(isinstance(layer, (_NativeUpsample, _NativeLastConv, Identity)) for layer in off)
+    assert not any(isinstance(layer, _NativeUpsample) for layer in off_decoder.global_layers)
     assert isinstance(off[-1].conv, _NarrowConv1d)
 
 
@@ -155,3 +162,33 @@ def test_native_last_convolution_with_its_elu_and_padding_equals_encodecs(
         got = kernels.narrow_conv(x, weight, bias, left, activate=activate)
         assert got.shape == want.shape == (2, outs, length)
         assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+def test_a_wider_codec_decodes_in_pieces_on_amx_to_the_same_audio() -> None:
+    # 16 filters: residual blocks of 128 and 64 channels and upsamplings of strides 8, 5 and 4 that fit
+    # AMX's tiles (the tiny codec's are too narrow), inside the real decode in pieces
+    from transformers import EncodecConfig, EncodecModel
+
+    from generation import native
+    from generation.codec import _NativeResnetBlock, _NativeUpsample
+    from generation.random_models import TINY
+
+    kernels = native.load()
+    if kernels is None or not kernels.amx:
+        pytest.skip("needs the native kernels on a CPU with AMX")
+    torch.manual_seed(0)
+    encodec = EncodecModel(EncodecConfig(**{**TINY["audio_encoder"], "num_filters": 16})).eval()
+    for layer in encodec.quantizer.layers:
+        layer.codebook.embed.copy_(torch.randn_like(layer.codebook.embed))
+    decoder = EncodecDecoder(encodec, torch.device("cpu"))
+    layers = decoder.global_layers + decoder.local_layers
+    assert sum(isinstance(layer, _NativeResnetBlock) and layer.amx for layer in layers) == 2
+    assert sum(isinstance(layer, _NativeUpsample) and layer.amx for layer in layers) == 4
+    codes = torch.randint(
+        0, encodec.config.codebook_size, (4, 4, 37), generator=torch.Generator().manual_seed(1)
+    )
+    with torch.inference_mode():
+        whole = encodec.decode(codes[None], [None] * 4).audio_values
+        pieces = decoder(codes)
+    assert pieces.shape == whole.shape == (4, 1, 37 * 640)
+    assert (pieces - whole).abs().max().item() <= 1e-5 * whole.abs().max().item()

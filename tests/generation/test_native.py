@@ -300,30 +300,42 @@ def _resnet_block(channels: int, seed: int) -> torch.nn.Module:
 def _native_block(block: torch.nn.Module, kernels: native.StepKernels) -> torch.nn.Module:
     from generation.codec import _NativeResnetBlock
 
-    assert _NativeResnetBlock.fits(block)
+    assert _NativeResnetBlock.fits(block, kernels)
     return _NativeResnetBlock(block, kernels)
 
 
-# lengths: the shortest reflect padding allows, one tile of 64 and either side of it, several tiles
-@pytest.mark.parametrize(("channels", "length"), [(8, 2), (8, 3), (32, 63), (32, 64), (32, 65), (64, 300)])
+# lengths: the shortest reflect padding allows, one tile of 64 and either side of it, several tiles;
+# channels: 64 and 256 fit AMX's tiles (the products' fixture turns it on and off), 8 and 32 do not
+@pytest.mark.parametrize(
+    ("channels", "length"), [(8, 2), (8, 3), (32, 63), (64, 2), (64, 64), (64, 65), (64, 300), (256, 70)]
+)
 def test_residual_block_equals_encodecs_to_fp32_rounding(
-    kernels: native.StepKernels, channels: int, length: int
+    products: native.StepKernels, channels: int, length: int
 ) -> None:
+    from generation.codec import _NativeResnetBlock
+
+    kernels = products
     block = _resnet_block(channels, seed=length)
+    if channels > _NativeResnetBlock.MAX_CHANNELS and not kernels.amx:  # left to oneDNN
+        assert not _NativeResnetBlock.fits(block, kernels)
+        return
     fused = _native_block(block, kernels)
+    assert fused.amx == (kernels.amx and channels >= 64)
     x = torch.randn(3, channels, length, generator=torch.Generator().manual_seed(length))
     with torch.inference_mode():
         want, got = block(x), fused(x)
     assert got.shape == want.shape and got.dtype == torch.float32
+    # fp32 rounding; on AMX three bf16 products, about 2^-16 (measured: 4e-6 of the largest sample)
     assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
 
 
-def test_residual_block_keeps_nan_where_encodecs_has_it(kernels: native.StepKernels) -> None:
-    block = _resnet_block(16, seed=1)
-    x = torch.randn(2, 16, 200)
+@pytest.mark.parametrize("channels", [16, 64])  # 64: on AMX where the CPU has it
+def test_residual_block_keeps_nan_where_encodecs_has_it(products: native.StepKernels, channels: int) -> None:
+    block = _resnet_block(channels, seed=1)
+    x = torch.randn(2, channels, 200)
     x[1, 5, 100] = float("nan")
     with torch.inference_mode():
-        want, got = block(x), _native_block(block, kernels)(x)
+        want, got = block(x), _native_block(block, products)(x)
     assert torch.equal(got.isnan(), want.isnan())
     assert want.isnan().any()
 
@@ -346,20 +358,66 @@ def test_residual_block_call_refuses_what_it_would_read_out_of_bounds(kernels: n
         assert torch.equal(fused(short), block(short))
 
 
-def test_only_encodecs_plain_residual_blocks_up_to_128_channels_take_the_kernel() -> None:
+def test_only_encodecs_plain_residual_blocks_up_to_128_channels_take_the_kernel(
+    products: native.StepKernels,
+) -> None:
     from transformers import EncodecConfig
     from transformers.models.encodec.modeling_encodec import EncodecResnetBlock
 
     from generation.codec import _NativeResnetBlock
 
+    kernels = products
     plain = EncodecConfig(use_conv_shortcut=False, pad_mode="reflect", use_causal_conv=False)
-    assert _NativeResnetBlock.fits(EncodecResnetBlock(plain, 128, [1, 1]))
-    assert not _NativeResnetBlock.fits(EncodecResnetBlock(plain, 256, [1, 1]))  # oneDNN is as fast
-    assert not _NativeResnetBlock.fits(EncodecResnetBlock(plain, 6, [1, 1]))  # hidden 3: not in 4s
-    assert not _NativeResnetBlock.fits(EncodecResnetBlock(plain, 64, [2, 1]))  # dilated
+    assert _NativeResnetBlock.fits(EncodecResnetBlock(plain, 128, [1, 1]), kernels)
+    # wider: oneDNN is as fast as the fp32 kernel; AMX is faster up to 512 channels
+    assert _NativeResnetBlock.fits(EncodecResnetBlock(plain, 256, [1, 1]), kernels) == kernels.amx
+    assert _NativeResnetBlock.fits(EncodecResnetBlock(plain, 512, [1, 1]), kernels) == kernels.amx
+    assert not _NativeResnetBlock.fits(EncodecResnetBlock(plain, 1024, [1, 1]), kernels)
+    assert not _NativeResnetBlock.fits(EncodecResnetBlock(plain, 6, [1, 1]), kernels)  # hidden 3: not in 4s
+    assert not _NativeResnetBlock.fits(EncodecResnetBlock(plain, 64, [2, 1]), kernels)  # dilated
     for other in (
         EncodecConfig(use_conv_shortcut=True, pad_mode="reflect", use_causal_conv=False),
         EncodecConfig(use_conv_shortcut=False, pad_mode="constant", use_causal_conv=False),
         EncodecConfig(use_conv_shortcut=False, pad_mode="reflect", use_causal_conv=True),
     ):
-        assert not _NativeResnetBlock.fits(EncodecResnetBlock(other, 64, [1, 1]))
+        assert not _NativeResnetBlock.fits(EncodecResnetBlock(other, 64, [1, 1]), kernels)
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="no AMX")
+@pytest.mark.parametrize(("stride", "length"), [(4, 1), (4, 63), (4, 64), (5, 30), (8, 7), (2, 100)])
+def test_amx_upsampling_equals_torchs_transposed_convolution(
+    kernels: native.StepKernels, stride: int, length: int
+) -> None:
+    g = torch.Generator().manual_seed(stride * 100 + length)
+    x = torch.randn(2, 64, length, generator=g)
+    weight = torch.randn(64, 32, 2 * stride, generator=g) / 8
+    bias = torch.randn(32, generator=g)
+    left = stride - stride // 2  # EnCodec's split of the stride's padding
+    for activate in (False, True):
+        inner = torch.nn.functional.elu(x) if activate else x
+        full = torch.nn.functional.conv_transpose1d(inner, weight, bias, stride=stride)
+        want = full[..., left : full.shape[-1] - (stride - left)]
+        got = kernels.upsample_amx(
+            x, kernels.pack_upsample_amx(weight), bias, stride, left, activate=activate
+        )
+        assert got.shape == want.shape == (2, 32, stride * length)
+        assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="no AMX")
+def test_amx_convolutions_refuse_what_their_tiles_cannot_take(kernels: native.StepKernels) -> None:
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.pack_amx_conv(torch.zeros(3, 16, 16))  # inputs not in 32s
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.pack_amx_conv(torch.zeros(1, 24, 32))  # outputs not in 16s
+    weights = kernels.pack_upsample_amx(torch.zeros(64, 32, 8))
+    with pytest.raises(ValueError, match="does not fit"):
+        kernels.upsample_amx(
+            torch.zeros(1, 64, 5), weights, torch.zeros(32), 5, 3, activate=False
+        )  # 4's taps
+    kernels.amx = False
+    try:
+        with pytest.raises(ValueError, match="does not fit"):
+            kernels.upsample_amx(torch.zeros(1, 64, 5), weights, torch.zeros(32), 4, 2, activate=False)
+    finally:
+        kernels.amx = True
