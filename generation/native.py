@@ -338,7 +338,8 @@ class StepKernels:
         rows, channels, length = x.shape
         hidden = b1.shape[0]
         fp32 = torch.float32
-        _require(x, self.amx and fits_amx_conv(hidden, channels) and length >= 2, "x", fp32)
+        fits = fits_amx_conv(hidden, channels) and fits_amx_conv(channels, hidden)  # both convolutions
+        _require(x, self.amx and fits and length >= 2, "x", fp32)
         for part in w1:
             _require(part, part.shape == (3, hidden, channels), "w1")
         for part in w2:
@@ -466,6 +467,8 @@ class NativeStep:
         cross_rows: int,
         cross_mask: torch.Tensor | None,
     ) -> None:
+        if not 0 <= cross_rows <= rows:
+            raise ValueError(f"cross_rows: {cross_rows} is not within the step's {rows} rows")
         self.kernels, self.rows, self.cross_rows = kernels, rows, cross_rows
         first = layers[0]
         hidden = first["out"].shape[0]

@@ -33,6 +33,15 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+// The AMX code is compiled for AMX whatever -march says (so the library builds on every AVX-512 BF16 CPU,
+// AMX or not) and runs only where amx_enable() gets the tiles from Linux. A compiler without AMX (g++
+// before 11, or -DMUSICBOT_NO_AMX) gets entry points that amx_enable() never lets run.
+#if defined(__has_include) && !defined(MUSICBOT_NO_AMX)
+#if __has_include(<amxtileintrin.h>)
+#define MUSICBOT_AMX 1
+#endif
+#endif
+
 namespace {
 
 constexpr int kPanel = 32;  // output columns per packed panel: two 16-lane accumulators a row
@@ -192,6 +201,10 @@ inline void panel_rows(const uint16_t* panel, const uint16_t* x, const uint16_t*
         for (int h = 0; h < 2; h++) finish16(acc[m][h], residual, y, (size_t)(m0 + m) * N + n0 + 16 * h, act);
 }
 
+#ifdef MUSICBOT_AMX
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-bf16")
+
 // AMX (Sapphire Rapids and later): one tile product takes 16 rows x 32 k x 16 columns, so at up to 16
 // rows a panel costs two products per 2 kB of weights and the step is bound by the weight stream alone
 // (the AVX-512 loop above is bound by its dot products from about 4 rows on: on a 2-core Xeon, 8 rows
@@ -238,6 +251,9 @@ inline void panel_rows_amx(const uint16_t* panel, const uint16_t* x, const uint1
         for (int h = 0; h < 2; h++)
             finish16(_mm512_loadu_ps(sums + m * kPanel + 16 * h), residual, y, (size_t)(m0 + m) * N + n0 + 16 * h, act);
 }
+
+#pragma GCC pop_options
+#endif  // MUSICBOT_AMX
 
 // ELU with alpha 1: x > 0 (or NaN) ? x : exp(x) - 1
 inline __m512 elu(__m512 x) {
@@ -395,6 +411,10 @@ inline void narrow_tile(const float* x, float* y, const float* w, const float* b
         }
     }
 }
+
+#ifdef MUSICBOT_AMX
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-bf16")
 
 // --- EnCodec's convolutions on AMX tiles, in three bf16 products for fp32 accuracy ---
 //
@@ -592,6 +612,9 @@ void upsample_amx_tile(const float* x, float* y, const uint16_t* whi, const uint
     }
 }
 
+#pragma GCC pop_options
+#endif  // MUSICBOT_AMX
+
 // Tasks per row: a row's heads, or a share of them when the rows are fewer than a multiple of the
 // threads (one request without guidance: one row, two threads).
 inline int head_groups(int rows, int heads, int threads) {
@@ -671,30 +694,6 @@ void linear_bf16(const uint16_t* packed, const uint16_t* x, const uint16_t* resi
             case 1: panel_rows<1>(panel, x, residual, y, m0, N, K, n0, act); break;
             default: break;
         }
-    }
-}
-
-// Asks the kernel for the AMX tile state (Linux gives it to a process only on request); 1 if granted.
-int amx_enable() {
-    const long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0 ? 1 : 0;
-}
-
-// linear_bf16 on AMX tiles: the same arguments and results, K % 32 == 0, after amx_enable() gave 1.
-void linear_amx_bf16(const uint16_t* packed, const uint16_t* x, const uint16_t* residual, uint16_t* y, int M,
-                     int N, int K, int act, int threads) {
-    const int panels = N / kPanel;
-#pragma omp parallel num_threads(threads)
-    {
-        alignas(64) float sums[kAmxRows * kPanel];
-        for (int m0 = 0; m0 < M; m0 += kAmxRows) {
-            const int rows = M - m0 < kAmxRows ? M - m0 : kAmxRows;
-            amx_configure(rows);  // per thread: tile state is the thread's own
-#pragma omp for schedule(static)
-            for (int b = 0; b < panels; b++)
-                panel_rows_amx(packed + (size_t)b * K * kPanel, x, residual, y, m0, rows, N, K, b * kPanel, act, sums);
-        }
-        _tile_release();  // leave no tile state behind for the OS to save at every switch
     }
 }
 
@@ -789,6 +788,34 @@ void narrow_conv_f32(const float* x, float* y, const float* w, const float* b, f
 }
 
 
+#ifdef MUSICBOT_AMX
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-bf16")
+
+// Asks the kernel for the AMX tile state (Linux gives it to a process only on request); 1 if granted.
+int amx_enable() {
+    const long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0 ? 1 : 0;
+}
+
+// linear_bf16 on AMX tiles: the same arguments and results, K % 32 == 0, after amx_enable() gave 1.
+void linear_amx_bf16(const uint16_t* packed, const uint16_t* x, const uint16_t* residual, uint16_t* y, int M,
+                     int N, int K, int act, int threads) {
+    const int panels = N / kPanel;
+#pragma omp parallel num_threads(threads)
+    {
+        alignas(64) float sums[kAmxRows * kPanel];
+        for (int m0 = 0; m0 < M; m0 += kAmxRows) {
+            const int rows = M - m0 < kAmxRows ? M - m0 : kAmxRows;
+            amx_configure(rows);  // per thread: tile state is the thread's own
+#pragma omp for schedule(static)
+            for (int b = 0; b < panels; b++)
+                panel_rows_amx(packed + (size_t)b * K * kPanel, x, residual, y, m0, rows, N, K, b * kPanel, act, sums);
+        }
+        _tile_release();  // leave no tile state behind for the OS to save at every switch
+    }
+}
+
 // EnCodec's convolutions on AMX (after amx_enable() gave 1): weights packed by pack_amx_weights (W in
 // (taps, M, K) fp32: hi and lo of taps * M * K bf16 each), x and y as for resblock_f32 / upsample4_f32.
 void pack_amx_conv(const float* W, uint16_t* hi, uint16_t* lo, int taps, int M, int K) {
@@ -836,6 +863,21 @@ void upsample_amx(const float* x, float* y, const uint16_t* whi, const uint16_t*
         _tile_release();
     }
 }
+
+#pragma GCC pop_options
+#else  // no AMX in this compiler: the entry points ctypes binds, never let run
+
+int amx_enable() { return 0; }
+void linear_amx_bf16(const uint16_t*, const uint16_t*, const uint16_t*, uint16_t*, int, int, int, int, int) {}
+void pack_amx_conv(const float*, uint16_t*, uint16_t*, int, int, int) {}
+int resblock_amx_scratch(int, int) { return 0; }
+void resblock_amx(const float*, float*, const uint16_t*, const uint16_t*, const float*, const uint16_t*,
+                  const uint16_t*, const float*, float*, int, int, int, int, int) {}
+int upsample_amx_scratch(int, int, int) { return 0; }
+void upsample_amx(const float*, float*, const uint16_t*, const uint16_t*, const float*, float*, int, int, int, int,
+                  int, int, int, int) {}
+
+#endif  // MUSICBOT_AMX
 
 // --- one whole decoding step in one call ---
 //

@@ -150,7 +150,8 @@ def test_only_conditioned_rows_take_part_in_cross_attention(
 @pytest.mark.parametrize("guidance", [3.0, 1.0])
 def test_one_native_call_a_step_gives_the_python_loops_logits(tiny_model_dir: Path, guidance: float) -> None:
     # the whole step as one native call, against the same kernels called layer by layer from Python:
-    # the same operations in the same order and precision, so the very same logits
+    # the same operations in the same order and precision; only the layer norms' fp32 sums are ordered
+    # otherwise than torch's, which moves about one bf16 output in 100,000 by one unit
     from generation import native
     from generation.request import SamplingParams
 
@@ -173,7 +174,7 @@ def test_one_native_call_a_step_gives_the_python_loops_logits(tiny_model_dir: Pa
                 state.native_step = None
             runs.append(torch.stack([conditioning.step(tokens[..., t]) for t in range(40)]).float())
     fused_logits, loop_logits = runs
-    assert torch.equal(fused_logits, loop_logits)
+    assert _worst_step_error(fused_logits, loop_logits) < 1e-3
 
 
 def test_the_native_step_refuses_tokens_outside_the_embeddings(tiny_model_dir: Path) -> None:
@@ -189,3 +190,18 @@ def test_the_native_step_refuses_tokens_outside_the_embeddings(tiny_model_dir: P
         for bad in (tables, -1):
             with pytest.raises(ValueError, match="tokens"):
                 conditioning.step(torch.full((1, engine.codebooks), bad))
+
+
+def test_the_native_step_refuses_more_cross_attention_rows_than_it_has(tiny_model_dir: Path) -> None:
+    from generation import native
+
+    if native.load() is None:
+        pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
+    engine = load_engine(str(tiny_model_dir), device="cpu", dtype="bfloat16")
+    with torch.inference_mode():
+        conditioning = engine._condition(["rock"], GenerationRequest("rock"))
+        conditioning.prefill(torch.full((1, engine.codebooks, 1), engine.pad_token), 4)
+        state = conditioning.state
+        state.cross_rows = state.rows + 1  # the step would read and write past its rows
+        with pytest.raises(ValueError, match="cross_rows"):
+            state._native_step()

@@ -421,3 +421,48 @@ def test_amx_convolutions_refuse_what_their_tiles_cannot_take(kernels: native.St
             kernels.upsample_amx(torch.zeros(1, 64, 5), weights, torch.zeros(32), 4, 2, activate=False)
     finally:
         kernels.amx = True
+
+
+def _build_with(tmp_path: Path, *extra: str) -> native.StepKernels:
+    import ctypes
+    import subprocess
+
+    target = tmp_path / "kernels.so"
+    subprocess.run(
+        ["g++", *native.FLAGS, *extra, str(native.SOURCE), "-o", str(target)], check=True, capture_output=True
+    )
+    return native.StepKernels(ctypes.CDLL(str(target)), target)
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="no AVX-512 BF16 CPU or no g++ here")
+def test_the_kernels_build_and_run_for_a_cpu_without_amx(tmp_path: Path) -> None:
+    # -march=native without AMX's extensions: what an AVX-512 BF16 CPU of an older generation gets
+    kernels = _build_with(tmp_path, "-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8")
+    kernels.amx = False
+    g = torch.Generator().manual_seed(0)
+    weight, x = _bf16(64, 64, generator=g), _bf16(3, 1, 64, generator=g)
+    got = kernels.linear(x, kernels.pack(weight)).float()
+    want = x.float() @ weight.float().T
+    assert torch.all((got - want).abs() <= want.abs() * 2**-8 + 1e-6)
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="no AVX-512 BF16 CPU or no g++ here")
+def test_a_compiler_without_amx_gives_entry_points_that_amx_enable_never_lets_run(tmp_path: Path) -> None:
+    kernels = _build_with(tmp_path, "-DMUSICBOT_NO_AMX")
+    assert not kernels.amx
+    with pytest.raises(ValueError, match="does not fit"):  # and the calls that need AMX are refused
+        kernels.upsample_amx(
+            torch.zeros(1, 64, 4), (torch.zeros(8, 32, 64),) * 2, torch.zeros(32), 4, 2, activate=False
+        )
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="no AMX")
+def test_amx_residual_block_refuses_a_hidden_width_its_second_convolution_cannot_take(
+    kernels: native.StepKernels,
+) -> None:
+    w1 = kernels.pack_amx_conv(
+        torch.zeros(3, 48, 32)
+    )  # 48 outputs fit (16s), but as inputs 48 does not (32s)
+    w2 = (torch.zeros(1, 32, 48, dtype=torch.bfloat16),) * 2
+    with pytest.raises(ValueError, match="does not fit"):
+        kernels.resblock_amx(torch.zeros(1, 32, 10), w1, torch.zeros(48), w2, torch.zeros(32))
