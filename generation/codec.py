@@ -161,7 +161,7 @@ class _NativeResnetBlock(torch.nn.Module):
 
     @classmethod
     def _amx(cls, kernels: native.StepKernels, channels: int, hidden: int) -> bool:
-        fits = native.fits_amx_conv(hidden, channels) and native.fits_amx_conv(channels, hidden)
+        fits = native.fits_amx_resblock(channels, hidden)
         return kernels.amx and fits and channels <= cls.MAX_AMX_CHANNELS
 
     @classmethod

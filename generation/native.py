@@ -89,65 +89,41 @@ class StepKernels:
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         self.path = path
         p, i = ctypes.c_void_p, ctypes.c_int
-        self._pack = lib.pack_linear_weight
-        self._pack.argtypes, self._pack.restype = [p, p, i, i], None
-        self._linear_avx512 = lib.linear_bf16
-        self._linear_amx = lib.linear_amx_bf16
-        for kernel in (self._linear_avx512, self._linear_amx):
-            kernel.argtypes, kernel.restype = [p, p, p, p, i, i, i, i, i], None
+
+        def bind(name: str, args: list[Any], result: Any = None) -> Any:
+            function = getattr(lib, name)
+            function.argtypes, function.restype = args, result
+            return function
+
+        self._pack = bind("pack_linear_weight", [p, p, i, i])
+        self._linear_avx512 = bind("linear_bf16", [p, p, p, p, i, i, i, i, i])
+        self._linear_amx = bind("linear_amx_bf16", [p, p, p, p, i, i, i, i, i])
         # AMX tiles where the CPU has them and Linux grants them to this process: the products then
         # cost the weight stream alone at any batch (see the C++ file). Tests may turn this off.
-        lib.amx_enable.argtypes, lib.amx_enable.restype = [], i
-        self.amx = {"amx_tile", "amx_bf16"} <= cpu_flags() and lib.amx_enable() == 1
-        self._attend = lib.attend_bf16
-        self._attend.argtypes, self._attend.restype = [p, p, p, p, p, i, i, i, i, i, i], None
-        self._attend_scratch = lib.attend_scratch
-        self._attend_scratch.argtypes, self._attend_scratch.restype = [i, i, i], i
-        self._cross = lib.cross_attend_bf16
-        self._cross.argtypes, self._cross.restype = [p, p, p, p, p, p, i, i, i, i, i], None
-        self._resblock = lib.resblock_f32
-        self._resblock.argtypes, self._resblock.restype = [p, p, p, p, p, p, p, i, i, i, i, i], None
-        self._resblock_scratch = lib.resblock_scratch
-        self._resblock_scratch.argtypes, self._resblock_scratch.restype = [i, i], i
-        self._upsample = lib.upsample4_f32
-        self._upsample.argtypes, self._upsample.restype = [p, p, p, p, p, i, i, i, i, i, i, i], None
-        self._upsample_scratch = lib.upsample_scratch
-        self._upsample_scratch.argtypes, self._upsample_scratch.restype = [i], i
-        self._narrow = lib.narrow_conv_f32
-        self._narrow.argtypes, self._narrow.restype = [p, p, p, p, p, i, i, i, i, i, i, i, i], None
-        self._narrow_scratch = lib.narrow_scratch
-        self._narrow_scratch.argtypes, self._narrow_scratch.restype = [i], i
-        self._pack_amx = lib.pack_amx_conv
-        self._pack_amx.argtypes, self._pack_amx.restype = [p, p, p, i, i, i], None
-        self._resblock_amx = lib.resblock_amx
-        self._resblock_amx.argtypes, self._resblock_amx.restype = (
-            [p, p, p, p, p, p, p, p, p, i, i, i, i, i],
-            None,
-        )
-        self._resblock_amx_scratch = lib.resblock_amx_scratch
-        self._resblock_amx_scratch.argtypes, self._resblock_amx_scratch.restype = [i, i], i
-        self._upsample_amx = lib.upsample_amx
-        self._upsample_amx.argtypes = [p, p, p, p, p, p, i, i, i, i, i, i, i, i]
-        self._upsample_amx.restype = None
-        self._upsample_amx_scratch = lib.upsample_amx_scratch
-        self._upsample_amx_scratch.argtypes, self._upsample_amx_scratch.restype = [i, i, i], i
-        self._step = lib.decoder_step
-        self._step.argtypes = [
-            ctypes.POINTER(StepModel),
-            ctypes.POINTER(StepLayer),
-            p,
-            p,
-            p,
-            p,
-            p,
-            i,
-            i,
-            i,
-            i,
-        ]
-        self._step.restype = None
-        self._step_work = lib.step_work
-        self._step_work.argtypes, self._step_work.restype = [i, i, i], i
+        self.amx = {"amx_tile", "amx_bf16"} <= cpu_flags() and bind("amx_enable", [], i)() == 1
+        self._attend = bind("attend_bf16", [p, p, p, p, p, i, i, i, i, i, i])
+        self._attend_scratch = bind("attend_scratch", [i, i, i], i)
+        self._cross = bind("cross_attend_bf16", [p, p, p, p, p, p, i, i, i, i, i])
+        self._resblock = bind("resblock_f32", [p, p, p, p, p, p, p, i, i, i, i, i])
+        self._resblock_scratch = bind("resblock_scratch", [i, i], i)
+        self._upsample = bind("upsample4_f32", [p, p, p, p, p, i, i, i, i, i, i, i])
+        self._upsample_scratch = bind("upsample_scratch", [i], i)
+        self._narrow = bind("narrow_conv_f32", [p, p, p, p, p, i, i, i, i, i, i, i, i])
+        self._narrow_scratch = bind("narrow_scratch", [i], i)
+        self._pack_amx = bind("pack_amx_conv", [p, p, p, i, i, i])
+        self._resblock_amx = bind("resblock_amx", [p, p, p, p, p, p, p, p, p, i, i, i, i, i])
+        self._resblock_amx_scratch = bind("resblock_amx_scratch", [i, i], i)
+        self._upsample_amx = bind("upsample_amx", [p, p, p, p, p, p, i, i, i, i, i, i, i, i])
+        self._upsample_amx_scratch = bind("upsample_amx_scratch", [i, i, i], i)
+        model, layers = ctypes.POINTER(StepModel), ctypes.POINTER(StepLayer)
+        self._step = bind("decoder_step", [model, layers, p, p, p, p, p, i, i, i, i])
+        self._step_work = bind("step_work", [i, i, i], i)
+
+    @staticmethod
+    def _threads_scratch(floats_per_thread: int) -> tuple[int, torch.Tensor]:
+        """torch's thread count and fp32 working memory for a kernel's threads."""
+        threads = torch.get_num_threads()
+        return threads, torch.empty(threads * floats_per_thread, dtype=torch.float32)
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
         """A bf16 ``(N, K)`` weight in the linear kernel's panel layout (N % 32 == 0, K even)."""
@@ -294,8 +270,7 @@ class StepKernels:
         _require(b1, b1.shape == (hidden,), "b1", fp32)
         _require(w2, w2.shape == (channels // 4, hidden, 4), "w2", fp32)
         _require(b2, b2.shape == (channels,), "b2", fp32)
-        threads = torch.get_num_threads()
-        scratch = torch.empty(threads * self._resblock_scratch(channels, hidden), dtype=torch.float32)
+        threads, scratch = self._threads_scratch(self._resblock_scratch(channels, hidden))
         y = torch.empty_like(x)
         self._resblock(
             x.data_ptr(),
@@ -338,16 +313,14 @@ class StepKernels:
         rows, channels, length = x.shape
         hidden = b1.shape[0]
         fp32 = torch.float32
-        fits = fits_amx_conv(hidden, channels) and fits_amx_conv(channels, hidden)  # both convolutions
-        _require(x, self.amx and fits and length >= 2, "x", fp32)
+        _require(x, self.amx and fits_amx_resblock(channels, hidden) and length >= 2, "x", fp32)
         for part in w1:
             _require(part, part.shape == (3, hidden, channels), "w1")
         for part in w2:
             _require(part, part.shape == (1, channels, hidden), "w2")
         _require(b1, b1.shape == (hidden,), "b1", fp32)
         _require(b2, b2.shape == (channels,), "b2", fp32)
-        threads = torch.get_num_threads()
-        scratch = torch.empty(threads * self._resblock_amx_scratch(channels, hidden), dtype=fp32)
+        threads, scratch = self._threads_scratch(self._resblock_amx_scratch(channels, hidden))
         y = torch.empty_like(x)
         self._resblock_amx(
             x.data_ptr(), y.data_ptr(), w1[0].data_ptr(), w1[1].data_ptr(), b1.data_ptr(),
@@ -377,8 +350,7 @@ class StepKernels:
         for part in w:
             _require(part, part.shape == (2 * stride, cout, cin), "w")
         _require(b, b.shape == (cout,), "b", fp32)
-        threads = torch.get_num_threads()
-        scratch = torch.empty(threads * self._upsample_amx_scratch(cin, cout, stride), dtype=fp32)
+        threads, scratch = self._threads_scratch(self._upsample_amx_scratch(cin, cout, stride))
         y = torch.empty((rows, cout, stride * length), dtype=fp32)
         self._upsample_amx(
             x.data_ptr(), y.data_ptr(), w[0].data_ptr(), w[1].data_ptr(), b.data_ptr(), scratch.data_ptr(),
@@ -411,8 +383,7 @@ class StepKernels:
         _require(x, fits_upsample(cin, cout, 8, 4) and length > 0 and 0 <= left <= 4, "x", fp32)
         _require(w, w.shape == (cout // 4, cin, 4, 8), "w", fp32)
         _require(b, b.shape == (cout,), "b", fp32)
-        threads = torch.get_num_threads()
-        scratch = torch.empty(threads * self._upsample_scratch(cin), dtype=fp32)
+        threads, scratch = self._threads_scratch(self._upsample_scratch(cin))
         y = torch.empty((rows, cout, 4 * length), dtype=fp32)
         self._upsample(
             x.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), scratch.data_ptr(),
@@ -433,8 +404,7 @@ class StepKernels:
         _require(x, fits, "x", fp32)
         _require(w, w.shape[1] == channels, "w", fp32)
         _require(b, b.shape == (outs,), "b", fp32)
-        threads = torch.get_num_threads()
-        scratch = torch.empty(threads * self._narrow_scratch(channels), dtype=fp32)
+        threads, scratch = self._threads_scratch(self._narrow_scratch(channels))
         y = torch.empty((rows, outs, length), dtype=fp32)
         self._narrow(
             x.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), scratch.data_ptr(),
@@ -548,7 +518,7 @@ class NativeStep:
         self.scratch = torch.empty(
             threads * kernels._attend_scratch(heads, head_dim, max(capacity, text)), dtype=torch.float32
         )
-        self.hidden = hidden
+        self.x = torch.empty((rows, hidden), dtype=torch.bfloat16)  # the step's hidden states
 
     def __call__(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
         """Logits ``(rows, codebooks, vocab)`` bf16 of the next column, given this one's ``tokens (rows,
@@ -559,10 +529,9 @@ class NativeStep:
             raise ValueError(f"tokens: outside the embeddings' 0 .. {self.tokens_below - 1}")
         if torch.get_num_threads() != self.threads:  # the scratch was sized for the threads
             raise RuntimeError("torch's thread count changed during a decoding pass")
-        x = torch.empty((self.rows, self.hidden), dtype=torch.bfloat16)
         logits = torch.empty((self.rows, self.codebooks * self.vocab), dtype=torch.bfloat16)
         self.kernels._step(
-            ctypes.byref(self.model), self.layers, tokens.data_ptr(), x.data_ptr(), logits.data_ptr(),
+            ctypes.byref(self.model), self.layers, tokens.data_ptr(), self.x.data_ptr(), logits.data_ptr(),
             self.work.data_ptr(), self.scratch.data_ptr(), self.rows, self.cross_rows, position, self.threads,
         )  # fmt: skip
         return logits.view(self.rows, self.codebooks, self.vocab)
@@ -571,6 +540,11 @@ class NativeStep:
 def fits_upsample(in_channels: int, out_channels: int, kernel: int, stride: int) -> bool:
     """Whether a transposed convolution fits ``upsample4``: stride 4, kernel 8, outputs in fours."""
     return stride == 4 and kernel == 8 and out_channels % 4 == 0 and in_channels > 0 and out_channels > 0
+
+
+def fits_amx_resblock(channels: int, hidden: int) -> bool:
+    """Whether both of a residual block's convolutions (C -> H, then H -> C) fit the AMX tiles."""
+    return fits_amx_conv(hidden, channels) and fits_amx_conv(channels, hidden)
 
 
 def fits_amx_conv(outputs: int, inputs: int) -> bool:

@@ -54,6 +54,11 @@ inline __m512 bf16_to_f32(__m256i h) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// Lanes 0 .. left - 1 of sixteen (all for left >= 16, none for left <= 0): a tile's tail.
+inline __mmask16 first_lanes(int left) {
+    return left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : (__mmask16)0;
+}
+
 // exp for x <= 0 (softmax after subtracting the max): 2^(x log2 e), split into 2^i * 2^f, f in [-0.5, 0.5]
 inline __m512 exp_neg(__m512 x) {
     const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
@@ -273,8 +278,7 @@ inline void activated_rows(const float* x, float* e, int C, int T, int t0, int c
         float* ec = e + (size_t)c * width;
         if (inside) {
             for (int i = 0; i < width; i += 16) {
-                const int left = count - i;
-                const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+                const __mmask16 m = first_lanes(count - i);
                 const __m512 v = _mm512_maskz_loadu_ps(m, xc + t0 + i);
                 _mm512_storeu_ps(ec + i, activate ? _mm512_maskz_mov_ps(m, elu(v)) : v);
             }
@@ -333,8 +337,7 @@ void resblock_tile(const float* x, float* y, const float* w1, const float* b1, c
             }
         }
         for (int v = 0; v < 4 && 16 * v < n; v++) {
-            const int left = n - 16 * v;
-            const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+            const __mmask16 m = first_lanes(n - 16 * v);
             for (int k = 0; k < 4; k++) {
                 const size_t at = (size_t)(c + k) * T + t0 + 16 * v;
                 const __m512 r = _mm512_add_ps(acc[k][v], _mm512_maskz_loadu_ps(m, x + at));
@@ -405,8 +408,7 @@ inline void narrow_tile(const float* x, float* y, const float* w, const float* b
             }
         }
         for (int v = 0; v < 4 && 16 * v < n; v++) {
-            const int left = n - 16 * v;
-            const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+            const __mmask16 m = first_lanes(n - 16 * v);
             _mm512_mask_storeu_ps(y + (size_t)o * T + t0 + 16 * v, m, acc[v]);
         }
     }
@@ -533,8 +535,7 @@ void resblock_amx_tile(const float* x, float* y, const uint16_t* w1hi, const uin
     for (int c = 0; c < C; c++) {
         const __m512 bias = _mm512_set1_ps(b2[c]);
         for (int t = 0; t < n; t += 16) {
-            const int left = n - t;
-            const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+            const __mmask16 m = first_lanes(n - t);
             const size_t at = (size_t)c * T + t0 + t;
             const __m512 r = _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(out + (size_t)c * kAmxConvTile + t), bias),
                                            _mm512_maskz_loadu_ps(m, x + at));

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -177,7 +178,9 @@ def test_one_native_call_a_step_gives_the_python_loops_logits(tiny_model_dir: Pa
     assert _worst_step_error(fused_logits, loop_logits) < 1e-3
 
 
-def test_the_native_step_refuses_tokens_outside_the_embeddings(tiny_model_dir: Path) -> None:
+def _one_native_pass(tiny_model_dir: Path) -> tuple[Any, int]:
+    """A bf16 pass of one request on the native kernels, prefilled (skips where they cannot be built);
+    returns its conditioning and the model's codebooks."""
     from generation import native
 
     if native.load() is None:
@@ -186,22 +189,20 @@ def test_the_native_step_refuses_tokens_outside_the_embeddings(tiny_model_dir: P
     with torch.inference_mode():
         conditioning = engine._condition(["rock"], GenerationRequest("rock"))
         conditioning.prefill(torch.full((1, engine.codebooks, 1), engine.pad_token), 4)
-        tables = conditioning.state.w.embeddings[0].shape[0]
+    return conditioning, engine.codebooks
+
+
+def test_the_native_step_refuses_tokens_outside_the_embeddings(tiny_model_dir: Path) -> None:
+    conditioning, codebooks = _one_native_pass(tiny_model_dir)
+    tables = conditioning.state.w.embeddings[0].shape[0]
+    with torch.inference_mode():
         for bad in (tables, -1):
             with pytest.raises(ValueError, match="tokens"):
-                conditioning.step(torch.full((1, engine.codebooks), bad))
+                conditioning.step(torch.full((1, codebooks), bad))
 
 
 def test_the_native_step_refuses_more_cross_attention_rows_than_it_has(tiny_model_dir: Path) -> None:
-    from generation import native
-
-    if native.load() is None:
-        pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
-    engine = load_engine(str(tiny_model_dir), device="cpu", dtype="bfloat16")
-    with torch.inference_mode():
-        conditioning = engine._condition(["rock"], GenerationRequest("rock"))
-        conditioning.prefill(torch.full((1, engine.codebooks, 1), engine.pad_token), 4)
-        state = conditioning.state
-        state.cross_rows = state.rows + 1  # the step would read and write past its rows
-        with pytest.raises(ValueError, match="cross_rows"):
-            state._native_step()
+    state = _one_native_pass(tiny_model_dir)[0].state
+    state.cross_rows = state.rows + 1  # the step would read and write past its rows
+    with pytest.raises(ValueError, match="cross_rows"):
+        state._native_step()
