@@ -1,7 +1,8 @@
-"""The job service: a fair queue in front of the one generation worker, per-user limits, and every
-job in SQLite. It knows users and seconds; it reaches the model only through ``generation``."""
+"""The job service: a fair queue shared by bot processes and generation workers, per-user limits,
+and every job in one store (SQLite, or PostgreSQL for many processes). It knows users and seconds;
+it reaches the model only through ``generation``, in the worker side."""
 
-from bot.jobs.db import Database, DatabaseError, backup_database, open_database, sole_bot
+from bot.jobs.db import Database, DatabaseError, backup_database, is_postgres, open_database, sole_bot
 from bot.jobs.errors import (
     BotError,
     InvalidLimit,
@@ -29,8 +30,10 @@ from bot.jobs.models import (
     QueueEntry,
     TrackRef,
     Usage,
+    utc_now,
 )
-from bot.jobs.service import JobService, WorkerFactory, utc_now
+from bot.jobs.service import JobService, ServiceOptions
+from bot.jobs.worker import JobWorker, WorkerFactory, WorkerOptions
 
 __all__ = [
     "INTERACTION_LIFETIME",
@@ -49,6 +52,7 @@ __all__ = [
     "JobService",
     "JobState",
     "JobTrack",
+    "JobWorker",
     "LimitExceeded",
     "LimitOverride",
     "MelodyUnavailable",
@@ -58,11 +62,14 @@ __all__ = [
     "QueueEntry",
     "QueueFull",
     "ServiceClosed",
+    "ServiceOptions",
     "TrackNotFound",
     "TrackRef",
     "Usage",
     "WorkerFactory",
+    "WorkerOptions",
     "backup_database",
+    "is_postgres",
     "open_database",
     "sole_bot",
     "utc_now",

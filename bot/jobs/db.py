@@ -15,11 +15,11 @@ import logging
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiosqlite
 
@@ -129,6 +129,44 @@ MIGRATIONS: tuple[str, ...] = (
         created_at             TEXT NOT NULL
     );
     """,
+    """
+    -- Workers in processes of their own: who runs a job (worker_id, attempts fence its writes), until
+    -- when its lease holds, how far it is; which bot process owns its replies (owner_id).
+    ALTER TABLE jobs ADD COLUMN worker_id TEXT;
+    ALTER TABLE jobs ADD COLUMN lease_until TEXT;
+    ALTER TABLE jobs ADD COLUMN progress_done INTEGER;
+    ALTER TABLE jobs ADD COLUMN progress_total INTEGER;
+    ALTER TABLE jobs ADD COLUMN owner_id TEXT;
+    ALTER TABLE pending_requests ADD COLUMN owner_id TEXT;
+    CREATE INDEX jobs_worker ON jobs (worker_id) WHERE state = 'running';
+    CREATE TABLE workers (
+        id           TEXT PRIMARY KEY,
+        host         TEXT NOT NULL,
+        pid          INTEGER NOT NULL,
+        device       TEXT NOT NULL,
+        model        TEXT,
+        model_info   TEXT CHECK (model_info IS NULL OR json_valid(model_info)),
+        batch        TEXT CHECK (batch IS NULL OR json_valid(batch)),
+        started_at   TEXT NOT NULL,
+        heartbeat_at TEXT NOT NULL,
+        stopped_at   TEXT,
+        last_error   TEXT
+    );
+    CREATE TABLE bots (
+        id           TEXT PRIMARY KEY,
+        host         TEXT NOT NULL,
+        pid          INTEGER NOT NULL,
+        shards       TEXT,
+        started_at   TEXT NOT NULL,
+        heartbeat_at TEXT NOT NULL,
+        stopped_at   TEXT
+    );
+    -- Whose turn it is, shared by every worker: the claim that served each user last.
+    CREATE TABLE fair_turns (
+        user_id     INTEGER PRIMARY KEY,
+        last_served INTEGER NOT NULL
+    );
+    """,
 )
 
 
@@ -152,10 +190,27 @@ def from_db_time(text: str | None) -> datetime | None:
 class Database:
     """One connection and the lock that keeps its transactions apart."""
 
+    kind = "sqlite"
+    # One bot per file (``sole_bot``): whatever another bot process left is its own to take over.
+    shared = False
+
     def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
         self._conn = conn
         self._lock = asyncio.Lock()
+        self._subscribers: list[asyncio.Event] = []
         self.path = path
+        self.url: str | None = None
+
+    def subscribe(self) -> asyncio.Event:
+        """An event set whenever a change commits in this process (SQLite cannot notify another
+        process: readers there poll). The subscriber clears it before it reads again."""
+        event = asyncio.Event()
+        self._subscribers.append(event)
+        return event
+
+    def changed(self) -> None:
+        for event in self._subscribers:
+            event.set()
 
     @classmethod
     async def open(cls, path: Path | str, *, busy_timeout_ms: int | None = None) -> Database:
@@ -218,12 +273,15 @@ class Database:
         """A write transaction (``BEGIN IMMEDIATE``): takes the write lock first, so reads in it stay true."""
         async with self._lock:
             await self._conn.execute("BEGIN IMMEDIATE")
+            tx = Tx(self._conn)
             try:
-                yield Tx(self._conn)
+                yield tx
             except BaseException:
                 await self._conn.execute("ROLLBACK")
                 raise
             await self._conn.execute("COMMIT")
+        if tx.notified:
+            self.changed()
 
     @asynccontextmanager
     async def snapshot(self) -> AsyncIterator[Tx]:
@@ -241,6 +299,14 @@ class Tx:
 
     def __init__(self, conn: aiosqlite.Connection) -> None:
         self._conn = conn
+        self.notified = False
+
+    async def lock(self, key: int) -> None:
+        """Nothing to take: ``BEGIN IMMEDIATE`` already holds the one write lock of the file."""
+
+    async def notify(self) -> None:
+        """Waiters in this process wake when the transaction commits (others poll)."""
+        self.notified = True
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         """Run one statement; the number of rows it changed."""
@@ -259,12 +325,53 @@ class Tx:
         return list(await self._conn.execute_fetchall(sql, params))
 
 
+class JobsDatabase(Protocol):
+    """What the store needs of a database: SQLite's ``Database`` and PostgreSQL's ``PgDatabase``."""
+
+    kind: str
+    shared: bool
+    path: Path | None
+    url: str | None
+
+    def transaction(self) -> AbstractAsyncContextManager[Any]: ...
+
+    def snapshot(self) -> AbstractAsyncContextManager[Any]: ...
+
+    def subscribe(self) -> asyncio.Event: ...
+
+    def changed(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+async def wait_changed(event: asyncio.Event, timeout: float) -> None:
+    """Until ``event`` (from ``subscribe``) is set, or ``timeout`` seconds pass; then it is cleared."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout)
+    event.clear()
+
+
+def is_postgres(target: Path | str) -> bool:
+    """Whether ``MUSICBOT_DB`` names a PostgreSQL server rather than a SQLite file."""
+    return str(target).startswith(("postgresql://", "postgres://"))
+
+
 @asynccontextmanager
 async def open_database(
-    path: Path | str, *, checkpoint_every: float | None = CHECKPOINT_INTERVAL
-) -> AsyncIterator[Database]:
-    """The database, checkpointed every ``checkpoint_every`` seconds while open (None: only at close)."""
-    db = await Database.open(path)
+    target: Path | str, *, checkpoint_every: float | None = CHECKPOINT_INTERVAL
+) -> AsyncIterator[Any]:
+    """The database: a PostgreSQL URL, or a SQLite file checkpointed every ``checkpoint_every`` seconds
+    while open (None: only at close)."""
+    if is_postgres(target):
+        from bot.jobs.pgdb import SCHEMA, PgDatabase
+
+        pg = await PgDatabase.open(str(target), schema=SCHEMA)
+        try:
+            yield pg
+        finally:
+            await pg.close()
+        return
+    db = await Database.open(target)
     checkpoints = None
     if checkpoint_every is not None:
         checkpoints = asyncio.create_task(db.checkpoint_every(checkpoint_every), name="db-checkpoints")

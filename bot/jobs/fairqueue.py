@@ -7,7 +7,7 @@ user's jobs go oldest first, always, batching included: a batch may take a user'
 from __future__ import annotations
 
 import bisect
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 
 from bot.jobs.models import Job
 
@@ -18,11 +18,21 @@ def batch_key(job: Job) -> Hashable | None:
 
 
 class FairQueue:
-    def __init__(self) -> None:
+    """``last_served`` and ``turn`` come from the store, so every worker that claims agrees on turns."""
+
+    def __init__(self, last_served: Mapping[int, int] | None = None, turn: int = 0) -> None:
         self._by_user: dict[int, list[Job]] = {}
         self._where: dict[int, int] = {}
-        self._last_served: dict[int, int] = {}
-        self._turn = 0
+        self._last_served: dict[int, int] = dict(last_served or {})
+        self._turn = max(turn, max(self._last_served.values(), default=0))
+
+    @property
+    def turn(self) -> int:
+        """The number of the latest batch taken (it grows by one per ``next_batch``)."""
+        return self._turn
+
+    def last_served(self, user_id: int) -> int | None:
+        return self._last_served.get(user_id)
 
     def __len__(self) -> int:
         return len(self._where)

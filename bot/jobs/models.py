@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 from bot.settings import Limits
 from generation import AudioClip, GenerationRequest
 
 INTERACTION_LIFETIME = timedelta(minutes=15)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 class JobState(StrEnum):
@@ -111,6 +115,13 @@ class Job:
     result: JobResult | None = None
     delivery: Delivery = field(default_factory=Delivery)
     delivered_at: datetime | None = None
+    # The worker running it (with ``attempts``, what fences that worker's writes) and its lease.
+    worker_id: str | None = None
+    lease_until: datetime | None = None
+    # Decoding steps (done, total) as its worker last reported them.
+    progress: tuple[int, int] | None = None
+    # The bot process that answers its user.
+    owner_id: str | None = None
 
     @property
     def user_id(self) -> int:

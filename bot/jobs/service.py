@@ -1,25 +1,27 @@
-"""The job service: an asyncio front over the one generation worker.
+"""The bot side of the job service: submit, cancel, queue and deliver, over the shared store.
 
-The database is the source of truth; the in-memory ``FairQueue`` is a cache of the waiting rows.
-One dispatcher task, woken by an ``asyncio.Event``, takes the next fair batch, runs it on the worker
-and records the outcome; the listener hears about it off the dispatcher's path.
+Every bot process (one, or several shards) and every worker process shares one store, the source of
+truth. This side never runs a model: workers claim the jobs (``bot.jobs.worker``). It learns what
+happened to the jobs it owns by looking at the store: at once when a change is notified (PostgreSQL's
+``LISTEN``, or a write in this process), else every ``poll`` seconds; each look re-reads the active
+rows, so nothing is missed when a notification is. The listener hears of each change of a job this
+bot owns, in order; the jobs of a bot that stopped answering are adopted by another.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-import time
+import math
+import os
+import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from types import TracebackType
 
-from bot.jobs.codec import from_flac, to_flac
-from bot.jobs.db import Database
+from bot.jobs.db import JobsDatabase, wait_changed
 from bot.jobs.errors import (
-    BotError,
     InvalidLimit,
     JobFinished,
     LimitExceeded,
@@ -28,12 +30,13 @@ from bot.jobs.errors import (
     ServiceClosed,
 )
 from bot.jobs.fairqueue import FairQueue
+from bot.jobs.flac import from_flac, to_flac
 from bot.jobs.listener import JobListener, Notifier
 from bot.jobs.models import (
     Delivery,
     Job,
     JobKind,
-    JobResult,
+    JobState,
     JobTrack,
     LimitOverride,
     Origin,
@@ -41,104 +44,105 @@ from bot.jobs.models import (
     QueueEntry,
     TrackRef,
     Usage,
+    utc_now,
 )
-from bot.jobs.store import JobStore, NewJob, StoredTrack
+from bot.jobs.store import Board, JobStore, NewJob, StoredTrack
 from bot.jobs.tasks import BackgroundTasks
+from bot.jobs.worker import JobWorker, WorkerFactory, WorkerOptions, new_id, wall_clock
 from bot.settings import Limits, Settings
-from generation import (
-    AudioClip,
-    GenerationCancelled,
-    GenerationError,
-    GenerationRequest,
-    GenerationResult,
-    GenerationWorker,
-    InvalidRequest,
-    ModelInfo,
-    OutOfMemory,
-    WorkerDied,
-)
+from generation import AudioClip, GenerationRequest, InvalidRequest, ModelInfo, ModelLoadError
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
-WorkerFactory = Callable[[], GenerationWorker]
 
-MODEL_SETTING = "model"
-SPEED_SETTING = "speed.{model}"
-# Weight of the newest batch in the running estimate of compute seconds per audio second.
-SPEED_WEIGHT = 0.3
-INTERNAL_ERROR = "something went wrong inside the bot while making this; please try again"
-ENGINE_FAILED = "something went wrong in the music generator; it was restarted, please try again"
-# Once the speed is measured, a batch may also take this many times its expected time.
-SLOWDOWN_ALLOWED = 10.0
-# A batch past its time limit is asked to stop; if it has not within this many seconds, its worker
-# is abandoned (a stuck thread cannot be killed) and a new one takes over.
+# A batch past its time limit is asked to stop; if it has not within this many seconds, its engine is
+# abandoned (a stuck thread cannot be killed) and, in a worker process, the process is replaced.
 CANCEL_GRACE = 10.0
+# The longest /model waits for a worker to load the model asked for (a first download can be long).
+MODEL_SWITCH_TIMEOUT = 600.0
 
 
-def utc_now() -> datetime:
-    return datetime.now(UTC)
+@dataclass(frozen=True)
+class ServiceOptions:
+    """How the bot side keeps time: ``poll`` between looks when nothing is notified; a bot whose
+    heartbeat is older than ``bot_lease`` is presumed dead and its jobs are adopted by another."""
+
+    poll: float = 0.25
+    bot_lease: float = 30.0
 
 
-@dataclass(eq=False)
-class _Batch:
-    """The batch on the worker now; ``cancelled`` holds jobs users cancelled while it ran."""
+@dataclass(frozen=True)
+class _Seen:
+    """What the listener was last told of a job."""
 
-    picked: list[Job]
-    cancel: threading.Event = field(default_factory=threading.Event)
-    running: dict[int, Job] = field(default_factory=dict)
-    cancelled: set[int] = field(default_factory=set)
-    settled: set[int] = field(default_factory=set)
-    started: float = field(default_factory=time.monotonic)
-    progress: float = 0.0
-    shutdown: bool = False
-    timed_out: bool = False
-    requeued: set[int] = field(default_factory=set)
-    call: asyncio.Task[list[GenerationResult]] | None = None
+    state: JobState
+    attempts: int
+    progress: tuple[int, int] | None
 
-    @property
-    def ids(self) -> set[int]:
-        return {job.id for job in self.picked}
+    @classmethod
+    def of(cls, job: Job) -> _Seen:
+        return cls(job.state, job.attempts, job.progress)
 
-    @property
-    def audio_seconds(self) -> float:
-        return sum(job.seconds for job in self.picked)
+
+_NEW = _Seen(JobState.QUEUED, 0, None)
+_EMPTY_BOARD = Board([], {}, 0, [], None, None, None)
 
 
 class JobService:
-    """Accepts jobs within limits, serves them fairly on the worker, and keeps every one in SQLite."""
+    """Accepts jobs within limits, shows the shared queue, and hands this bot's outcomes to the listener.
+
+    ``worker_factory`` runs a worker side in this process too, on the same database (tests and tools);
+    ``musicbot run`` runs its workers as processes instead (``bot.supervisor``).
+    """
 
     def __init__(
         self,
-        db: Database,
+        db: JobsDatabase,
         settings: Settings,
-        worker_factory: WorkerFactory,
+        worker_factory: WorkerFactory | None = None,
         *,
         listener: JobListener | None = None,
         clock: Clock = utc_now,
         max_attempts: int = 2,
         close_timeout: float = 10.0,
         cancel_grace: float = CANCEL_GRACE,
+        options: ServiceOptions | None = None,
+        worker_options: WorkerOptions | None = None,
+        bot_id: str | None = None,
+        shards: str | None = None,
     ) -> None:
+        self.id = bot_id or new_id("bot")
+        self._db = db
         self._settings = settings
         self._store = JobStore(db, settings.limits, settings.queue_size)
-        self._worker_factory = worker_factory
-        self._worker: GenerationWorker | None = None
         self._clock = clock
-        self._max_attempts = max_attempts
+        self._options = options or ServiceOptions()
+        self._shards = shards
         self._close_timeout = close_timeout
-        self._cancel_grace = cancel_grace
-        self._queue = FairQueue()
+        self._max_attempts = max_attempts
+        self._worker: JobWorker | None = None
+        if worker_factory is not None:
+            base = worker_options or WorkerOptions()
+            self._worker = JobWorker(
+                db,
+                settings,
+                worker_factory,
+                clock=clock,
+                options=replace(
+                    base, max_attempts=max_attempts, cancel_grace=cancel_grace, close_timeout=close_timeout
+                ),
+            )
         self._tasks = BackgroundTasks()
         self._notifier = Notifier(self._tasks)
         if listener is not None:
             self._notifier.listener = listener
-        self._wake = asyncio.Event()
+        self._changes = db.subscribe()
         self._model_lock = asyncio.Lock()
-        self._batch: _Batch | None = None
-        self._dispatcher: asyncio.Task[None] | None = None
-        self._model = settings.model
-        self._speed: float | None = None
+        self._board = _EMPTY_BOARD
+        self._active: dict[int, Job] = {}
+        self._seen: dict[int, _Seen] = {}
+        self._watcher: asyncio.Task[None] | None = None
         self._started = False
         self._closing = False
 
@@ -158,68 +162,136 @@ class JobService:
         self._notifier.listener = listener
 
     async def start(self) -> None:
-        """Load the model (the stored choice wins over the settings), recover jobs, start dispatching."""
+        """Register this bot, start the in-process worker if any (it loads the model), adopt the jobs
+        of bots that are gone, and start watching."""
         if self._started:
             raise RuntimeError("the job service was already started")
         self._started = True
-        stored = await self._store.setting(MODEL_SETTING)
-        worker = self._worker = self._worker_factory()
-        try:
-            await self._load_first_model(stored or self._settings.model)
-            waiting, failed = await self._store.recover(self._max_attempts, self._clock())
-        except BaseException:
-            await worker.close()
-            raise
-        for job in failed:
-            log.warning("job %d gave up after %d attempts", job.id, job.attempts)
-        for job in waiting:
-            self._queue.push(job)
-            self._notifier.requeued(job)
-        for job in await self._store.undelivered():
-            self._tasks.spawn(self._hand_over(job), name=f"job-{job.id}-hand-over")
-        for pending in await self._store.take_pending():
-            log.warning("request %d was acknowledged but not queued before the bot stopped", pending.id)
+        await self._store.register_bot(self.id, socket.gethostname(), os.getpid(), self._shards, wall_clock())
+        if not self._db.shared:
+            # The only bot of this file is starting: no worker from before is still serving it.
+            await self._store.expire_all_workers(wall_clock())
+            await self._store.reap(self._max_attempts, wall_clock())
+        if self._worker is not None:
+            await self._worker.start()
+        live_since = self._live_since()
+        adopted = await self._store.adopt(self.id, live_since=live_since)
+        await self._look(announce=False)
+        for job in adopted:
+            self._seen[job.id] = _Seen.of(job)
+            self._announce_adopted(job)
+        for pending in await self._store.take_pending(self.id, live_since=live_since):
+            log.warning("request %d was acknowledged but not queued before its bot stopped", pending.id)
             self._notifier.interrupted(pending)
-        log.info("job service started: model %s, %d jobs waiting", self._model, len(waiting))
-        self._dispatcher = self._tasks.spawn(self._dispatch_forever(), name="job-dispatcher")
+        waiting = sum(1 for job in self._active.values() if job.state is JobState.QUEUED)
+        log.info("job service %s started: model %s, %d jobs waiting", self.id, self.model, waiting)
+        self._watcher = self._tasks.spawn(self._watch_forever(), name="job-watcher")
 
     async def close(self) -> None:
-        """Stop taking work; a running batch is interrupted and its jobs wait again for the next start.
-
-        A batch that does not stop within ``close_timeout`` (a stuck generation) is put back in the
-        queue all the same, and its worker abandoned, so that closing never hangs.
-        """
+        """Stop taking work. The in-process worker's running batch waits again for the next start."""
         if self._closing:
             return
         self._closing = True
-        batch = self._batch
-        if batch is not None:
-            batch.shutdown = True
-            batch.cancel.set()
-        self._wake.set()
-        if self._dispatcher is not None:
-            done, _ = await asyncio.wait([self._dispatcher], timeout=self._close_timeout)
-            if not done:
-                await self._abandon_stuck_batch(self._dispatcher, batch)
-        await self._tasks.finish(self._close_timeout)
         if self._worker is not None:
             await self._worker.close()
-        waiting = len(self._queue) + (len(batch.requeued) if batch is not None else 0)
-        log.info("job service closed; %d jobs wait for the next start", waiting)
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.wait([self._watcher])
+        await self._tasks.finish(self._close_timeout)
+        try:
+            await self._store.bot_alive(self.id, wall_clock(), stopped=True)
+        except Exception as exc:
+            log.warning("could not record that this bot stopped: %s", exc)
+        waiting = sum(1 for job in self._active.values() if job.state.active)
+        log.info("job service closed; %d jobs wait", waiting)
 
-    async def _abandon_stuck_batch(self, dispatcher: asyncio.Task[None], batch: _Batch | None) -> None:
-        log.error("the running batch did not stop within %g s; abandoning its worker", self._close_timeout)
-        if batch is not None and batch.call is not None:
-            batch.call.cancel()
-        dispatcher.cancel()
-        await asyncio.wait([dispatcher])
-        if self._worker is not None:
-            self._worker.abandon("it did not stop when the bot shut down")
-        if batch is not None:
-            unsettled = [job.id for job in batch.picked if job.id not in batch.settled]
-            # Not counted as an attempt: the job did nothing wrong.
-            await self._store.requeue(unsettled, count_attempt=False)
-            batch.requeued.update(unsettled)
+    def _live_since(self) -> datetime | None:
+        """Bots with a heartbeat since then are alive (None: this is the only bot of the database)."""
+        if not self._db.shared:
+            return None
+        return wall_clock() - timedelta(seconds=self._options.bot_lease)
+
+    # --- watching the store ---
+
+    async def _watch_forever(self) -> None:
+        beat = 0.0
+        while not self._closing:
+            await wait_changed(self._changes, self._options.poll)
+            if self._closing:
+                return
+            try:
+                await self._look()
+                if asyncio.get_running_loop().time() - beat >= self._options.bot_lease / 3:
+                    beat = asyncio.get_running_loop().time()
+                    await self._keep_alive()
+            except Exception as exc:
+                log.warning("could not read the jobs from the database: %s", exc)
+                await asyncio.sleep(min(1.0, self._options.poll * 4))
+
+    async def _keep_alive(self) -> None:
+        """Heartbeat; adopt the jobs of bots that stopped answering; end leases of dead workers."""
+        await self._store.bot_alive(self.id, wall_clock())
+        live_since = self._live_since()
+        if live_since is not None:
+            for job in await self._store.adopt(self.id, live_since=live_since):
+                log.warning(
+                    "job %d: its bot %s stopped answering; this bot answers it now", job.id, job.owner_id
+                )
+                self._seen[job.id] = _Seen.of(job)
+                self._announce_adopted(job)
+            for pending in await self._store.take_pending(self.id, live_since=live_since):
+                self._notifier.interrupted(pending)
+        await self._store.reap(self._max_attempts, wall_clock())
+
+    async def _look(self, *, announce: bool = True) -> None:
+        board = await self._store.board(self.id)
+        self._board = board
+        self._active = {job.id: job for job in board.jobs if job.state.active}
+        mine = [job for job in board.jobs if job.owner_id == self.id]
+        if announce:
+            for job in mine:
+                before = self._seen.get(job.id, _NEW)
+                self._seen[job.id] = _Seen.of(job)
+                await self._announce(job, before)
+        listed = {job.id for job in mine}
+        for job_id in [job_id for job_id in self._seen if job_id not in listed]:
+            del self._seen[job_id]
+
+    async def _announce(self, job: Job, before: _Seen) -> None:
+        """Tell the listener what changed since ``before``, in the order it happened."""
+        now = _Seen.of(job)
+        if now == before:
+            return
+        if job.state is JobState.QUEUED:
+            if before.state is JobState.RUNNING:
+                self._notifier.requeued(job)
+        elif job.state is JobState.RUNNING:
+            if before.state is not JobState.RUNNING or before.attempts != job.attempts:
+                self._notifier.started(job)
+            if job.progress is not None and job.progress != before.progress:
+                self._notifier.progress(job, *job.progress)
+        elif before.state.active:
+            if before.state is JobState.QUEUED and job.state is not JobState.CANCELLED:
+                self._notifier.started(job)
+            await self._hand_over(job)
+
+    def _announce_adopted(self, job: Job) -> None:
+        """A job this bot took over (after a restart, or from a bot that stopped answering)."""
+        if job.state is JobState.QUEUED:
+            self._notifier.requeued(job)
+        elif job.state is JobState.RUNNING:
+            self._notifier.started(job)
+        else:
+            self._tasks.spawn(self._hand_over(job), name=f"job-{job.id}-hand-over")
+
+    async def _hand_over(self, job: Job) -> None:
+        """Give the listener an outcome it has not confirmed delivering."""
+        if job.state is JobState.CANCELLED:
+            self._notifier.cancelled(job)
+        elif job.error is not None or job.result is None:
+            self._notifier.failed(job, job.error or "it failed")
+        else:
+            self._notifier.finished(job, await self.tracks(job.id))
 
     # --- requests on their way in ---
 
@@ -229,7 +301,7 @@ class JobService:
         If the bot stops in between, the listener hears ``request_interrupted`` at the next start.
         """
         self._check_open()
-        await self._store.add_pending(request, self._clock())
+        await self._store.add_pending(request, self._clock(), owner_id=self.id)
 
     async def drop_pending(self, request_id: int) -> None:
         """The command ended without a job (refused, or failed): nothing to tell after a restart."""
@@ -265,38 +337,40 @@ class JobService:
             clip = request.melody
             melody = await asyncio.to_thread(to_flac, clip.samples, clip.sample_rate)
             request = replace(request, melody=None)
-        new = NewJob(origin, kind, request, parent, delivery or Delivery(), melody, pending_id)
+        new = NewJob(
+            origin, kind, request, parent, delivery or Delivery(), melody, pending_id, owner_id=self.id
+        )
         try:
             job = await self._store.add_job(new, exempt=is_admin, now=self._clock())
         except LimitExceeded as exc:
             raise self._with_estimate(exc, origin.user_id) from None
         log.info("job %d queued for user %d (%s, %g s)", job.id, job.user_id, job.kind, job.seconds)
-        self._queue.push(job)
-        self._wake.set()
+        self._active[job.id] = job
+        self._seen.setdefault(job.id, _Seen.of(job))
         return job
 
     async def cancel(self, job_id: int, *, user_id: int, is_admin: bool = False) -> Job:
-        """Cancel a waiting or running job; only its owner or an admin may."""
+        """Cancel a waiting or running job; only its owner or an admin may.
+
+        A running job stops when its worker sees the row cancelled; one row of a batch cannot be
+        stopped alone, so a batch stops when all of it is cancelled.
+        """
         job = await self._store.job(job_id)
         if job.user_id != user_id and not is_admin:
             raise NotAllowed(f"only the person who asked for job #{job_id} or an admin can cancel it")
         if not job.state.active:
             raise JobFinished(job_id, job.state.value)
-        batch = self._batch
-        if self._queue.remove(job_id) is None and batch is not None and job_id in batch.ids:
-            batch.cancelled.add(job_id)
-            # One row of a batch cannot be stopped alone: the batch stops when all of it is cancelled.
-            if batch.ids - batch.settled <= batch.cancelled:
-                batch.cancel.set()
         return await self._cancel_row(job_id)
 
     async def cancel_waiting(self, user_id: int) -> list[Job]:
         """Cancel every waiting (not running) job of a user; the jobs cancelled."""
-        waiting = [job for job in self._queue.jobs_of(user_id) if self._queue.remove(job.id)]
+        waiting = [
+            job for job in self._active.values() if job.user_id == user_id and job.state is JobState.QUEUED
+        ]
         cancelled = []
-        for job in waiting:
+        for job in sorted(waiting, key=lambda job: job.id):
             try:
-                cancelled.append(await self._cancel_row(job.id))
+                cancelled.append(await self._cancel_row(job.id, only_waiting=True))
             except JobFinished:
                 continue
         return cancelled
@@ -329,21 +403,27 @@ class JobService:
         return None if data is None else await asyncio.to_thread(from_flac, data)
 
     def queue(self, user_id: int | None = None) -> list[QueueEntry]:
-        """Running jobs (position 0) then waiting ones in serving order, with estimated waits."""
-        entries: list[QueueEntry] = []
-        ahead = self._running_remaining()
-        batch = self._batch
-        if batch is not None:
-            entries += [
-                QueueEntry(batch.running.get(job.id, job), 0, 0.0, ahead)
-                for job in batch.picked
-                if job.id not in batch.cancelled and job.id not in batch.settled
-            ]
-        speed = self._speed
-        for position, job in enumerate(self._queue.order(), start=1):
-            starts_in = ahead
-            ahead = ahead + job.seconds * speed if ahead is not None and speed is not None else None
-            entries.append(QueueEntry(job, position, starts_in, ahead))
+        """Running jobs (position 0) then waiting ones in serving order, with estimated waits.
+
+        Read from the shared state as this bot last looked (a fraction of a second ago): the jobs of
+        every bot process, whose turn it is, and what each worker is doing.
+        """
+        running = sorted(
+            (job for job in self._active.values() if job.state is JobState.RUNNING), key=lambda job: job.id
+        )
+        waiting = FairQueue(self._board.last_served, self._board.turn)
+        for job in self._active.values():
+            if job.state is JobState.QUEUED:
+                waiting.push(job)
+        free = self._worker_free_in(running)
+        entries = [QueueEntry(job, 0, 0.0, free.get(job.worker_id)) for job in running]
+        speed = self.speed
+        slots = sorted(free.values(), key=lambda value: math.inf if value is None else value) or [None]
+        for position, job in enumerate(waiting.order(), start=1):
+            starts_in = slots[0]
+            done_in = starts_in + job.seconds * speed if starts_in is not None and speed is not None else None
+            entries.append(QueueEntry(job, position, starts_in, done_in))
+            slots = sorted([*slots[1:], done_in], key=lambda value: math.inf if value is None else value)
         return [entry for entry in entries if user_id is None or entry.job.user_id == user_id]
 
     def position(self, job_id: int) -> QueueEntry | None:
@@ -406,346 +486,75 @@ class JobService:
 
     @property
     def model(self) -> str:
-        """The model size (or source) in use, as an admin chose it."""
-        return self._model
+        """The model size (or source) served, as an admin chose it."""
+        return self._board.model or self._settings.model
 
     @property
     def model_info(self) -> ModelInfo | None:
-        return self._worker.info if self._worker is not None else None
+        """The served model as a live worker loaded it (None while no worker serves it)."""
+        if self._worker is not None and self._worker.model == self.model and self._worker.info is not None:
+            return self._worker.info
+        return next(
+            (w.model_info for w in self._board.workers if w.model == self.model and w.model_info is not None),
+            None,
+        )
+
+    @property
+    def workers(self) -> int:
+        """Live workers, as this bot last looked."""
+        return len(self._board.workers)
 
     @property
     def speed(self) -> float | None:
         """Measured compute seconds per audio second on this model (None until a job finished)."""
-        return self._speed
+        return self._board.speed
+
+    def time_limit(self, audio_seconds: float) -> float:
+        """How long the in-process worker lets a batch making ``audio_seconds`` generate."""
+        if self._worker is None:
+            raise RuntimeError("this service runs no worker")
+        return self._worker.time_limit(audio_seconds)
 
     async def switch_model(self, size: str) -> ModelInfo:
-        """Load another model after the running batch; on failure the old one stays (ModelLoadError)."""
+        """Ask the workers for another model; they load it after their running batch.
+
+        Returns when a worker serves it; raises ``ModelLoadError`` (the old model stays) when the
+        worker could not load it, or when no worker runs to load it.
+        """
         self._check_open()
         async with self._model_lock:
-            worker = await self._live_worker()
-            if size == self._model and worker.info is not None:
-                return worker.info
-            info = await worker.switch_model(self._settings.model_source(size))
-            self._model = size
-            await self._store.set_setting(MODEL_SETTING, size, self._clock())
-            self._speed = await self._stored_speed(size)
+            await self._look(announce=False)
+            info = self.model_info
+            if size == self.model and info is not None:
+                return info
+            if not self._board.workers:
+                raise ModelLoadError(
+                    size, "no generation worker is running to load it (start one with `musicbot worker`)"
+                )
+            await self._store.want_model(size, self._clock())
+            info = await self._wait_for_model(size)
         log.info("switched to model %s", size)
         return info
 
-    # --- the dispatcher ---
-
-    async def _dispatch_forever(self) -> None:
-        while not self._closing:
-            try:
-                ran = await self._dispatch_one()
-            except Exception:
-                log.exception("the dispatcher hit an error; going on")
-                await asyncio.sleep(0.1)
-                continue
-            if not ran:
-                self._wake.clear()
-                if not self._queue and not self._closing:
-                    await self._wake.wait()
-
-    async def _dispatch_one(self) -> bool:
-        async with self._model_lock:
-            if self._closing:
-                return False
-            jobs = self._queue.next_batch(self._settings.max_batch)
-            if not jobs:
-                return False
-            await self._run_batch(_Batch(jobs))
-        return True
-
-    async def _run_batch(self, batch: _Batch) -> None:
-        self._batch = batch
-        try:
-            await self._start_batch(batch)
-        except Exception:
-            log.exception("the batch of jobs %s failed", sorted(batch.ids))
-            await self._fail_unsettled(batch, INTERNAL_ERROR)
-        finally:
-            self._batch = None
-
-    async def _start_batch(self, batch: _Batch) -> None:
-        info = self.model_info
-        started = await self._store.mark_running(
-            [job.id for job in batch.picked], info.name if info else self._model, self._clock()
-        )
-        batch.settled |= batch.ids - {job.id for job in started}
-        for job in started:
-            batch.running[job.id] = job
-            self._notifier.started(job)
-        if not started:
-            return
-        problem = await self._ensure_model()
-        if problem is not None:
-            for job in started:
-                await self._fail(batch, job, problem)
-            return
-        jobs, requests = [], []
-        for job in started:
-            try:
-                requests.append(await self._with_audio(job))
-                jobs.append(job)
-            except (BotError, GenerationError) as exc:
-                await self._fail(batch, job, f"its audio could not be loaded: {exc}")
-        if jobs:
-            await self._generate(batch, jobs, requests)
-
-    async def _generate(self, batch: _Batch, jobs: list[Job], requests: list[GenerationRequest]) -> None:
-        worker = await self._live_worker()
-        log.debug("generating jobs %s on %s", [job.id for job in jobs], self._model)
-        limit = self.time_limit(sum(job.seconds for job in jobs))
-        began = time.monotonic()
-        call = batch.call = asyncio.create_task(
-            worker.generate(
-                requests,
-                progress=lambda done, total: self._on_progress(batch, jobs, done, total),
-                cancel=batch.cancel,
-            ),
-            name=f"generate-{jobs[0].id}",
-        )
-        try:
-            if not await self._within(call, limit, batch):
-                worker.abandon(f"it was stuck for over {limit:.0f} s")
-                log.error("jobs %s: the worker did not stop; it is abandoned", [job.id for job in jobs])
-                await self._fail_unsettled(batch, _timed_out(limit))
-                await self._replace_worker()
-                return
-            if batch.timed_out and not batch.shutdown:
-                # It stopped when asked, so the worker is fine; what it made is only part of a track.
-                if not call.cancelled():
-                    call.exception()  # whatever it ended with is superseded by the time limit
-                await self._fail_unsettled(batch, _timed_out(limit))
-                return
-            results = call.result()
-        except OutOfMemory:
-            await self._out_of_memory(batch, jobs, requests)
-            return
-        except GenerationCancelled:
-            await self._settle_cancelled(batch, jobs)
-            return
-        except WorkerDied as exc:
-            for job in jobs:
-                await self._fail(
-                    batch, job, f"the generation worker stopped ({exc.reason}); please try again"
-                )
-            await self._replace_worker()
-            return
-        except GenerationError as exc:
-            for job in jobs:
-                await self._fail(batch, job, str(exc))
-            return
-        except MemoryError:
-            log.error("jobs %s: the machine ran out of memory", [job.id for job in jobs])
-            await self._fail_all(batch, jobs, _out_of_host_memory(jobs))
-            await self._replace_worker()
-            return
-        except Exception:
-            # An engine in an unknown state is not trusted with the next batch.
-            log.exception("jobs %s: the engine failed unexpectedly", [job.id for job in jobs])
-            await self._fail_all(batch, jobs, ENGINE_FAILED)
-            await self._replace_worker()
-            return
-        finally:
-            batch.call = None
-        await self._learn_speed(time.monotonic() - began, results)
-        for job, result in zip(jobs, results, strict=True):
-            await self._settle(batch, job, result)
-
-    async def _within(self, call: asyncio.Task[list[GenerationResult]], limit: float, batch: _Batch) -> bool:
-        """Wait for the call; past ``limit``, ask it to stop. False: it did not stop (it is stuck)."""
-        done, _ = await asyncio.wait([call], timeout=limit)
-        if done:
-            return True
-        log.error("a batch is still generating after %.0f s, its time limit; stopping it", limit)
-        batch.timed_out = True
-        batch.cancel.set()
-        done, _ = await asyncio.wait([call], timeout=self._cancel_grace)
-        if done:
-            return True
-        call.cancel()
-        return False
-
-    def time_limit(self, audio_seconds: float) -> float:
-        """How long a batch making ``audio_seconds`` of audio may generate (MUSICBOT_JOB_TIMEOUT per 10 s).
-
-        Once the speed of this model is measured, a slow machine also gets 10 times its usual time.
-        """
-        limit = self._settings.job_timeout * max(1.0, audio_seconds / 10.0)
-        if self._speed is not None:
-            limit = max(limit, SLOWDOWN_ALLOWED * self._speed * audio_seconds)
-        return limit
-
-    async def _out_of_memory(self, batch: _Batch, jobs: list[Job], requests: list[GenerationRequest]) -> None:
-        """The worker already split the batch and failed; find the job that does not fit, alone."""
-        if len(jobs) == 1:
-            await self._fail(
-                batch,
-                jobs[0],
-                f"the model ran out of memory making {jobs[0].seconds:g} s of audio; ask for a shorter"
-                " duration or fewer variations",
-            )
-            return
-        log.warning("out of memory on jobs %s; running them one at a time", [job.id for job in jobs])
-        for job, request in zip(jobs, requests, strict=True):
-            if job.id not in batch.cancelled and job.id not in batch.settled:
-                await self._generate(batch, [job], [request])
-
-    async def _settle(self, batch: _Batch, job: Job, result: GenerationResult) -> None:
-        if job.id in batch.cancelled:
-            batch.settled.add(job.id)
-            return
-        if result.cancelled or not result.tracks:
-            await self._settle_cancelled(batch, [job])
-            return
-        tracks = await asyncio.to_thread(_encode_tracks, job.id, result)
-        done = await self._store.finish_job(
-            job.id,
-            JobResult(
-                result.seconds, result.sample_rate, tuple(t.seed for t in result.tracks), result.elapsed
-            ),
-            result.model,
-            [_stored(track) for track in tracks],
-            self._clock(),
-        )
-        batch.settled.add(job.id)
-        if done is not None:
-            log.info(
-                "job %d done (%g s on %s in %.1f s)", job.id, result.seconds, result.model, result.elapsed
-            )
-            self._notifier.finished(done, tracks)
-
-    async def _settle_cancelled(self, batch: _Batch, jobs: Sequence[Job]) -> None:
-        """Jobs that stopped early: a shutdown puts them back in line, else they are cancelled."""
-        for job in jobs:
-            if job.id in batch.cancelled:
-                pass
-            elif batch.shutdown:
-                await self._store.requeue([job.id], count_attempt=False)
-                batch.requeued.add(job.id)
-            else:
-                cancelled = await self._store.cancel_job(job.id, self._clock())
-                if cancelled is not None:
-                    self._notifier.cancelled(cancelled)
-            batch.settled.add(job.id)
-
-    async def _fail(self, batch: _Batch, job: Job, reason: str) -> None:
-        log.warning("job %d failed: %s", job.id, reason)
-        failed = await self._store.fail_job(job.id, reason, self._clock())
-        batch.settled.add(job.id)
-        if failed is not None:
-            self._notifier.failed(failed, reason)
-
-    async def _fail_all(self, batch: _Batch, jobs: Sequence[Job], reason: str) -> None:
-        for job in jobs:
-            if job.id not in batch.settled:
-                await self._fail(batch, job, reason)
-
-    async def _fail_unsettled(self, batch: _Batch, reason: str) -> None:
-        for job in batch.picked:
-            if job.id in batch.settled:
-                continue
-            try:
-                await self._fail(batch, job, reason)
-            except Exception:
-                # Still 'running' in the database: the next start serves it again.
-                log.exception("could not record the failure of job %d", job.id)
-
-    def _on_progress(self, batch: _Batch, jobs: Sequence[Job], done: int, total: int) -> None:
-        batch.progress = done / total if total else 0.0
-        for job in jobs:
-            if job.id not in batch.cancelled:
-                self._notifier.progress(job, done, total)
-
-    async def _with_audio(self, job: Job) -> GenerationRequest:
-        """The job's request with its audio input loaded from the database."""
-        request = job.request
-        if job.kind is JobKind.EXTEND and job.parent is not None:
-            stored = await self._store.track(job.parent)
-            request = replace(request, continuation=await asyncio.to_thread(from_flac, stored.flac))
-        if job.has_melody:
-            data = await self._store.melody(job.id)
-            if data is None:
-                raise GenerationError("its melody reference is missing")
-            request = replace(request, melody=await asyncio.to_thread(from_flac, data))
-        return request
-
-    async def _hand_over(self, job: Job) -> None:
-        """Give the listener an outcome it has not confirmed delivering (after a restart)."""
-        if job.error is not None or job.result is None:
-            self._notifier.failed(job, job.error or "it failed")
-            return
-        self._notifier.finished(job, await self.tracks(job.id))
-
-    # --- the worker and its model ---
-
-    async def _load_first_model(self, size: str) -> None:
-        """Load ``size``; if that stored choice no longer loads, the size from the settings."""
-        worker = await self._live_worker()
-        try:
-            await worker.start(self._settings.model_source(size))
-            self._model = size
-        except Exception as exc:
-            if size == self._settings.model:
-                raise
-            log.warning("the stored model %s did not load (%s); trying %s", size, exc, self._settings.model)
-            await worker.start(self._settings.model_source(self._settings.model))
-            self._model = self._settings.model
-        self._speed = await self._stored_speed(self._model)
-
-    async def _live_worker(self) -> GenerationWorker:
-        if self._worker is None or not self._worker.alive:
-            return await self._replace_worker(load=False)
-        return self._worker
-
-    async def _ensure_model(self) -> str | None:
-        """A live worker with the current model loaded; else why not."""
-        worker = await self._live_worker()
-        if worker.info is not None:
-            return None
-        try:
-            await worker.start(self._settings.model_source(self._model))
-        except Exception as exc:
-            log.error("the model %s could not be loaded: %s", self._model, exc)
-            return f"the model could not be loaded: {exc}"
-        return None
-
-    async def _replace_worker(self, *, load: bool = True) -> GenerationWorker:
-        """Close the old worker (releasing its model) and start a new one."""
-        old, self._worker = self._worker, None
-        if old is not None:
-            try:
-                await old.close()
-            except Exception:
-                log.exception("closing the old generation worker failed")
-        worker = self._worker = self._worker_factory()
-        log.warning("started a new generation worker")
-        if load:
-            try:
-                await worker.start(self._settings.model_source(self._model))
-            except Exception as exc:
-                # The next batch tries again and, failing, tells its users why.
-                log.error("the new worker could not load %s: %s", self._model, exc)
-        return worker
-
-    async def _learn_speed(self, elapsed: float, results: Sequence[GenerationResult]) -> None:
-        audio = sum(result.seconds * len(result.tracks) for result in results if not result.cancelled)
-        if audio <= 0:
-            return
-        rate = elapsed / audio
-        self._speed = rate if self._speed is None else (1 - SPEED_WEIGHT) * self._speed + SPEED_WEIGHT * rate
-        await self._store.set_setting(
-            SPEED_SETTING.format(model=self._model), repr(self._speed), self._clock()
-        )
-
-    async def _stored_speed(self, model: str) -> float | None:
-        value = await self._store.setting(SPEED_SETTING.format(model=model))
-        try:
-            return float(value) if value is not None else None
-        except ValueError:
-            return None
+    async def _wait_for_model(self, size: str) -> ModelInfo:
+        changes = self._db.subscribe()
+        async with asyncio.timeout(MODEL_SWITCH_TIMEOUT):
+            while True:
+                await wait_changed(changes, self._options.poll)
+                await self._look(announce=False)
+                info = self.model_info
+                if self.model == size and info is not None:
+                    return info
+                if self._board.wanted_model != size:
+                    reason = next(
+                        (
+                            w.last_error
+                            for w in self._board.workers
+                            if (w.last_error or "").startswith(f"{size}: ")
+                        ),
+                        f"{size}: the workers did not load it",
+                    )
+                    raise ModelLoadError(size, reason.removeprefix(f"{size}: "))
 
     # --- helpers ---
 
@@ -753,25 +562,32 @@ class JobService:
         if not self._started or self._closing:
             raise ServiceClosed()
 
-    async def _cancel_row(self, job_id: int) -> Job:
-        cancelled = await self._store.cancel_job(job_id, self._clock())
+    async def _cancel_row(self, job_id: int, *, only_waiting: bool = False) -> Job:
+        cancelled = await self._store.cancel_job(job_id, self._clock(), only_waiting=only_waiting)
         if cancelled is None:
             raise JobFinished(job_id, (await self._store.job(job_id)).state.value)
         log.info("job %d cancelled", job_id)
-        self._notifier.cancelled(cancelled)
+        self._active.pop(job_id, None)
         return cancelled
 
-    def _running_remaining(self) -> float | None:
-        """Estimated seconds until the running batch is done (0 when none runs)."""
-        batch = self._batch
-        if batch is None:
-            return 0.0
-        elapsed = time.monotonic() - batch.started
-        if batch.progress > 0:
-            return max(0.0, elapsed / batch.progress - elapsed)
-        if self._speed is None:
-            return None
-        return max(0.0, self._speed * batch.audio_seconds - elapsed)
+    def _worker_free_in(self, running: Sequence[Job]) -> dict[str | None, float | None]:
+        """Estimated seconds until each live worker is free (0 when idle; None: unknown)."""
+        now = self._clock()
+        free: dict[str | None, float | None] = {w.id: 0.0 for w in self._board.workers}
+        batches: dict[str | None, list[Job]] = {}
+        for job in running:
+            batches.setdefault(job.worker_id, []).append(job)
+        for worker_id, jobs in batches.items():
+            started = min((job.started_at for job in jobs if job.started_at is not None), default=now)
+            elapsed = max(0.0, (now - started).total_seconds())
+            progress = next((job.progress for job in jobs if job.progress is not None), None)
+            if progress is not None and progress[0] > 0:
+                free[worker_id] = max(0.0, elapsed * progress[1] / progress[0] - elapsed)
+            elif self.speed is not None:
+                free[worker_id] = max(0.0, self.speed * sum(job.seconds for job in jobs) - elapsed)
+            else:
+                free[worker_id] = None
+        return free
 
     def _with_estimate(self, exc: LimitExceeded, user_id: int) -> LimitExceeded:
         """A ``max_queued`` refusal says when the user's first job should be done."""
@@ -801,22 +617,6 @@ def _check_prompt(prompt: str) -> None:
         raise InvalidRequest("prompt", "the prompt contains characters that are not valid text")
 
 
-def _timed_out(limit: float) -> str:
-    shown = f"{limit:.0f}" if limit >= 10 else f"{limit:.1f}"
-    return (
-        f"making it took longer than its time limit ({shown} s), so it was stopped; please try again"
-        " (an admin can raise MUSICBOT_JOB_TIMEOUT)"
-    )
-
-
-def _out_of_host_memory(jobs: Sequence[Job]) -> str:
-    seconds = sum(job.seconds for job in jobs)
-    return (
-        f"the machine ran out of memory making {seconds:g} s of audio; ask for a shorter duration or"
-        " fewer variations"
-    )
-
-
 def _check_override(change: LimitOverride) -> None:
     for name, value, least in (
         ("max_queued", change.max_queued, 0),
@@ -831,29 +631,5 @@ def _given(**values: int | None) -> dict[str, int]:
     return {name: value for name, value in values.items() if value is not None}
 
 
-def _encode_tracks(job_id: int, result: GenerationResult) -> list[JobTrack]:
-    return [
-        JobTrack(
-            job_id=job_id,
-            index=index,
-            seed=track.seed,
-            audio=AudioClip(track.audio, result.sample_rate),
-            flac=to_flac(track.audio, result.sample_rate),
-        )
-        for index, track in enumerate(result.tracks)
-    ]
-
-
 def _decode_tracks(stored: Sequence[StoredTrack]) -> list[JobTrack]:
     return [JobTrack(t.job_id, t.index, t.seed, from_flac(t.flac), t.flac) for t in stored]
-
-
-def _stored(track: JobTrack) -> StoredTrack:
-    return StoredTrack(
-        track.job_id,
-        track.index,
-        track.seed,
-        track.audio.sample_rate,
-        track.audio.samples.shape[-1],
-        track.flac,
-    )

@@ -1,11 +1,21 @@
-"""Jobs, tracks, limits and settings in SQLite: the source of truth the service's queue caches.
+"""Jobs, tracks, limits, settings, workers and bots: the source of truth every process shares.
 
-Limits are never counters: every check is derived from the job rows inside the same
-``BEGIN IMMEDIATE`` transaction that inserts the new job, so two requests cannot both slip past one.
+One set of SQL for both backends (SQLite and PostgreSQL, see ``db`` and ``pgdb``).
+
+- Limits are never counters: every check is derived from the job rows inside the transaction that
+  inserts the new job, which holds the admission lock (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: an
+  advisory lock), so two requests from any processes cannot both slip past one.
+- Workers claim a fair batch under the claim lock; whose turn it is lives in ``fair_turns``.
+- A claimed job carries its worker's id and attempt number and a lease the worker renews. Every write
+  a worker makes about a job is fenced by both, so a late result from a worker presumed dead (its
+  lease ran out and the job went to another) changes nothing.
+- Each job has an owner: the bot process that answers its user. A bot whose heartbeat stops is
+  presumed dead, and another takes over its jobs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -13,8 +23,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from bot.jobs.db import Database, Tx, from_db_time, to_db_time
+from bot.jobs.db import JobsDatabase, Tx, from_db_time, to_db_time
 from bot.jobs.errors import JobNotFound, LimitExceeded, QueueFull, TrackNotFound
+from bot.jobs.fairqueue import FairQueue
 from bot.jobs.models import (
     Delivery,
     Job,
@@ -29,9 +40,16 @@ from bot.jobs.models import (
     job_seconds,
 )
 from bot.settings import Limits
-from generation import GenerationRequest, SamplingParams
+from generation import GenerationRequest, ModelInfo, SamplingParams
 
 DAILY_WINDOW = timedelta(hours=24)
+# Advisory lock keys (PostgreSQL): submissions, and claims of the next fair batch.
+ADMISSION_LOCK = 0x6D75_7369_6301
+CLAIM_LOCK = 0x6D75_7369_6302
+MODEL_SETTING = "model"
+# The model an admin asked for; workers load it and then make it the ``model`` (or refuse it).
+WANTED_MODEL_SETTING = "model.wanted"
+SPEED_SETTING = "speed.{model}"
 # Float sums of seconds: a request that exactly fills the limit must pass.
 EPSILON = 1e-6
 COUNTED_STATES = ("queued", "running", "done")
@@ -48,6 +66,7 @@ class NewJob:
     delivery: Delivery = field(default_factory=Delivery)
     melody_flac: bytes | None = None
     pending_id: int | None = None
+    owner_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -60,10 +79,40 @@ class StoredTrack:
     flac: bytes = field(repr=False)
 
 
+@dataclass(frozen=True)
+class WorkerRow:
+    """A worker process as it registered and last reported."""
+
+    id: str
+    host: str
+    pid: int
+    device: str
+    started_at: datetime
+    heartbeat_at: datetime
+    model: str | None = None
+    model_info: ModelInfo | None = None
+    batch: tuple[int, ...] = ()
+    stopped_at: datetime | None = None
+    last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class Board:
+    """What the bot reads each time it looks: see ``JobStore.board``."""
+
+    jobs: list[Job]
+    last_served: dict[int, int]
+    turn: int
+    workers: list[WorkerRow]
+    model: str | None
+    wanted_model: str | None
+    speed: float | None
+
+
 class JobStore:
     """SQL for jobs and limits; ``defaults`` are the limits from the environment."""
 
-    def __init__(self, db: Database, defaults: Limits, queue_size: int) -> None:
+    def __init__(self, db: JobsDatabase, defaults: Limits, queue_size: int) -> None:
         self._db = db
         self._defaults = defaults
         self._queue_size = queue_size
@@ -74,6 +123,7 @@ class JobStore:
         """Check every limit against the rows and insert the job, in one transaction."""
         seconds = job_seconds(new.request)
         async with self._db.transaction() as tx:
+            await tx.lock(ADMISSION_LOCK)
             if new.parent is not None:
                 await _check_parent(tx, new.kind, new.parent)
             await self._check_limits(tx, new.origin.user_id, new.request.duration, seconds, exempt, now)
@@ -81,8 +131,9 @@ class JobStore:
                 """
                 INSERT INTO jobs (user_id, guild_id, channel_id, kind, parent_id, parent_track, request,
                                   seconds, has_melody, created_at, application_id, interaction_token,
-                                  interaction_created_at, status_message_id, result_message_id, thread_id)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                                  interaction_created_at, status_message_id, result_message_id, thread_id,
+                                  owner_id)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 RETURNING *
                 """,
                 (
@@ -94,7 +145,7 @@ class JobStore:
                     new.parent.index if new.parent else None,
                     request_to_json(new.request),
                     seconds,
-                    new.melody_flac is not None,
+                    int(new.melody_flac is not None),
                     to_db_time(now),
                     new.delivery.application_id,
                     new.delivery.interaction_token,
@@ -102,10 +153,12 @@ class JobStore:
                     new.delivery.status_message_id,
                     new.delivery.result_message_id,
                     new.delivery.thread_id,
+                    new.owner_id,
                 ),
             )
             if row is None:
                 raise RuntimeError("INSERT ... RETURNING gave no row")
+            await tx.notify()
             if new.melody_flac is not None:
                 await tx.execute(
                     "INSERT INTO job_audio (job_id, role, flac) VALUES (?, 'melody', ?)",
@@ -117,15 +170,16 @@ class JobStore:
 
     # --- requests acknowledged but not queued yet ---
 
-    async def add_pending(self, request: PendingRequest, now: datetime) -> None:
+    async def add_pending(self, request: PendingRequest, now: datetime, owner_id: str | None = None) -> None:
         delivery = request.delivery
         async with self._db.transaction() as tx:
+            await tx.execute("DELETE FROM pending_requests WHERE id = ?", (request.id,))
             await tx.execute(
                 """
-                INSERT OR REPLACE INTO pending_requests
+                INSERT INTO pending_requests
                     (id, user_id, guild_id, channel_id, application_id, interaction_token,
-                     interaction_created_at, status_message_id, created_at)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                     interaction_created_at, status_message_id, created_at, owner_id)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 """,
                 (
                     request.id,
@@ -137,6 +191,7 @@ class JobStore:
                     _time_or_none(delivery.interaction_created_at),
                     delivery.status_message_id,
                     to_db_time(now),
+                    owner_id,
                 ),
             )
 
@@ -144,10 +199,26 @@ class JobStore:
         async with self._db.transaction() as tx:
             await tx.execute("DELETE FROM pending_requests WHERE id = ?", (request_id,))
 
-    async def take_pending(self) -> list[PendingRequest]:
-        """Every pending request, removed: each is told about once, at the start after a crash."""
+    async def take_pending(
+        self, bot_id: str | None = None, *, live_since: datetime | None = None
+    ) -> list[PendingRequest]:
+        """Pending requests whose bot is gone, removed: each is told about once, by one bot.
+
+        With ``live_since`` None (one bot per database) every pending request is this bot's to tell;
+        else only those of bots whose heartbeat is older than ``live_since`` (or that stopped).
+        """
         async with self._db.transaction() as tx:
-            rows = await tx.fetchall("DELETE FROM pending_requests RETURNING *")
+            if live_since is None:
+                rows = await tx.fetchall("DELETE FROM pending_requests RETURNING *")
+            else:
+                rows = await tx.fetchall(
+                    f"""
+                    DELETE FROM pending_requests
+                    WHERE owner_id IS NULL OR owner_id = ? OR owner_id NOT IN ({_LIVE_BOTS})
+                    RETURNING *
+                    """,
+                    (bot_id, to_db_time(live_since)),
+                )
         return [_pending_from_row(row) for row in sorted(rows, key=lambda row: row["id"])]
 
     async def job(self, job_id: int) -> Job:
@@ -172,31 +243,90 @@ class JobStore:
             )
         return [job_from_row(row) for row in rows]
 
-    async def mark_running(self, job_ids: Sequence[int], model: str | None, now: datetime) -> list[Job]:
-        """Waiting jobs become running (one more attempt); the ones no longer waiting are left out."""
+    # --- the worker side: claim, renew, settle (each write fenced by worker id and attempt) ---
+
+    async def claim(
+        self, worker_id: str, model: str, max_rows: int, *, lease_until: datetime, now: datetime
+    ) -> list[Job]:
+        """Take the next fair batch for ``model`` (none while another model is being served).
+
+        Under the claim lock: the waiting rows and whose turn it is are read, ``FairQueue`` picks the
+        batch (the same policy as in one process), and the rows become this worker's, one attempt more.
+        """
         async with self._db.transaction() as tx:
-            rows = [
-                await tx.fetchone(
+            await tx.lock(CLAIM_LOCK)
+            serving = await _setting(tx, MODEL_SETTING)
+            if serving is not None and serving != model:
+                return []
+            rows = await tx.fetchall("SELECT * FROM jobs WHERE state = 'queued' ORDER BY id")
+            if not rows:
+                return []
+            queue = FairQueue(*await _turns(tx))
+            for row in rows:
+                queue.push(job_from_row(row))
+            picked = queue.next_batch(max_rows)
+            claimed = []
+            for job in picked:
+                row = await tx.fetchone(
                     """
-                    UPDATE jobs SET state = 'running', started_at = ?, attempts = attempts + 1, model = ?
+                    UPDATE jobs SET state = 'running', started_at = ?, attempts = attempts + 1, model = ?,
+                                    worker_id = ?, lease_until = ?, progress_done = NULL,
+                                    progress_total = NULL
                     WHERE id = ? AND state = 'queued' RETURNING *
                     """,
-                    (to_db_time(now), model, job_id),
+                    (to_db_time(now), model, worker_id, to_db_time(lease_until), job.id),
                 )
-                for job_id in job_ids
-            ]
-        return [job_from_row(row) for row in rows if row is not None]
+                if row is not None:
+                    claimed.append(job_from_row(row))
+            for user_id in {job.user_id for job in picked}:
+                await tx.execute("DELETE FROM fair_turns WHERE user_id = ?", (user_id,))
+                await tx.execute(
+                    "INSERT INTO fair_turns (user_id, last_served) VALUES (?, ?)",
+                    (user_id, queue.last_served(user_id)),
+                )
+            await tx.notify()
+        return claimed
+
+    async def renew(self, worker_id: str, *, lease_until: datetime, now: datetime) -> set[int]:
+        """The worker is alive: its heartbeat and its jobs' leases move on; the ids still its own."""
+        async with self._db.transaction() as tx:
+            await tx.execute("UPDATE workers SET heartbeat_at = ? WHERE id = ?", (to_db_time(now), worker_id))
+            rows = await tx.fetchall(
+                """
+                UPDATE jobs SET lease_until = ? WHERE worker_id = ? AND state = 'running' RETURNING id
+                """,
+                (to_db_time(lease_until), worker_id),
+            )
+        return {int(row["id"]) for row in rows}
+
+    async def running_ids(self, worker_id: str) -> set[int]:
+        """The jobs running under this worker's claims now."""
+        async with self._db.snapshot() as tx:
+            rows = await tx.fetchall(
+                "SELECT id FROM jobs WHERE worker_id = ? AND state = 'running'", (worker_id,)
+            )
+        return {int(row["id"]) for row in rows}
+
+    async def set_progress(self, jobs: Sequence[Job], done: int, total: int) -> None:
+        async with self._db.transaction() as tx:
+            for job in jobs:
+                await tx.execute(
+                    f"UPDATE jobs SET progress_done = ?, progress_total = ? WHERE id = ? {_FENCE}",
+                    (done, total, job.id, *_fence(job)),
+                )
+            await tx.notify()
 
     async def finish_job(
-        self, job_id: int, result: JobResult, model: str, tracks: Sequence[StoredTrack], now: datetime
+        self, job: Job, result: JobResult, model: str, tracks: Sequence[StoredTrack], now: datetime
     ) -> Job | None:
-        """Store a running job's result and tracks; None when it was cancelled meanwhile."""
+        """Store a claimed job's result and tracks; None when it is no longer this claim's (cancelled,
+        or taken over after its lease ran out): then nothing is written."""
         async with self._db.transaction() as tx:
             row = await tx.fetchone(
-                """
+                f"""
                 UPDATE jobs SET state = 'done', finished_at = ?, model = ?, result_seconds = ?,
-                                sample_rate = ?, seeds = ?, elapsed = ?, error = NULL
-                WHERE id = ? AND state = 'running' RETURNING *
+                                sample_rate = ?, seeds = ?, elapsed = ?, error = NULL, lease_until = NULL
+                WHERE id = ? {_FENCE} RETURNING *
                 """,
                 (
                     to_db_time(now),
@@ -205,7 +335,8 @@ class JobStore:
                     result.sample_rate,
                     json.dumps(list(result.seeds)),
                     result.elapsed,
-                    job_id,
+                    job.id,
+                    *_fence(job),
                 ),
             )
             if row is None:
@@ -214,48 +345,224 @@ class JobStore:
                 """
                 INSERT INTO tracks (job_id, idx, seed, sample_rate, samples, flac) VALUES (?, ?, ?, ?, ?, ?)
                 """,
-                [(job_id, t.index, t.seed, t.sample_rate, t.samples, t.flac) for t in tracks],
+                [(job.id, t.index, t.seed, t.sample_rate, t.samples, t.flac) for t in tracks],
             )
+            await tx.notify()
         return job_from_row(row)
 
-    async def fail_job(self, job_id: int, reason: str, now: datetime) -> Job | None:
-        """An active job fails with ``reason`` (its seconds stop counting); None if it was not active."""
-        return await self._end_job(job_id, JobState.FAILED, reason, now)
+    async def fail_job(self, job: Job | int, reason: str, now: datetime) -> Job | None:
+        """An active job fails with ``reason`` (its seconds stop counting); None if it was not active.
 
-    async def cancel_job(self, job_id: int, now: datetime) -> Job | None:
-        return await self._end_job(job_id, JobState.CANCELLED, None, now)
+        A ``Job`` from a claim is fenced: it fails only while it is still that claim's.
+        """
+        return await self._end_job(job, JobState.FAILED, reason, now)
 
-    async def requeue(self, job_ids: Iterable[int], *, count_attempt: bool) -> None:
-        """Running jobs go back to waiting; a shutdown does not count as an attempt."""
+    async def cancel_job(self, job: Job | int, now: datetime, *, only_waiting: bool = False) -> Job | None:
+        return await self._end_job(job, JobState.CANCELLED, None, now, only_waiting=only_waiting)
+
+    async def requeue(self, jobs: Iterable[Job], *, count_attempt: bool) -> None:
+        """A worker's claimed jobs go back to waiting; a shutdown does not count as an attempt."""
         async with self._db.transaction() as tx:
-            await tx.executemany(
-                f"""
-                UPDATE jobs SET state = 'queued', started_at = NULL
-                    {"" if count_attempt else ", attempts = max(attempts - 1, 0)"}
-                WHERE id = ? AND state = 'running'
-                """,
-                [(job_id,) for job_id in job_ids],
-            )
-
-    async def recover(self, max_attempts: int, now: datetime) -> tuple[list[Job], list[Job]]:
-        """After a stop: running jobs wait again unless they used every attempt; (waiting, failed)."""
-        async with self._db.transaction() as tx:
-            stuck = await tx.fetchall(
-                "SELECT id, attempts FROM jobs WHERE state = 'running' AND attempts >= ?", (max_attempts,)
-            )
-            failed = [
-                await tx.fetchone(
-                    """
-                    UPDATE jobs SET state = 'failed', finished_at = ?, error = ?
-                    WHERE id = ? RETURNING *
+            for job in jobs:
+                await tx.execute(
+                    f"""
+                    UPDATE jobs SET state = 'queued', started_at = NULL, worker_id = NULL, lease_until = NULL,
+                                    progress_done = NULL, progress_total = NULL
+                        {"" if count_attempt else ", attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END"}
+                    WHERE id = ? {_FENCE}
                     """,
-                    (to_db_time(now), _given_up(row["attempts"]), row["id"]),
+                    (job.id, *_fence(job)),
                 )
-                for row in stuck
-            ]
-            await tx.execute("UPDATE jobs SET state = 'queued', started_at = NULL WHERE state = 'running'")
-            waiting = await tx.fetchall("SELECT * FROM jobs WHERE state = 'queued' ORDER BY id")
-        return [job_from_row(r) for r in waiting], [job_from_row(r) for r in failed if r is not None]
+            await tx.notify()
+
+    async def reap(self, max_attempts: int, now: datetime) -> tuple[list[Job], list[Job]]:
+        """Running jobs whose lease ran out (their worker died or hangs): they wait again, or fail
+        once they used every attempt; (waiting again, failed)."""
+        moment = to_db_time(now)
+        async with self._db.transaction() as tx:
+            failed = await tx.fetchall(
+                """
+                UPDATE jobs SET state = 'failed', finished_at = ?, error = ?, worker_id = NULL,
+                                lease_until = NULL
+                WHERE state = 'running' AND (lease_until IS NULL OR lease_until < ?) AND attempts >= ?
+                RETURNING *
+                """,
+                (moment, _given_up(max_attempts), moment, max_attempts),
+            )
+            waiting = await tx.fetchall(
+                """
+                UPDATE jobs SET state = 'queued', started_at = NULL, worker_id = NULL, lease_until = NULL,
+                                progress_done = NULL, progress_total = NULL
+                WHERE state = 'running' AND (lease_until IS NULL OR lease_until < ?) RETURNING *
+                """,
+                (moment,),
+            )
+            if failed or waiting:
+                await tx.notify()
+        return [job_from_row(r) for r in waiting], [job_from_row(r) for r in failed]
+
+    async def expire_all_workers(self, now: datetime) -> list[WorkerRow]:
+        """Every worker still registered is gone (one bot per SQLite file, and it is starting): their
+        leases end now. The workers that were registered."""
+        workers = [worker for worker in await self.workers() if worker.stopped_at is None]
+        for worker in workers:
+            await self.expire_worker(worker.id, now, "its bot stopped")
+        async with self._db.transaction() as tx:
+            # Rows running under no lease at all (left by a bot from before workers had leases).
+            await tx.execute(
+                "UPDATE jobs SET lease_until = ? WHERE state = 'running' AND worker_id IS NULL",
+                (to_db_time(now - timedelta(microseconds=1)),),
+            )
+        return workers
+
+    async def expire_worker(self, worker_id: str, now: datetime, error: str | None = None) -> None:
+        """A worker known to be gone (its process ended): its leases end now, and it is marked stopped."""
+        async with self._db.transaction() as tx:
+            await tx.execute(
+                "UPDATE jobs SET lease_until = ? WHERE worker_id = ? AND state = 'running'",
+                (to_db_time(now - timedelta(microseconds=1)), worker_id),
+            )
+            await tx.execute(
+                "UPDATE workers SET stopped_at = ?, last_error = coalesce(?, last_error) WHERE id = ?",
+                (to_db_time(now), error, worker_id),
+            )
+
+    # --- workers and bots: who is alive ---
+
+    async def register_worker(self, worker: WorkerRow) -> None:
+        async with self._db.transaction() as tx:
+            await tx.execute("DELETE FROM workers WHERE id = ?", (worker.id,))
+            await tx.execute(
+                """
+                INSERT INTO workers (id, host, pid, device, model, model_info, batch, started_at,
+                                     heartbeat_at, stopped_at, last_error)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)
+                """,
+                (
+                    worker.id,
+                    worker.host,
+                    worker.pid,
+                    worker.device,
+                    worker.model,
+                    _info_json(worker.model_info),
+                    None,
+                    to_db_time(worker.started_at),
+                    to_db_time(worker.heartbeat_at),
+                ),
+            )
+            # Rows of workers that stopped long ago only clutter `musicbot status`.
+            await tx.execute(
+                "DELETE FROM workers WHERE stopped_at IS NOT NULL AND stopped_at < ?",
+                (to_db_time(worker.started_at - FORGET_STOPPED),),
+            )
+
+    async def update_worker(self, worker_id: str, **fields: Any) -> None:
+        """Set some of a worker's columns (``model``, ``model_info``, ``batch``, ``last_error``, ``stopped_at``)."""
+        values = []
+        for name, value in fields.items():
+            if name not in _WORKER_COLUMNS:
+                raise ValueError(f"no worker column {name}")
+            if name == "model_info":
+                value = _info_json(value)
+            elif name == "batch":
+                value = None if value is None else json.dumps(sorted(value))
+            elif isinstance(value, datetime):
+                value = to_db_time(value)
+            values.append(value)
+        async with self._db.transaction() as tx:
+            await tx.execute(
+                f"UPDATE workers SET {', '.join(f'{name} = ?' for name in fields)} WHERE id = ?",
+                (*values, worker_id),
+            )
+            await tx.notify()
+
+    async def workers(self) -> list[WorkerRow]:
+        async with self._db.snapshot() as tx:
+            rows = await tx.fetchall("SELECT * FROM workers ORDER BY started_at, id")
+        return [_worker_from_row(row) for row in rows]
+
+    async def register_bot(self, bot_id: str, host: str, pid: int, shards: str | None, now: datetime) -> None:
+        async with self._db.transaction() as tx:
+            await tx.execute(
+                """
+                INSERT INTO bots (id, host, pid, shards, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?, ?)
+                """,
+                (bot_id, host, pid, shards, to_db_time(now), to_db_time(now)),
+            )
+            await tx.execute("DELETE FROM bots WHERE heartbeat_at < ?", (to_db_time(now - FORGET_STOPPED),))
+
+    async def bot_alive(self, bot_id: str, now: datetime, *, stopped: bool = False) -> None:
+        async with self._db.transaction() as tx:
+            await tx.execute(
+                "UPDATE bots SET heartbeat_at = ?, stopped_at = ? WHERE id = ?",
+                (to_db_time(now), to_db_time(now) if stopped else None, bot_id),
+            )
+
+    async def adopt(self, bot_id: str, *, live_since: datetime | None) -> list[Job]:
+        """Jobs whose bot is gone become this bot's to answer; the jobs adopted.
+
+        With ``live_since`` None (one bot per database) every other bot is gone; else a bot is alive
+        while its heartbeat is newer than ``live_since`` and it has not stopped.
+        """
+        orphaned = "owner_id IS NULL OR owner_id != ?"
+        params: list[Any] = [bot_id, bot_id]
+        if live_since is not None:
+            orphaned = f"owner_id IS NULL OR (owner_id != ? AND owner_id NOT IN ({_LIVE_BOTS}))"
+            params.append(to_db_time(live_since))
+        async with self._db.transaction() as tx:
+            rows = await tx.fetchall(
+                f"""
+                UPDATE jobs SET owner_id = ?
+                WHERE ({orphaned})
+                  AND (state IN ('queued', 'running')
+                       OR (delivered_at IS NULL AND state IN ('done', 'failed')))
+                RETURNING *
+                """,
+                (params[0], *params[1:]),
+            )
+        return sorted((job_from_row(row) for row in rows), key=lambda job: job.id)
+
+    async def board(self, bot_id: str | None) -> Board:
+        """One consistent read of what the bot shows: the active jobs (everyone's), this bot's
+        outcomes not yet delivered, whose turn it is, the workers and the model served."""
+        async with self._db.snapshot() as tx:
+            rows = await tx.fetchall(
+                """
+                SELECT * FROM jobs
+                WHERE state IN ('queued', 'running')
+                   OR (owner_id = ? AND delivered_at IS NULL AND state IN ('done', 'failed', 'cancelled'))
+                ORDER BY id
+                """,
+                (bot_id,),
+            )
+            last_served, turn = await _turns(tx)
+            workers = await tx.fetchall("SELECT * FROM workers WHERE stopped_at IS NULL ORDER BY id")
+            model = await _setting(tx, MODEL_SETTING)
+            wanted = await _setting(tx, WANTED_MODEL_SETTING)
+            speed = await _setting(tx, SPEED_SETTING.format(model=model)) if model else None
+        return Board(
+            jobs=[job_from_row(row) for row in rows],
+            last_served=last_served,
+            turn=turn,
+            workers=[_worker_from_row(row) for row in workers],
+            model=model,
+            wanted_model=wanted,
+            speed=_float_or_none(speed),
+        )
+
+    async def recent_failures(self, limit: int = 10) -> list[Job]:
+        async with self._db.snapshot() as tx:
+            rows = await tx.fetchall(
+                "SELECT * FROM jobs WHERE state = 'failed' ORDER BY finished_at DESC, id DESC LIMIT ?",
+                (limit,),
+            )
+        return [job_from_row(row) for row in rows]
+
+    async def counts(self) -> dict[str, int]:
+        """How many jobs are in each state."""
+        async with self._db.snapshot() as tx:
+            rows = await tx.fetchall("SELECT state, count(*) AS n FROM jobs GROUP BY state")
+        return {row["state"]: int(row["n"]) for row in rows}
 
     async def undelivered(self) -> list[Job]:
         """Finished or failed jobs whose outcome the bot has not confirmed delivering."""
@@ -345,17 +652,19 @@ class JobStore:
             merged = current.merged(change)
             values = (merged.max_queued, merged.daily_seconds, merged.max_duration, to_db_time(now))
             if user_id is None:
+                await tx.execute("DELETE FROM default_limits")
                 await tx.execute(
                     """
-                    INSERT OR REPLACE INTO default_limits
+                    INSERT INTO default_limits
                         (id, max_queued, daily_seconds, max_duration, updated_at) VALUES (1, ?, ?, ?, ?)
                     """,
                     values,
                 )
             else:
+                await tx.execute("DELETE FROM user_limits WHERE user_id = ?", (user_id,))
                 await tx.execute(
                     """
-                    INSERT OR REPLACE INTO user_limits
+                    INSERT INTO user_limits
                         (user_id, max_queued, daily_seconds, max_duration, updated_at) VALUES (?, ?, ?, ?, ?)
                     """,
                     (user_id, *values),
@@ -425,20 +734,75 @@ class JobStore:
 
     async def set_setting(self, key: str, value: str, now: datetime) -> None:
         async with self._db.transaction() as tx:
-            await tx.execute(
-                "INSERT OR REPLACE INTO settings (key, value, updated_at) VALUES (?, ?, ?)",
-                (key, value, to_db_time(now)),
-            )
+            await _put_setting(tx, key, value, now)
 
-    async def _end_job(self, job_id: int, state: JobState, reason: str | None, now: datetime) -> Job | None:
+    async def settings_like(self, prefix: str) -> dict[str, str]:
+        async with self._db.snapshot() as tx:
+            rows = await tx.fetchall("SELECT key, value FROM settings WHERE key LIKE ?", (f"{prefix}%",))
+        return {row["key"]: row["value"] for row in rows}
+
+    async def want_model(self, model: str, now: datetime) -> None:
+        """Ask the workers to serve ``model`` (after their running batches)."""
+        async with self._db.transaction() as tx:
+            await _put_setting(tx, WANTED_MODEL_SETTING, model, now)
+            await tx.notify()
+
+    async def serve_model(
+        self, worker_id: str, model: str, info: ModelInfo, now: datetime, *, fallback: bool = False
+    ) -> None:
+        """A worker loaded ``model``: it is what is served from now on (``/model`` waits for this).
+
+        ``fallback``: the stored choice did not load and this is the settings' model instead.
+        """
+        async with self._db.transaction() as tx:
+            await tx.lock(CLAIM_LOCK)
+            wanted = await _setting(tx, WANTED_MODEL_SETTING)
+            # A worker that loaded what it found served while an admin asked for another model
+            # changes nothing: it switches next.
+            if wanted is None or wanted == model or fallback:
+                await _put_setting(tx, MODEL_SETTING, model, now)
+                await _put_setting(tx, WANTED_MODEL_SETTING, model, now)
+            await tx.execute(
+                "UPDATE workers SET model = ?, model_info = ?, last_error = NULL WHERE id = ?",
+                (model, _info_json(info), worker_id),
+            )
+            await tx.notify()
+
+    async def refuse_model(self, worker_id: str, model: str, error: str, now: datetime) -> None:
+        """A worker could not load the wanted ``model``: the wish is withdrawn, with the reason."""
+        async with self._db.transaction() as tx:
+            await tx.lock(CLAIM_LOCK)
+            wanted = await _setting(tx, WANTED_MODEL_SETTING)
+            serving = await _setting(tx, MODEL_SETTING)
+            if wanted == model and serving is not None and serving != model:
+                await _put_setting(tx, WANTED_MODEL_SETTING, serving, now)
+            await tx.execute(
+                "UPDATE workers SET last_error = ? WHERE id = ?", (f"{model}: {error}", worker_id)
+            )
+            await tx.notify()
+
+    async def _end_job(
+        self,
+        job: Job | int,
+        state: JobState,
+        reason: str | None,
+        now: datetime,
+        *,
+        only_waiting: bool = False,
+    ) -> Job | None:
+        fence, params = ("", ()) if isinstance(job, int) else (_FENCE, _fence(job))
+        job_id = job if isinstance(job, int) else job.id
+        states = "('queued')" if only_waiting else "('queued', 'running')"
         async with self._db.transaction() as tx:
             row = await tx.fetchone(
-                """
-                UPDATE jobs SET state = ?, error = ?, finished_at = ?
-                WHERE id = ? AND state IN ('queued', 'running') RETURNING *
+                f"""
+                UPDATE jobs SET state = ?, error = ?, finished_at = ?, lease_until = NULL
+                WHERE id = ? AND state IN {states} {fence} RETURNING *
                 """,
-                (state.value, reason, to_db_time(now), job_id),
+                (state.value, reason, to_db_time(now), job_id, *params),
             )
+            if row is not None:
+                await tx.notify()
         return job_from_row(row) if row else None
 
 
@@ -515,6 +879,10 @@ def job_from_row(row: sqlite3.Row) -> Job:
             thread_id=row["thread_id"],
         ),
         delivered_at=from_db_time(row["delivered_at"]),
+        worker_id=row["worker_id"],
+        lease_until=from_db_time(row["lease_until"]),
+        progress=(row["progress_done"], row["progress_total"]) if row["progress_total"] else None,
+        owner_id=row["owner_id"],
     )
 
 
@@ -604,3 +972,63 @@ def _time_or_none(moment: datetime | None) -> str | None:
 
 def _given_up(attempts: int) -> str:
     return f"the bot stopped while making this, {attempts} times; it was given up, please ask again"
+
+
+# A claim's writes hold only while the job is still running under that worker and attempt.
+_FENCE = "AND state = 'running' AND worker_id = ? AND attempts = ?"
+# Bots alive at a moment (the parameter): heartbeat newer than it, not stopped.
+_LIVE_BOTS = "SELECT id FROM bots WHERE stopped_at IS NULL AND heartbeat_at > ?"
+_WORKER_COLUMNS = frozenset({"model", "model_info", "batch", "last_error", "stopped_at", "device"})
+# Stopped workers and bots are listed for a day, then forgotten.
+FORGET_STOPPED = timedelta(days=1)
+
+
+def _fence(job: Job) -> tuple[str | None, int]:
+    return (job.worker_id, job.attempts)
+
+
+async def _setting(tx: Tx, key: str) -> str | None:
+    row = await tx.fetchone("SELECT value FROM settings WHERE key = ?", (key,))
+    return row["value"] if row else None
+
+
+async def _put_setting(tx: Tx, key: str, value: str, now: datetime) -> None:
+    await tx.execute("DELETE FROM settings WHERE key = ?", (key,))
+    await tx.execute(
+        "INSERT INTO settings (key, value, updated_at) VALUES (?, ?, ?)", (key, value, to_db_time(now))
+    )
+
+
+async def _turns(tx: Tx) -> tuple[dict[int, int], int]:
+    """Whose turn it is: when each user was last served, and the latest turn."""
+    rows = await tx.fetchall("SELECT user_id, last_served FROM fair_turns")
+    served = {int(row["user_id"]): int(row["last_served"]) for row in rows}
+    return served, max(served.values(), default=0)
+
+
+def _float_or_none(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _info_json(info: ModelInfo | None) -> str | None:
+    return None if info is None else json.dumps(dataclasses.asdict(info))
+
+
+def _worker_from_row(row: Any) -> WorkerRow:
+    info = json.loads(row["model_info"]) if row["model_info"] else None
+    return WorkerRow(
+        id=row["id"],
+        host=row["host"],
+        pid=int(row["pid"]),
+        device=row["device"],
+        model=row["model"],
+        model_info=ModelInfo(**info) if info else None,
+        batch=tuple(json.loads(row["batch"])) if row["batch"] else (),
+        started_at=_time(row["started_at"]),
+        heartbeat_at=_time(row["heartbeat_at"]),
+        stopped_at=from_db_time(row["stopped_at"]),
+        last_error=row["last_error"],
+    )
