@@ -1,4 +1,5 @@
-"""The ``musicbot`` command line: ``run`` the bot, ``generate`` music locally, ``bench``, ``backup``."""
+"""The ``musicbot`` command line: ``run`` the bot, a ``worker``, ``generate`` music locally, ``bench``,
+``backup``, ``status``, ``copy-db``."""
 
 from __future__ import annotations
 
@@ -114,20 +115,97 @@ def _parser() -> argparse.ArgumentParser:
     backup = commands.add_parser(
         "backup", help="a consistent copy of the database (MUSICBOT_DB), also while the bot runs"
     )
-    backup.add_argument("path", type=Path, help="the new file to write (it must not exist)")
+    backup.add_argument("path", type=Path, help="the new SQLite file to write (it must not exist)")
     backup.set_defaults(handler=_backup)
+
+    worker = commands.add_parser(
+        "worker", help="a generation worker process serving the queue in MUSICBOT_DB (one per GPU)"
+    )
+    worker.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: MUSICBOT_DEVICE)")
+    worker.add_argument("--id", default=None, help="the worker's name in `musicbot status` (default: made up)")
+    worker.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
+    worker.set_defaults(handler=_worker)
+
+    status = commands.add_parser("status", help="the workers, the queue and recent failures (MUSICBOT_DB)")
+    status.set_defaults(handler=_status)
+
+    copy = commands.add_parser(
+        "copy-db",
+        help="copy every job, track, limit and setting into a new database, e.g. SQLite into PostgreSQL",
+    )
+    copy.add_argument("source", help="a SQLite file or postgresql:// URL (stop the bot first)")
+    copy.add_argument("target", help="a new SQLite file or an empty postgresql:// database")
+    copy.set_defaults(handler=_copy_db)
     return parser
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.runner import make_worker_factory
+    from bot.worker_process import WorkerStartError, serve, worker_settings
+
+    if not args.verbose:
+        logging.getLogger().setLevel(logging.INFO)
+    settings = worker_settings(settings, args.device)
+    try:
+        asyncio.run(
+            serve(
+                settings,
+                make_worker_factory(settings, quiet=not args.verbose),
+                worker_id=args.id,
+                device=args.device,
+                supervised=args.supervised,
+            )
+        )
+    except WorkerStartError as exc:
+        print(f"musicbot: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.jobs import DatabaseError
+    from bot.status import fleet_status
+
+    try:
+        print(asyncio.run(fleet_status(settings)))
+    except DatabaseError as exc:
+        return _fail(str(exc))
+    return 0
+
+
+def _copy_db(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.jobs import DatabaseError
+    from bot.jobs.transfer import copy_database
+
+    try:
+        info = asyncio.run(copy_database(args.source, args.target))
+    except DatabaseError as exc:
+        return _fail(str(exc))
+    moved = ", ".join(f"{count} {table}" for table, count in info.rows.items() if count)
+    print(f"copied {moved or 'nothing (the source is empty)'} into {_shown(args.target)}")
+    return 0
+
+
+def _shown(target: str) -> str:
+    from bot.jobs.pgdb import redact
+
+    return redact(target)
 
 
 def _backup(args: argparse.Namespace, settings: Settings) -> int:
     from bot.jobs import DatabaseError, backup_database
 
     try:
-        info = backup_database(settings.db_path, args.path)
+        if settings.shared_database:
+            from bot.jobs.transfer import backup_shared
+
+            info = asyncio.run(backup_shared(settings.database, args.path))
+        else:
+            info = backup_database(settings.db_path, args.path)
     except DatabaseError as exc:
         return _fail(str(exc))
     print(
-        f"backed up {settings.db_path} to {info.path}: {info.jobs} jobs, {info.bytes / 2**20:.1f} MiB,"
+        f"backed up {_shown(settings.database)} to {info.path}: {info.jobs} jobs, {info.bytes / 2**20:.1f} MiB,"
         " integrity check ok"
     )
     return 0

@@ -104,3 +104,20 @@ class MusicBot(commands.Bot):
         await super().close()
         if self._session is not None:
             await self._session.close()
+
+
+class ShardedMusicBot(MusicBot, commands.AutoShardedBot):
+    """The same bot running some of the shards (``MUSICBOT_SHARD_IDS`` of ``MUSICBOT_SHARD_COUNT``).
+
+    Each process of a sharded bot answers the guilds of its shards; the jobs they queue share one
+    PostgreSQL database, and each result is delivered by the process that owns the job.
+    """
+
+
+def make_bot(service: JobService, settings: Settings, **options: Any) -> MusicBot:
+    """A plain bot, or a sharded one when shard settings are given."""
+    if settings.shard_count is None:
+        return MusicBot(service, settings, **options)
+    return ShardedMusicBot(
+        service, settings, shard_count=settings.shard_count, shard_ids=list(settings.shard_ids or []) or None, **options
+    )

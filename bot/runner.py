@@ -25,8 +25,10 @@ from threading import Event
 import aiohttp
 import discord
 
-from bot.client import MusicBot
-from bot.jobs import DatabaseError, JobService, WorkerFactory, open_database, sole_bot
+from bot.client import MusicBot, make_bot
+from bot.jobs import DatabaseError, JobService, ServiceOptions, WorkerFactory, open_database, sole_bot
+from bot.metrics import serve_metrics
+from bot.supervisor import Command, LocalWorkers, WorkerStartFailed
 from bot.settings import MODEL_SIZES, Settings
 from generation import Engine, GenerationRequest, GenerationResult, GenerationWorker, ModelLoadError
 
@@ -39,8 +41,18 @@ class StartupError(Exception):
     """``musicbot run`` cannot start; the message says why and what to do."""
 
 
-async def run(settings: Settings, *, worker_factory: WorkerFactory | None = None) -> None:
-    """Run the bot until it is stopped (by SIGTERM or Ctrl-C, or by the connection failing)."""
+async def run(
+    settings: Settings,
+    *,
+    worker_factory: WorkerFactory | None = None,
+    worker_command: Command | None = None,
+) -> None:
+    """Run the bot until it is stopped (by SIGTERM or Ctrl-C, or by the connection failing).
+
+    The generation workers run as processes: ``MUSICBOT_WORKERS`` of them (default one) started and
+    supervised here (``worker_command`` says how to start one); with 0, workers elsewhere serve the
+    database. ``worker_factory`` instead runs a worker side inside this process (tests).
+    """
     token = settings.discord_token
     if not token:
         raise StartupError(
@@ -52,20 +64,55 @@ async def run(settings: Settings, *, worker_factory: WorkerFactory | None = None
     stop = asyncio.Event()
     with _stopped_by_signals(stop):
         try:
-            with sole_bot(settings.db_path):
-                async with open_database(settings.db_path) as db:
-                    service = JobService(db, settings, worker_factory or make_worker_factory(settings))
-                    bot = MusicBot(service, settings)
+            with _one_bot_per_file(settings):
+                async with open_database(settings.database) as db:
+                    service = JobService(
+                        db,
+                        settings,
+                        worker_factory,
+                        options=ServiceOptions(
+                            poll=0.25 if not settings.shared_database else 2.0, bot_lease=settings.lease
+                        ),
+                        shards=_shards_text(settings),
+                    )
+                    bot = make_bot(service, settings)
                     async with bot:
                         await _login(bot, token)
                         await _start(service, settings)
+                        workers = None
+                        if worker_factory is None and settings.workers > 0:
+                            workers = LocalWorkers(db, settings, settings.workers, command=worker_command)
+                        metrics = serve_metrics(settings.metrics_port, db, settings) if settings.metrics_port else None
                         try:
-                            await _serve(bot, service, stop)
+                            if workers is not None:
+                                await _start_workers(workers)
+                            await _serve(bot, service, stop, workers)
                         finally:
+                            if workers is not None:
+                                await workers.close()
                             await service.close()
+                            if metrics is not None:
+                                metrics.close()
         except DatabaseError as exc:
             raise StartupError(str(exc)) from None
     log.info("stopped")
+
+
+@contextlib.contextmanager
+def _one_bot_per_file(settings: Settings) -> Iterator[None]:
+    """A SQLite file serves one bot process; PostgreSQL serves any number (shards)."""
+    if settings.shared_database:
+        yield
+        return
+    with sole_bot(settings.db_path):
+        yield
+
+
+def _shards_text(settings: Settings) -> str | None:
+    if settings.shard_count is None:
+        return None
+    ids = settings.shard_ids if settings.shard_ids is not None else range(settings.shard_count)
+    return f"{','.join(str(i) for i in ids)} of {settings.shard_count}"
 
 
 async def _start(service: JobService, settings: Settings) -> None:
@@ -81,6 +128,13 @@ async def _start(service: JobService, settings: Settings) -> None:
         ) from None
 
 
+async def _start_workers(workers: LocalWorkers) -> None:
+    try:
+        await workers.start()
+    except WorkerStartFailed as exc:
+        raise StartupError(f"the generation worker could not start: {exc}") from None
+
+
 def freeze_startup_objects() -> None:
     """Keep what the start made (modules, torch, transformers, the model) out of full GC passes.
 
@@ -93,7 +147,7 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-async def _serve(bot: MusicBot, service: JobService, stop: asyncio.Event) -> None:
+async def _serve(bot: MusicBot, service: JobService, stop: asyncio.Event, workers: LocalWorkers | None) -> None:
     """Keep the gateway connection until ``stop`` is set (or the connection ends by itself)."""
     connection = asyncio.create_task(bot.connect(), name="discord-connection")
     stopping = asyncio.create_task(stop.wait(), name="stop-signal")
@@ -107,6 +161,8 @@ async def _serve(bot: MusicBot, service: JobService, stop: asyncio.Event) -> Non
     log.info("stopping: no new jobs are taken; waiting and running jobs are kept for the next start")
     try:
         # Still connected meanwhile: new commands are answered "restarting, try again in a minute".
+        if workers is not None:
+            await workers.close()
         await service.close()
     finally:
         await bot.close()

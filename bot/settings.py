@@ -45,6 +45,27 @@ class Settings:
     max_batch: int = 4
     # Seconds a batch may generate per 10 s of audio it makes (never less in all); see job_time_limit.
     job_timeout: float = 300.0
+    # A PostgreSQL URL (MUSICBOT_DB=postgresql://...) instead of the SQLite file ``db_path``.
+    db_url: str | None = field(default=None, repr=False)
+    # Generation worker processes that `musicbot run` starts and supervises beside itself.
+    workers: int = 1
+    # Discord shards: how many in all (None: as Discord recommends), and which this process runs.
+    shard_count: int | None = None
+    shard_ids: tuple[int, ...] | None = None
+    # Seconds a worker's claim (or a bot's ownership of its replies) holds without a heartbeat.
+    lease: float = 30.0
+    # Port for Prometheus metrics (None: off), and the address it listens on.
+    metrics_port: int | None = None
+    metrics_address: str = "127.0.0.1"
+
+    @property
+    def database(self) -> str:
+        """What ``MUSICBOT_DB`` names: the PostgreSQL URL, or the SQLite file's path."""
+        return self.db_url or str(self.db_path)
+
+    @property
+    def shared_database(self) -> bool:
+        return self.db_url is not None
 
     def model_source(self, size_or_source: str) -> str:
         """A size name maps to its configured hub id or directory; anything else is used as it is."""
@@ -66,7 +87,9 @@ class Settings:
         }
 
         model = env.get("MUSICBOT_MODEL", "small")
-        device = _choice(env, "MUSICBOT_DEVICE", DEVICES, "auto")
+        device = env.get("MUSICBOT_DEVICE", "auto").lower()
+        if device not in DEVICES and not _is_cuda_index(device):
+            raise SettingsError(f"MUSICBOT_DEVICE must be one of auto, cpu, cuda or cuda:N (got {device!r})")
         dtype = _choice(env, "MUSICBOT_DTYPE", DTYPES, "auto")
         kernels = _choice(env, "MUSICBOT_KERNELS", KERNELS, "auto")
         sources = {
@@ -77,9 +100,37 @@ class Settings:
             _int(env, "MUSICBOT_ADMIN_IDS", part) for part in _split(env.get("MUSICBOT_ADMIN_IDS", ""))
         )
         guild = env.get("MUSICBOT_GUILD_ID")
+        db = env.get("MUSICBOT_DB", "musicbot.sqlite3")
+        db_url = db if db.startswith(("postgresql://", "postgres://")) else None
+        shard_count = _positive(env, "MUSICBOT_SHARD_COUNT", 0) or None
+        shard_ids = None
+        if "MUSICBOT_SHARD_IDS" in env:
+            shard_ids = tuple(
+                _int(env, "MUSICBOT_SHARD_IDS", part) for part in _split(env["MUSICBOT_SHARD_IDS"])
+            )
+            if shard_count is None:
+                raise SettingsError(
+                    "MUSICBOT_SHARD_IDS needs MUSICBOT_SHARD_COUNT (the number of shards in all)"
+                )
+            if any(not 0 <= shard < shard_count for shard in shard_ids):
+                raise SettingsError(
+                    f"MUSICBOT_SHARD_IDS must be between 0 and {shard_count - 1} (MUSICBOT_SHARD_COUNT - 1)"
+                )
+        workers = _whole(env, "MUSICBOT_WORKERS", 1)
+        port = env.get("MUSICBOT_METRICS_PORT")
+        metrics_port = _int(env, "MUSICBOT_METRICS_PORT", port) if port else None
+        if metrics_port is not None and not 0 < metrics_port < 65536:
+            raise SettingsError(f"MUSICBOT_METRICS_PORT must be a port number, 1-65535 (got {metrics_port})")
         return cls(
             discord_token=env.get("DISCORD_TOKEN"),
-            db_path=Path(env.get("MUSICBOT_DB", "musicbot.sqlite3")),
+            db_path=Path("musicbot.sqlite3" if db_url else db),
+            db_url=db_url,
+            workers=workers,
+            shard_count=shard_count,
+            shard_ids=shard_ids,
+            lease=_seconds(env, "MUSICBOT_LEASE", 30.0),
+            metrics_port=metrics_port,
+            metrics_address=env.get("MUSICBOT_METRICS_ADDR", "127.0.0.1"),
             model=model,
             model_sources=sources,
             device=device,
@@ -115,6 +166,32 @@ def _positive(env: Mapping[str, str], name: str, default: int) -> int:
     value = _int(env, name, env[name])
     if value < 1:
         raise SettingsError(f"{name} must be at least 1 (got {value})")
+    return value
+
+
+def _is_cuda_index(device: str) -> bool:
+    prefix, _, number = device.partition(":")
+    return prefix == "cuda" and number.isdigit()
+
+
+def _whole(env: Mapping[str, str], name: str, default: int) -> int:
+    if name not in env:
+        return default
+    value = _int(env, name, env[name])
+    if value < 0:
+        raise SettingsError(f"{name} must be 0 or more (got {value})")
+    return value
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    if name not in env:
+        return default
+    try:
+        value = float(env[name])
+    except ValueError:
+        raise SettingsError(f"{name} must be a number of seconds (got {env[name]!r})") from None
+    if not value > 0:
+        raise SettingsError(f"{name} must be more than 0 seconds (got {env[name]})")
     return value
 
 

@@ -67,14 +67,25 @@ def int8_supported() -> bool:
 
 
 def choose_placement(device: str = "auto", dtype: str = "auto") -> Placement:
-    """``auto``: CUDA when present (bf16, else fp16), else the CPU in bf16 where that is fast, else fp32."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise ModelLoadError(device, f"unknown device {device!r}: use auto, cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(device, "MUSICBOT_DEVICE is cuda but no CUDA GPU is available")
-    dev = torch.device(
-        "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
-    )
+    """``auto``: CUDA when present (bf16, else fp16), else the CPU in bf16 where that is fast, else fp32.
+
+    ``cuda:N`` picks one GPU of several (one worker process per GPU).
+    """
+    index = _cuda_index(device)
+    if device not in ("auto", "cpu", "cuda") and index is None:
+        raise ModelLoadError(device, f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(device, f"the device is {device} but no CUDA GPU is available")
+    if index is not None and index >= torch.cuda.device_count():
+        raise ModelLoadError(
+            device, f"there is no GPU {index}: this machine has {torch.cuda.device_count()} (cuda:0 ...)"
+        )
+    if index is not None:
+        dev = torch.device("cuda", index)
+    else:
+        dev = torch.device(
+            "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+        )
     if dtype == "int8":
         if dev.type != "cpu" or not int8_supported():
             raise ModelLoadError(dtype, "int8 decoding steps need a CPU with fbgemm (x86-64); use auto")
@@ -88,6 +99,12 @@ def choose_placement(device: str = "auto", dtype: str = "auto") -> Placement:
     if dev.type == "cuda":
         return Placement(dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     return Placement(dev, torch.bfloat16 if cpu_supports_bf16() else torch.float32)
+
+
+def _cuda_index(device: str) -> int | None:
+    """N of ``cuda:N``, else None."""
+    prefix, _, number = device.partition(":")
+    return int(number) if prefix == "cuda" and number.isdigit() else None
 
 
 def load_checkpoint(source: str, placement: Placement) -> tuple[Any, Any]:

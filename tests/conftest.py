@@ -55,3 +55,15 @@ async def emu() -> AsyncIterator[DiscordEmulator]:
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "musicbot.sqlite3"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """``MUSICBOT_DB`` for one test, once per backend: a SQLite file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "musicbot.sqlite3")
+        return
+    from tests.databases import fresh_postgres
+
+    async with fresh_postgres() as url:
+        yield url

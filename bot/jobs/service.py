@@ -482,6 +482,11 @@ class JobService:
     async def usage(self, user_id: int, *, is_admin: bool = False) -> Usage:
         return await self._store.usage(user_id, exempt=is_admin, now=self._clock())
 
+    @property
+    def worker(self) -> JobWorker | None:
+        """The worker side run in this process, if any."""
+        return self._worker
+
     # --- model ---
 
     @property

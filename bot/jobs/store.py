@@ -38,6 +38,7 @@ from bot.jobs.models import (
     TrackRef,
     Usage,
     job_seconds,
+    utc_now,
 )
 from bot.settings import Limits
 from generation import GenerationRequest, ModelInfo, SamplingParams
@@ -480,6 +481,15 @@ class JobStore:
         async with self._db.snapshot() as tx:
             rows = await tx.fetchall("SELECT * FROM workers ORDER BY started_at, id")
         return [_worker_from_row(row) for row in rows]
+
+    async def live_workers(self, lease: float) -> list[WorkerRow]:
+        """Workers not stopped whose heartbeat is younger than ``lease`` seconds."""
+        now = utc_now()
+        return [
+            worker
+            for worker in await self.workers()
+            if worker.stopped_at is None and (now - worker.heartbeat_at).total_seconds() <= lease
+        ]
 
     async def register_bot(self, bot_id: str, host: str, pid: int, shards: str | None, now: datetime) -> None:
         async with self._db.transaction() as tx:

@@ -119,6 +119,7 @@ class JobWorker:
         clock: Clock = utc_now,
         options: WorkerOptions | None = None,
         on_stuck: Callable[[], None] | None = None,
+        on_generated: Callable[[float], None] | None = None,
     ) -> None:
         self.id = worker_id or new_id("worker")
         self._db = db
@@ -129,6 +130,7 @@ class JobWorker:
         self._clock = clock
         self._options = options or WorkerOptions()
         self._on_stuck = on_stuck
+        self._on_generated = on_generated
         self._engine: GenerationWorker | None = None
         self._model: str | None = None
         self._speed: float | None = None
@@ -146,6 +148,11 @@ class JobWorker:
     @property
     def info(self) -> ModelInfo | None:
         return self._engine.info if self._engine is not None else None
+
+    @property
+    def engine(self) -> GenerationWorker | None:
+        """The generation worker that owns the model now (replaced when its state is in doubt)."""
+        return self._engine
 
     # --- life cycle ---
 
@@ -380,7 +387,10 @@ class JobWorker:
             return
         finally:
             batch.call = None
-        await self._learn_speed(time.monotonic() - began, results)
+        elapsed = time.monotonic() - began
+        if self._on_generated is not None:
+            self._on_generated(elapsed)
+        await self._learn_speed(elapsed, results)
         for job, result in zip(jobs, results, strict=True):
             await self._settle(batch, job, result)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bot.jobs import BaseJobListener, Job, JobService, JobTrack, open_database
+from bot.jobs import BaseJobListener, Job, JobService, JobTrack, ServiceOptions, WorkerOptions, open_database
 from bot.settings import MODEL_SIZES, Limits, Settings
 from generation import (
     AudioClip,
@@ -241,7 +241,7 @@ class RecordingListener(BaseJobListener):
 
 
 def make_settings(
-    db_path: Path,
+    db_path: Path | str,
     *,
     max_queued: int = 10,
     daily_seconds: int = 10_000,
@@ -250,8 +250,10 @@ def make_settings(
     max_batch: int = 4,
     model: str = "small",
 ) -> Settings:
+    postgres = str(db_path).startswith("postgresql://")
     return Settings(
-        db_path=db_path,
+        db_path=Path("unused.sqlite3") if postgres else Path(db_path),
+        db_url=str(db_path) if postgres else None,
         model=model,
         model_sources={size: f"fake-{size}" for size in MODEL_SIZES},
         limits=Limits(max_queued=max_queued, daily_seconds=daily_seconds, max_duration=max_duration),
@@ -270,13 +272,16 @@ async def running_service(
     max_attempts: int = 2,
 ) -> AsyncIterator[JobService]:
     """A started service on ``settings.db_path`` with fake engines in real workers."""
-    async with open_database(settings.db_path) as db:
+    async with open_database(settings.database) as db:
         service = JobService(
             db,
             settings,
             lambda: GenerationWorker(models),
             listener=listener,
             max_attempts=max_attempts,
+            # Short leases, as a test waits for takeovers (PostgreSQL is shared: nothing is taken at once).
+            options=ServiceOptions(poll=0.1, bot_lease=1.0),
+            worker_options=WorkerOptions(lease=1.0, poll=0.1),
             **({"clock": clock} if clock is not None else {}),
         )
         async with service:

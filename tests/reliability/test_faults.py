@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.jobs import JobService, JobState, open_database
+from bot.jobs import JobState, JobWorker, open_database
 from bot.settings import Settings
 from generation import GenerationWorker
 from tests.discord_emulator import DiscordEmulator
@@ -51,7 +51,8 @@ async def test_a_faulty_generation_fails_with_a_message_and_the_queue_goes_on(
         failed = await answered(emu, faulty, lambda m: "failed" in m.content)
         result = await answered(emu, after, lambda m: bool(m.attachments))
         usage = await bot.service.usage(unlucky.id)
-        worker_alive = bot.service._worker is not None and bot.service._worker.alive
+        engine = bot.service.worker.engine if bot.service.worker is not None else None
+        worker_alive = engine is not None and engine.alive
 
     assert failed.content.startswith("❌ Job #1 (music, 1 s, ") and message in failed.content
     assert not failed.attachments and "“after it”" in result.content
@@ -153,9 +154,9 @@ async def test_the_time_limit_scales_with_the_audio_asked_for_and_the_measured_s
     settings = Settings.from_env({"MUSICBOT_JOB_TIMEOUT": "60"})
     assert settings.job_timeout == 60
     async with open_database(db_path) as db:
-        service = JobService(db, settings, lambda: GenerationWorker(FaultyModels()))
-        short, long = service.time_limit(4.0), service.time_limit(4 * 120.0)
-        service._speed = 2.0  # a slow machine: 2 s of compute per second of audio
-        slow = service.time_limit(4 * 120.0)
+        worker = JobWorker(db, settings, lambda: GenerationWorker(FaultyModels()))
+        short, long = worker.time_limit(4.0), worker.time_limit(4 * 120.0)
+        worker._speed = 2.0  # a slow machine: 2 s of compute per second of audio
+        slow = worker.time_limit(4 * 120.0)
 
     assert short == 60 and long == 60 * 48 and slow == 10 * 2.0 * 480

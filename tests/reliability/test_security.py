@@ -98,6 +98,7 @@ async def test_prompts_never_ping_even_when_results_and_failures_go_to_the_chann
         models.hold()
         async with bot_running(emu, settings, models, interaction_lifetime=timedelta(seconds=1.0)):
             made = await emu.invoke_command("music", {"prompt": f"dance {pings}", "duration": 1.0})
+            await models.wait_generating()  # alone in its batch: the failing one must not share it
             failing = await emu.invoke_command("music", {"prompt": f"{FAIL_MARK} {pings}", "duration": 1.0})
             await answered(emu, failing, lambda m: "position" in m.content)
             await asyncio.sleep(1.1)  # the interactions expire: outcomes go to the channel
@@ -119,7 +120,8 @@ async def test_the_token_never_reaches_the_log_even_at_debug_level(db_path: Path
         env = child_env(emu, db_path)
         async with child_bot(emu, env, "-v", "--fail", "[fail] beat", cwd=tmp_path) as child:
             made = await emu.invoke_command("music", {"prompt": "beat", "duration": 1.0})
-            failed = await emu.invoke_command("music", {"prompt": "[fail] beat", "duration": 1.0})
+            # Another length: never in one batch with "beat", which must not fail with it.
+            failed = await emu.invoke_command("music", {"prompt": "[fail] beat", "duration": 2.0})
             crafted_bad = await crafted(emu, "music", [{"type": 10, "name": "duration", "value": "x"}])
             await answered(emu, made, lambda m: bool(m.attachments))
             await answered(emu, failed, lambda m: "failed" in m.content)
