@@ -122,7 +122,9 @@ def _parser() -> argparse.ArgumentParser:
         "worker", help="a generation worker process serving the queue in MUSICBOT_DB (one per GPU)"
     )
     worker.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: MUSICBOT_DEVICE)")
-    worker.add_argument("--id", default=None, help="the worker's name in `musicbot status` (default: made up)")
+    worker.add_argument(
+        "--id", default=None, help="the worker's name in `musicbot status` (default: made up)"
+    )
     worker.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
     worker.set_defaults(handler=_worker)
 
@@ -226,12 +228,13 @@ def _random_model(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
-    from bot.runner import StartupError, make_worker_factory, run
+    import bot.supervisor
+    from bot.runner import StartupError, run
 
     if not args.verbose:
         logging.getLogger().setLevel(logging.INFO)
     try:
-        asyncio.run(run(settings, worker_factory=make_worker_factory(settings, quiet=not args.verbose)))
+        asyncio.run(run(settings, worker_command=bot.supervisor.worker_command(args.verbose)))
     except StartupError as exc:
         print(f"musicbot: {exc}", file=sys.stderr)
         return 2

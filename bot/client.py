@@ -119,5 +119,9 @@ def make_bot(service: JobService, settings: Settings, **options: Any) -> MusicBo
     if settings.shard_count is None:
         return MusicBot(service, settings, **options)
     return ShardedMusicBot(
-        service, settings, shard_count=settings.shard_count, shard_ids=list(settings.shard_ids or []) or None, **options
+        service,
+        settings,
+        shard_count=settings.shard_count,
+        shard_ids=list(settings.shard_ids or []) or None,
+        **options,
     )

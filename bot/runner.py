@@ -28,8 +28,8 @@ import discord
 from bot.client import MusicBot, make_bot
 from bot.jobs import DatabaseError, JobService, ServiceOptions, WorkerFactory, open_database, sole_bot
 from bot.metrics import serve_metrics
-from bot.supervisor import Command, LocalWorkers, WorkerStartFailed
 from bot.settings import MODEL_SIZES, Settings
+from bot.supervisor import Command, LocalWorkers, WorkerStartFailed, end_orphans
 from generation import Engine, GenerationRequest, GenerationResult, GenerationWorker, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -76,13 +76,19 @@ async def run(
                         shards=_shards_text(settings),
                     )
                     bot = make_bot(service, settings)
+                    if not settings.shared_database:
+                        await end_orphans(db, settings)
                     async with bot:
                         await _login(bot, token)
                         await _start(service, settings)
                         workers = None
                         if worker_factory is None and settings.workers > 0:
                             workers = LocalWorkers(db, settings, settings.workers, command=worker_command)
-                        metrics = serve_metrics(settings.metrics_port, db, settings) if settings.metrics_port else None
+                        metrics = (
+                            serve_metrics(settings.metrics_port, db, settings)
+                            if settings.metrics_port
+                            else None
+                        )
                         try:
                             if workers is not None:
                                 await _start_workers(workers)
@@ -147,7 +153,9 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-async def _serve(bot: MusicBot, service: JobService, stop: asyncio.Event, workers: LocalWorkers | None) -> None:
+async def _serve(
+    bot: MusicBot, service: JobService, stop: asyncio.Event, workers: LocalWorkers | None
+) -> None:
     """Keep the gateway connection until ``stop`` is set (or the connection ends by itself)."""
     connection = asyncio.create_task(bot.connect(), name="discord-connection")
     stopping = asyncio.create_task(stop.wait(), name="stop-signal")

@@ -15,10 +15,12 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bot.jobs.db import JobsDatabase
 from bot.jobs.models import utc_now
@@ -174,6 +176,8 @@ class LocalWorkers:
             text = line.decode(errors="replace").strip()
             if text.startswith("ready") and not child.ready.done():
                 child.ready.set_result(text.removeprefix("ready").strip())
+            else:
+                print(text, flush=True)
 
     async def _read_stderr(self, child: _Child) -> None:
         """The child's log goes on to ours (stderr); its last lines say why it stopped."""
@@ -234,6 +238,27 @@ class LocalWorkers:
                     log.error("worker %s has not answered for %.0f s; killing it", child.id, silent)
                     with contextlib.suppress(ProcessLookupError):
                         child.process.kill()
+
+
+async def end_orphans(db: JobsDatabase, settings: Settings) -> None:
+    """Workers an earlier bot on this SQLite file started and that still run here are killed.
+
+    They end by themselves when their bot is gone (end of stdin); this covers the moment between. A
+    process is only killed when its command line names that worker, so a reused pid is left alone.
+    """
+    store = JobStore(db, settings.limits, settings.queue_size)
+    host = socket.gethostname()
+    for worker in await store.workers():
+        if worker.stopped_at is not None or worker.host != host or worker.pid == os.getpid():
+            continue
+        try:
+            command = Path(f"/proc/{worker.pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if worker.id.encode() in command:
+            log.warning("stopping worker %s (pid %d), left by an earlier bot", worker.id, worker.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGKILL)
 
 
 def _exit_reason(code: int) -> str:

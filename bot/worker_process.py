@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from dataclasses import replace
 
 from bot.jobs import DatabaseError, JobWorker, WorkerFactory, WorkerOptions, open_database
@@ -28,6 +29,7 @@ from bot.settings import Settings
 log = logging.getLogger(__name__)
 
 EXIT_STUCK = 70
+EXIT_ORPHANED = 71
 
 
 class WorkerStartError(Exception):
@@ -49,7 +51,7 @@ async def serve(
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
     if supervised:
-        watch = asyncio.create_task(_until_stdin_closes(stop), name="supervisor-watch")
+        _exit_with_supervisor()
     try:
         async with open_database(settings.database) as db:
             metrics = None
@@ -81,16 +83,22 @@ async def serve(
                     metrics.close()
     except DatabaseError as exc:
         raise WorkerStartError(str(exc)) from None
-    finally:
-        if supervised:
-            watch.cancel()
 
 
-async def _until_stdin_closes(stop: asyncio.Event) -> None:
-    """The supervisor holds the other end of stdin: end of file means it is gone."""
-    await asyncio.to_thread(sys.stdin.buffer.read)
-    log.warning("the bot that started this worker is gone; stopping")
-    stop.set()
+def _exit_with_supervisor() -> None:
+    """The supervisor holds the other end of stdin: end of file means it is gone. Then this worker
+    ends at once, as if killed with it: the next bot on the database serves its jobs again.
+
+    A daemon thread, so that a worker stopping in order never waits for this read.
+    """
+
+    def watch() -> None:
+        sys.stdin.buffer.read()
+        log.warning("the bot that started this worker is gone; the worker ends with it")
+        logging.shutdown()
+        os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
 
 
 def _exit_stuck() -> None:

@@ -50,7 +50,10 @@ async def copy_database(source: str | Path, target: str | Path) -> CopyInfo:
         raise DatabaseError("the source and the target are the same database")
     if not is_postgres(source) and not Path(source).is_file():
         raise DatabaseError(f"there is no database at {source}")
-    async with open_database(source, checkpoint_every=None) as src, open_database(target, checkpoint_every=None) as dst:
+    async with (
+        open_database(source, checkpoint_every=None) as src,
+        open_database(target, checkpoint_every=None) as dst,
+    ):
         return await copy_rows(src, dst)
 
 
@@ -79,7 +82,9 @@ async def copy_rows(src: JobsDatabase, dst: JobsDatabase) -> CopyInfo:
                 offset += len(rows)
         if dst.kind == "postgresql" and counts["jobs"]:
             # New jobs continue after the copied ids.
-            await write.execute("SELECT setval(pg_get_serial_sequence('jobs', 'id'), (SELECT max(id) FROM jobs))")
+            await write.execute(
+                "SELECT setval(pg_get_serial_sequence('jobs', 'id'), (SELECT max(id) FROM jobs))"
+            )
     log.info("copied %s", ", ".join(f"{n} {table}" for table, n in counts.items()))
     return CopyInfo(counts)
 

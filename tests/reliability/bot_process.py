@@ -4,8 +4,8 @@ stall, for the tests that kill, signal or read the logs of a real bot process.
     python -m tests.reliability.bot_process API_URL GATEWAY_URL [options]
 
 It runs the real entry point (``bot.cli.main(["run"])``: settings from the environment, database,
-job service, worker, discord.py client, signal handling), with only the model swapped for fake
-engines. Options:
+job service, the supervised worker process, discord.py client, signal handling), with only the model
+swapped for fake engines (in the worker process too). Options:
 
     --hold PROMPT          generating that prompt waits until the process ends (or is told to stop)
     --stall POINT:PROMPT   stop dead at POINT for jobs of that prompt and print ``stalled POINT ID``:
@@ -34,8 +34,9 @@ import discord
 import yarl
 
 import bot.runner
+import bot.supervisor
 from bot.cli import main
-from bot.client import MusicBot
+from bot.client import make_bot
 from bot.delivery import DiscordDelivery
 from bot.jobs import Job, JobService, JobTrack
 from generation import GenerationError, GenerationRequest, GenerationResult, GenerationWorker
@@ -65,6 +66,41 @@ class PrintingEngine(FakeEngine):
         if any(request.prompt in self.failing for request in requests):
             raise GenerationError("the fake engine was told to fail")
         return super().generate(requests, progress, cancel)
+
+
+def fake_models(hold: Sequence[str], fail: Sequence[str]) -> None:
+    """``musicbot worker`` in this process gets fake engines that hold or fail these prompts."""
+    models = PrintingModels()
+    if hold:
+        models.hold(*hold)  # (with no prompt it would hold every generation)
+    PrintingEngine.failing = frozenset(fail)
+    bot.runner.make_worker_factory = lambda settings, quiet=False: lambda: GenerationWorker(models)  # type: ignore[assignment]
+
+
+def fake_worker_command(engine: Sequence[str], verbose: bool = False) -> Callable[[str], list[str]]:
+    def command(worker_id: str) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "tests.reliability.bot_process",
+            "worker",
+            *engine,
+            "--id",
+            worker_id,
+        ]
+
+    return command
+
+
+def worker_main(argv: Sequence[str]) -> int:
+    """``musicbot worker --supervised`` with the fake engines."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hold", action="append", default=[])
+    parser.add_argument("--fail", action="append", default=[])
+    parser.add_argument("--id", required=True)
+    args = parser.parse_args(argv)
+    fake_models(args.hold, args.fail)
+    return main(["worker", "--supervised", "--id", args.id])
 
 
 async def forever(point: str, what: int) -> None:
@@ -110,13 +146,12 @@ def configure(argv: Sequence[str]) -> list[str]:
     discord.http.Route.BASE = args.api_url
     discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(args.gateway_url)
 
-    models = PrintingModels()
-    if args.hold:
-        models.hold(*args.hold)  # (with no prompt it would hold every generation)
-    PrintingEngine.failing = frozenset(args.fail)
-    bot.runner.make_worker_factory = lambda settings, quiet=False: lambda: GenerationWorker(models)  # type: ignore[assignment]
-    bot.runner.MusicBot = functools.partial(  # type: ignore[misc]
-        MusicBot, interaction_lifetime=timedelta(seconds=args.lifetime), guild_ready_timeout=0.05
+    fake_models(args.hold, args.fail)
+    engine = [*(f"--hold={prompt}" for prompt in args.hold), *(f"--fail={prompt}" for prompt in args.fail)]
+    # The real supervisor starts real worker processes, with the same fake engines.
+    bot.supervisor.worker_command = functools.partial(fake_worker_command, engine)  # type: ignore[assignment]
+    bot.runner.make_bot = functools.partial(  # type: ignore[assignment]
+        make_bot, interaction_lifetime=timedelta(seconds=args.lifetime), guild_ready_timeout=0.05
     )
     stalls: dict[str, set[str]] = {"submit": set(), "deliver": set(), "delivered": set()}
     for stall in args.stall:
@@ -127,4 +162,6 @@ def configure(argv: Sequence[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["worker"]:
+        sys.exit(worker_main(sys.argv[2:]))
     sys.exit(main(configure(sys.argv[1:])))
