@@ -70,3 +70,23 @@ async def states(database: str | Path) -> dict[int, str]:
 
 def backends() -> Sequence[str]:
     return ("sqlite", "postgresql")
+
+
+async def _check() -> None:
+    try:
+        conn = await asyncpg.connect(SERVER, timeout=10)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise SystemExit(
+            f"no PostgreSQL server answers at {SERVER} ({exc}): the tests need one; start it, or point"
+            " MUSICBOT_TEST_POSTGRES at one"
+        ) from None
+    version = await conn.fetchval("SHOW server_version")
+    await conn.close()
+    print(f"PostgreSQL {version} answers at {SERVER}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--check"]:
+        asyncio.run(_check())

@@ -139,6 +139,7 @@ class JobService:
             self._notifier.listener = listener
         self._changes = db.subscribe()
         self._model_lock = asyncio.Lock()
+        self._looking = asyncio.Lock()
         self._board = _EMPTY_BOARD
         self._active: dict[int, Job] = {}
         self._seen: dict[int, _Seen] = {}
@@ -244,6 +245,20 @@ class JobService:
         await self._store.reap(self._max_attempts, wall_clock())
 
     async def _look(self, *, announce: bool = True) -> None:
+        """Read the shared state and tell the listener what changed (one look at a time, so that
+        an older read can never follow a newer one)."""
+        async with self._looking:
+            await self._look_once(announce)
+
+    async def _look_quietly(self) -> None:
+        """A look after this bot changed a job: the change is made whether or not the look succeeds
+        (the watcher looks again soon)."""
+        try:
+            await self._look()
+        except Exception as exc:
+            log.warning("could not read the jobs from the database: %s", exc)
+
+    async def _look_once(self, announce: bool) -> None:
         board = await self._store.board(self.id)
         self._board = board
         self._active = {job.id: job for job in board.jobs if job.state.active}
@@ -345,8 +360,8 @@ class JobService:
         except LimitExceeded as exc:
             raise self._with_estimate(exc, origin.user_id) from None
         log.info("job %d queued for user %d (%s, %g s)", job.id, job.user_id, job.kind, job.seconds)
-        self._active[job.id] = job
         self._seen.setdefault(job.id, _Seen.of(job))
+        await self._look_quietly()  # the queue as it is now, this job in it
         return job
 
     async def cancel(self, job_id: int, *, user_id: int, is_admin: bool = False) -> Job:
@@ -572,7 +587,7 @@ class JobService:
         if cancelled is None:
             raise JobFinished(job_id, (await self._store.job(job_id)).state.value)
         log.info("job %d cancelled", job_id)
-        self._active.pop(job_id, None)
+        await self._look_quietly()
         return cancelled
 
     def _worker_free_in(self, running: Sequence[Job]) -> dict[str | None, float | None]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from pathlib import Path
 
 from bot.jobs import BaseJobListener, Job, Origin
 from tests.jobs.fakes import FakeModels, make_settings, request, running_service
@@ -20,7 +19,7 @@ class PrintingListener(BaseJobListener):
         print(f"started {job.id}", flush=True)
 
 
-async def main(db_path: Path) -> None:
+async def main(db_path: str) -> None:
     models = FakeModels(steps=100_000, step_seconds=0.01)
     settings = make_settings(db_path, max_batch=2)
     async with running_service(settings, models, listener=PrintingListener()) as service:
@@ -31,4 +30,4 @@ async def main(db_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(Path(sys.argv[1])))
+    asyncio.run(main(sys.argv[1]))

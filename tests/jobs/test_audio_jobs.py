@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import sqlite3
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from bot.jobs import JobKind, JobNotFound, MelodyUnavailable, Origin, TrackNotFound, TrackRef
 from generation import AudioClip
+from tests.databases import query
 from tests.jobs.fakes import (
     SAMPLE_RATE,
     FakeModels,
@@ -20,8 +18,8 @@ from tests.jobs.fakes import (
 )
 
 
-async def test_an_extension_after_a_restart_continues_the_stored_parent_track(db_path: Path) -> None:
-    settings = make_settings(db_path, max_batch=4)
+async def test_an_extension_after_a_restart_continues_the_stored_parent_track(database: str) -> None:
+    settings = make_settings(database, max_batch=4)
     first = RecordingListener()
     async with running_service(settings, FakeModels(), listener=first) as service:
         parent = await service.submit(request("theme", duration=3, variations=2), Origin(1))
@@ -54,9 +52,9 @@ async def test_an_extension_after_a_restart_continues_the_stored_parent_track(db
 
 
 async def test_extending_a_track_that_does_not_exist_is_refused(
-    db_path: Path, models: FakeModels, listener: RecordingListener
+    database: str, models: FakeModels, listener: RecordingListener
 ) -> None:
-    async with running_service(make_settings(db_path), models, listener=listener) as service:
+    async with running_service(make_settings(database), models, listener=listener) as service:
         parent = await service.submit(request(), Origin(1))
         await listener.wait_settled([parent.id])
         with pytest.raises(TrackNotFound):
@@ -65,15 +63,14 @@ async def test_extending_a_track_that_does_not_exist_is_refused(
             await service.submit(request(), Origin(1), kind=JobKind.EXTEND, parent=TrackRef(999))
 
 
-async def test_a_melody_is_kept_in_the_database_and_given_to_the_model_after_a_restart(db_path: Path) -> None:
-    settings = make_settings(db_path, model="melody")
+async def test_a_melody_is_kept_in_the_database_and_given_to_the_model_after_a_restart(database: str) -> None:
+    settings = make_settings(database, model="melody")
     tune = AudioClip(np.linspace(-0.5, 0.5, 2 * 16000, dtype=np.float32)[None, :], 16000)
     held = FakeModels(holding_all=True)
     async with running_service(settings, held) as service:
         job = await service.submit(request("hum", melody=tune), Origin(1))
         plain = await service.submit(request("plain"), Origin(2))
-    with sqlite3.connect(db_path) as conn:
-        blobs = conn.execute("SELECT count(*) FROM job_audio WHERE job_id = ?", (job.id,)).fetchone()[0]
+    [(blobs,)] = await query(database, "SELECT count(*) FROM job_audio WHERE job_id = ?", job.id)
 
     models = FakeModels()
     listener = RecordingListener()
@@ -92,10 +89,10 @@ async def test_a_melody_is_kept_in_the_database_and_given_to_the_model_after_a_r
 
 
 async def test_a_melody_on_a_model_that_cannot_follow_one_is_refused(
-    db_path: Path, models: FakeModels
+    database: str, models: FakeModels
 ) -> None:
     tune = AudioClip(np.zeros((1, 8000), dtype=np.float32), 8000)
-    async with running_service(make_settings(db_path), models) as service:
+    async with running_service(make_settings(database), models) as service:
         with pytest.raises(MelodyUnavailable) as refused:
             await service.submit(request("hum", melody=tune), Origin(1))
 

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
-from pathlib import Path
 
 import pytest
 
 from bot.jobs import JobFinished, JobState, NotAllowed, Origin
+from tests.databases import query
 from tests.jobs.fakes import FakeModels, RecordingListener, make_settings, request, running_service
 
 
 async def test_a_cancelled_waiting_job_is_never_generated(
-    db_path: Path, models: FakeModels, listener: RecordingListener
+    database: str, models: FakeModels, listener: RecordingListener
 ) -> None:
     models.hold()
-    async with running_service(make_settings(db_path), models, listener=listener) as service:
+    async with running_service(make_settings(database), models, listener=listener) as service:
         blocker = await service.submit(request("blocker"), Origin(9))
         waiting = await service.submit(request("never", duration=3), Origin(1))
         cancelled = await service.cancel(waiting.id, user_id=1)
@@ -32,10 +31,10 @@ async def test_a_cancelled_waiting_job_is_never_generated(
 
 
 async def test_a_running_job_stops_at_the_next_step(
-    db_path: Path, models: FakeModels, listener: RecordingListener
+    database: str, models: FakeModels, listener: RecordingListener
 ) -> None:
     models.steps, models.step_seconds = 400, 0.005
-    async with running_service(make_settings(db_path), models, listener=listener) as service:
+    async with running_service(make_settings(database), models, listener=listener) as service:
         job = await service.submit(request("long"), Origin(1))
         await listener.heard("progress", job.id)
         began = time.monotonic()
@@ -56,10 +55,10 @@ async def test_a_running_job_stops_at_the_next_step(
 
 
 async def test_cancelling_one_job_of_a_batch_lets_the_others_finish(
-    db_path: Path, models: FakeModels, listener: RecordingListener
+    database: str, models: FakeModels, listener: RecordingListener
 ) -> None:
     models.hold("blocker", "keep")
-    async with running_service(make_settings(db_path, max_batch=4), models, listener=listener) as service:
+    async with running_service(make_settings(database, max_batch=4), models, listener=listener) as service:
         blocker = await service.submit(request("blocker"), Origin(9))
         await models.wait_generating()
         keep = await service.submit(request("keep"), Origin(1))
@@ -73,13 +72,12 @@ async def test_cancelling_one_job_of_a_batch_lets_the_others_finish(
     assert [call.prompts for call in models.calls][1] == ["keep", "drop"]
     assert listener.outcome(keep.id) == "finished"
     assert listener.outcome(drop.id) == "cancelled"
-    with sqlite3.connect(db_path) as conn:
-        assert conn.execute("SELECT count(*) FROM tracks WHERE job_id = ?", (drop.id,)).fetchone()[0] == 0
+    assert await query(database, "SELECT count(*) FROM tracks WHERE job_id = ?", drop.id) == [(0,)]
 
 
-async def test_only_the_owner_or_an_admin_may_cancel(db_path: Path, models: FakeModels) -> None:
+async def test_only_the_owner_or_an_admin_may_cancel(database: str, models: FakeModels) -> None:
     models.hold()
-    async with running_service(make_settings(db_path), models) as service:
+    async with running_service(make_settings(database), models) as service:
         blocker = await service.submit(request(), Origin(9))
         job = await service.submit(request(), Origin(1))
         with pytest.raises(NotAllowed):
@@ -94,9 +92,9 @@ async def test_only_the_owner_or_an_admin_may_cancel(db_path: Path, models: Fake
 
 
 async def test_a_finished_job_cannot_be_cancelled(
-    db_path: Path, models: FakeModels, listener: RecordingListener
+    database: str, models: FakeModels, listener: RecordingListener
 ) -> None:
-    async with running_service(make_settings(db_path), models, listener=listener) as service:
+    async with running_service(make_settings(database), models, listener=listener) as service:
         job = await service.submit(request(), Origin(1))
         await listener.wait_settled([job.id])
         with pytest.raises(JobFinished) as refused:
@@ -106,10 +104,10 @@ async def test_a_finished_job_cannot_be_cancelled(
 
 
 async def test_cancel_waiting_cancels_a_users_waiting_jobs_but_not_the_running_one(
-    db_path: Path, models: FakeModels, listener: RecordingListener
+    database: str, models: FakeModels, listener: RecordingListener
 ) -> None:
     models.hold()
-    async with running_service(make_settings(db_path), models, listener=listener) as service:
+    async with running_service(make_settings(database), models, listener=listener) as service:
         running = await service.submit(request("running"), Origin(1))
         await models.wait_generating()
         waiting = [await service.submit(request(f"w{i}"), Origin(1)) for i in range(3)]

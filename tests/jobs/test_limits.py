@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 
 from bot.jobs import InvalidLimit, JobKind, LimitExceeded, Origin, QueueFull, open_database, utc_now
 from bot.jobs.store import JobStore, NewJob
 from bot.settings import Limits
+from tests.databases import query
 from tests.jobs.fakes import (
     FAIL_PROMPT,
     FakeClock,
@@ -23,9 +22,9 @@ from tests.jobs.fakes import (
 )
 
 
-async def test_200_concurrent_submissions_accept_exactly_the_limit(db_path: Path, models: FakeModels) -> None:
+async def test_200_concurrent_submissions_accept_exactly_the_limit(database: str, models: FakeModels) -> None:
     models.hold()
-    settings = make_settings(db_path, max_queued=2, queue_size=1000)
+    settings = make_settings(database, max_queued=2, queue_size=1000)
     async with running_service(settings, models) as service:
 
         async def attempt(user: int, n: int) -> int | LimitExceeded:
@@ -44,16 +43,15 @@ async def test_200_concurrent_submissions_accept_exactly_the_limit(db_path: Path
         assert len(refused) == 160
         assert {exc.limit for exc in refused} == {"max_queued"}
         assert all("max_queued" in str(exc) for exc in refused)
-        with sqlite3.connect(db_path) as conn:
-            rows = conn.execute("SELECT user_id, count(*) FROM jobs GROUP BY user_id").fetchall()
-            total = conn.execute("SELECT count(*), count(DISTINCT id) FROM jobs").fetchone()
+        rows = await query(database, "SELECT user_id, count(*) FROM jobs GROUP BY user_id")
+        [total] = await query(database, "SELECT count(*), count(DISTINCT id) FROM jobs")
         assert dict(rows) == {user: 2 for user in range(20)}
         assert total == (40, 40)
         models.release()
 
 
-async def test_two_connections_cannot_both_pass_a_limit(db_path: Path) -> None:
-    async with open_database(db_path) as one, open_database(db_path) as two:
+async def test_two_connections_cannot_both_pass_a_limit(database: str) -> None:
+    async with open_database(database) as one, open_database(database) as two:
         stores = [JobStore(db, Limits(max_queued=2), queue_size=100) for db in (one, two)]
 
         async def attempt(store: JobStore) -> bool:
@@ -67,14 +65,13 @@ async def test_two_connections_cannot_both_pass_a_limit(db_path: Path) -> None:
         outcomes = await asyncio.gather(*(attempt(stores[i % 2]) for i in range(40)))
 
     assert outcomes.count(True) == 2
-    with sqlite3.connect(db_path) as conn:
-        assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 2
+    assert await query(database, "SELECT count(*) FROM jobs") == [(2,)]
 
 
 async def test_daily_seconds_refusal_names_the_limit_and_when_it_frees(
-    db_path: Path, models: FakeModels, clock: FakeClock
+    database: str, models: FakeModels, clock: FakeClock
 ) -> None:
-    settings = make_settings(db_path, daily_seconds=30)
+    settings = make_settings(database, daily_seconds=30)
     async with running_service(settings, models, clock=clock) as service:
         first = await service.submit(request(duration=20), Origin(7))
         clock.advance(hours=1)
@@ -89,9 +86,9 @@ async def test_daily_seconds_refusal_names_the_limit_and_when_it_frees(
 
 
 async def test_daily_seconds_free_up_when_jobs_leave_the_24_hour_window(
-    db_path: Path, models: FakeModels, clock: FakeClock, listener: RecordingListener
+    database: str, models: FakeModels, clock: FakeClock, listener: RecordingListener
 ) -> None:
-    settings = make_settings(db_path, daily_seconds=30)
+    settings = make_settings(database, daily_seconds=30)
     async with running_service(settings, models, clock=clock, listener=listener) as service:
         job = await service.submit(request(duration=20), Origin(7))
         await listener.wait_settled([job.id])
@@ -105,9 +102,9 @@ async def test_daily_seconds_free_up_when_jobs_leave_the_24_hour_window(
 
 
 async def test_a_failed_job_gives_its_seconds_back(
-    db_path: Path, models: FakeModels, clock: FakeClock, listener: RecordingListener
+    database: str, models: FakeModels, clock: FakeClock, listener: RecordingListener
 ) -> None:
-    settings = make_settings(db_path, daily_seconds=30)
+    settings = make_settings(database, daily_seconds=30)
     async with running_service(settings, models, clock=clock, listener=listener) as service:
         failing = await service.submit(request(FAIL_PROMPT, duration=20), Origin(7))
         await listener.wait_settled([failing.id])
@@ -118,10 +115,10 @@ async def test_a_failed_job_gives_its_seconds_back(
 
 
 async def test_a_cancelled_job_gives_its_seconds_back(
-    db_path: Path, models: FakeModels, clock: FakeClock
+    database: str, models: FakeModels, clock: FakeClock
 ) -> None:
     models.hold()
-    settings = make_settings(db_path, daily_seconds=30)
+    settings = make_settings(database, daily_seconds=30)
     async with running_service(settings, models, clock=clock) as service:
         blocker = await service.submit(request(duration=5), Origin(1))
         waiting = await service.submit(request(duration=20), Origin(7))
@@ -134,12 +131,11 @@ async def test_a_cancelled_job_gives_its_seconds_back(
     assert accepted.id > waiting.id > blocker.id
 
 
-async def test_a_request_longer_than_max_duration_is_refused(db_path: Path, models: FakeModels) -> None:
-    async with running_service(make_settings(db_path, max_duration=30), models) as service:
+async def test_a_request_longer_than_max_duration_is_refused(database: str, models: FakeModels) -> None:
+    async with running_service(make_settings(database, max_duration=30), models) as service:
         with pytest.raises(LimitExceeded) as refused:
             await service.submit(request(duration=31), Origin(7))
-        with sqlite3.connect(db_path) as conn:
-            count = conn.execute("SELECT count(*) FROM jobs").fetchone()[0]
+        [(count,)] = await query(database, "SELECT count(*) FROM jobs")
 
     assert refused.value.limit == "max_duration"
     assert refused.value.value == 30
@@ -147,9 +143,9 @@ async def test_a_request_longer_than_max_duration_is_refused(db_path: Path, mode
     assert count == 0
 
 
-async def test_a_full_queue_refuses_with_queue_full(db_path: Path, models: FakeModels) -> None:
+async def test_a_full_queue_refuses_with_queue_full(database: str, models: FakeModels) -> None:
     models.hold()
-    async with running_service(make_settings(db_path, queue_size=3), models) as service:
+    async with running_service(make_settings(database, queue_size=3), models) as service:
         for user in range(3):
             await service.submit(request(), Origin(user))
         with pytest.raises(QueueFull) as refused:
@@ -162,9 +158,9 @@ async def test_a_full_queue_refuses_with_queue_full(db_path: Path, models: FakeM
     assert "queue is full" in str(refused.value)
 
 
-async def test_admins_are_exempt_from_per_user_limits(db_path: Path, models: FakeModels) -> None:
+async def test_admins_are_exempt_from_per_user_limits(database: str, models: FakeModels) -> None:
     models.hold()
-    settings = make_settings(db_path, max_queued=1, daily_seconds=10, max_duration=30)
+    settings = make_settings(database, max_queued=1, daily_seconds=10, max_duration=30)
     async with running_service(settings, models) as service:
         await service.set_limits(7, max_duration=5)
         jobs = [await service.submit(request(duration=30), Origin(7), is_admin=True) for _ in range(3)]
@@ -179,9 +175,9 @@ async def test_admins_are_exempt_from_per_user_limits(db_path: Path, models: Fak
     assert refused.value.limit == "max_duration"
 
 
-async def test_a_user_override_wins_and_survives_a_restart(db_path: Path, models: FakeModels) -> None:
+async def test_a_user_override_wins_and_survives_a_restart(database: str, models: FakeModels) -> None:
     models.hold()
-    settings = make_settings(db_path, max_queued=1)
+    settings = make_settings(database, max_queued=1)
     async with running_service(settings, models) as service:
         limits = await service.set_limits(7, max_queued=3)
         assert limits.max_queued == 3
@@ -199,9 +195,9 @@ async def test_a_user_override_wins_and_survives_a_restart(db_path: Path, models
 
 
 async def test_a_default_override_wins_over_the_environment_after_a_restart(
-    db_path: Path, models: FakeModels
+    database: str, models: FakeModels
 ) -> None:
-    settings = make_settings(db_path, daily_seconds=600)
+    settings = make_settings(database, daily_seconds=600)
     async with running_service(settings, models) as service:
         await service.set_limits(None, daily_seconds=100)
         await service.set_limits(7, max_queued=4)
@@ -216,8 +212,8 @@ async def test_a_default_override_wins_over_the_environment_after_a_restart(
     assert reset.daily_seconds == 600
 
 
-async def test_limits_out_of_range_are_refused_and_change_nothing(db_path: Path, models: FakeModels) -> None:
-    async with running_service(make_settings(db_path), models) as service:
+async def test_limits_out_of_range_are_refused_and_change_nothing(database: str, models: FakeModels) -> None:
+    async with running_service(make_settings(database), models) as service:
         with pytest.raises(InvalidLimit) as refused:
             await service.set_limits(7, max_duration=0)
         overrides = await service.limit_overrides()
@@ -227,9 +223,9 @@ async def test_limits_out_of_range_are_refused_and_change_nothing(db_path: Path,
 
 
 async def test_max_queued_refusal_estimates_when_it_frees(
-    db_path: Path, models: FakeModels, listener: RecordingListener
+    database: str, models: FakeModels, listener: RecordingListener
 ) -> None:
-    async with running_service(make_settings(db_path, max_queued=1), models, listener=listener) as service:
+    async with running_service(make_settings(database, max_queued=1), models, listener=listener) as service:
         warm = await service.submit(request("warm up"), Origin(1))
         await listener.wait_settled([warm.id])  # one finished job gives a measured speed
         models.hold()

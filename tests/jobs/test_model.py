@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -23,10 +22,10 @@ from tests.jobs.fakes import (
 
 
 async def test_switching_model_lets_the_running_batch_finish_on_the_old_one(
-    db_path: Path, models: FakeModels, listener: RecordingListener
+    database: str, models: FakeModels, listener: RecordingListener
 ) -> None:
     models.hold("first")
-    settings = make_settings(db_path)
+    settings = make_settings(database)
     async with running_service(settings, models, listener=listener) as service:
         first = await service.submit(request("first"), Origin(1))
         await models.wait_generating()
@@ -50,9 +49,9 @@ async def test_switching_model_lets_the_running_batch_finish_on_the_old_one(
 
 
 async def test_the_chosen_model_wins_over_the_settings_after_a_restart(
-    db_path: Path, models: FakeModels
+    database: str, models: FakeModels
 ) -> None:
-    settings = make_settings(db_path, model="small")
+    settings = make_settings(database, model="small")
     async with running_service(settings, models) as service:
         await service.switch_model("large")
     async with running_service(settings, models) as service:
@@ -64,10 +63,10 @@ async def test_the_chosen_model_wins_over_the_settings_after_a_restart(
 
 
 async def test_a_model_that_fails_to_load_keeps_the_old_one(
-    db_path: Path, models: FakeModels, listener: RecordingListener
+    database: str, models: FakeModels, listener: RecordingListener
 ) -> None:
     models.failing_loads.add("fake-large")
-    settings = make_settings(db_path)
+    settings = make_settings(database)
     async with running_service(settings, models, listener=listener) as service:
         with pytest.raises(ModelLoadError) as refused:
             await service.switch_model("large")
@@ -84,9 +83,9 @@ async def test_a_model_that_fails_to_load_keeps_the_old_one(
 
 
 async def test_a_stored_model_that_no_longer_loads_falls_back_to_the_settings(
-    db_path: Path, models: FakeModels
+    database: str, models: FakeModels
 ) -> None:
-    settings = make_settings(db_path)
+    settings = make_settings(database)
     async with running_service(settings, models) as service:
         await service.switch_model("large")
     models.failing_loads.add("fake-large")
@@ -97,9 +96,9 @@ async def test_a_stored_model_that_no_longer_loads_falls_back_to_the_settings(
 
 
 async def test_a_dead_worker_fails_its_batch_and_a_new_one_serves_the_rest(
-    db_path: Path, models: FakeModels, listener: RecordingListener
+    database: str, models: FakeModels, listener: RecordingListener
 ) -> None:
-    async with running_service(make_settings(db_path, max_batch=1), models, listener=listener) as service:
+    async with running_service(make_settings(database, max_batch=1), models, listener=listener) as service:
         doomed = await service.submit(request(DIE_PROMPT), Origin(1))
         later = await service.submit(request("later"), Origin(2))
         await listener.wait_settled([doomed.id, later.id])
@@ -111,10 +110,10 @@ async def test_a_dead_worker_fails_its_batch_and_a_new_one_serves_the_rest(
 
 
 async def test_out_of_memory_fails_only_the_job_that_does_not_fit(
-    db_path: Path, models: FakeModels, listener: RecordingListener
+    database: str, models: FakeModels, listener: RecordingListener
 ) -> None:
     models.hold("first")
-    async with running_service(make_settings(db_path, max_batch=4), models, listener=listener) as service:
+    async with running_service(make_settings(database, max_batch=4), models, listener=listener) as service:
         first = await service.submit(request("first"), Origin(9))
         await models.wait_generating()
         jobs = [
@@ -129,9 +128,9 @@ async def test_out_of_memory_fails_only_the_job_that_does_not_fit(
 
 
 async def test_the_dispatcher_survives_an_unexpected_error(
-    db_path: Path, models: FakeModels, listener: RecordingListener
+    database: str, models: FakeModels, listener: RecordingListener
 ) -> None:
-    async with running_service(make_settings(db_path, max_batch=1), models, listener=listener) as service:
+    async with running_service(make_settings(database, max_batch=1), models, listener=listener) as service:
         buggy = await service.submit(request(BUG_PROMPT), Origin(1))
         fine = await service.submit(request("fine"), Origin(2))
         await listener.wait_settled([buggy.id, fine.id])
@@ -148,9 +147,9 @@ class FailingListener(RecordingListener):
         raise RuntimeError("the bot could not edit its status message")
 
 
-async def test_a_failing_listener_does_not_stop_the_job(db_path: Path, models: FakeModels) -> None:
+async def test_a_failing_listener_does_not_stop_the_job(database: str, models: FakeModels) -> None:
     listener = FailingListener()
-    async with running_service(make_settings(db_path), models, listener=listener) as service:
+    async with running_service(make_settings(database), models, listener=listener) as service:
         job = await service.submit(request(), Origin(1))
         await listener.wait_settled([job.id])
 
@@ -158,7 +157,7 @@ async def test_a_failing_listener_does_not_stop_the_job(db_path: Path, models: F
     assert listener.outcome(job.id) == "finished"
 
 
-async def test_listener_calls_for_one_job_come_in_order(db_path: Path) -> None:
+async def test_listener_calls_for_one_job_come_in_order(database: str) -> None:
     class SlowStart(RecordingListener):
         async def job_started(self, job: Job) -> None:
             await asyncio.sleep(0.05)
@@ -166,7 +165,7 @@ async def test_listener_calls_for_one_job_come_in_order(db_path: Path) -> None:
 
     listener = SlowStart()
     models = FakeModels(steps=20)
-    async with running_service(make_settings(db_path), models, listener=listener) as service:
+    async with running_service(make_settings(database), models, listener=listener) as service:
         job = await service.submit(request(), Origin(1))
         await listener.wait_settled([job.id])
 
@@ -177,11 +176,11 @@ async def test_listener_calls_for_one_job_come_in_order(db_path: Path) -> None:
 
 
 async def test_a_model_that_cannot_load_at_start_stops_the_start_and_its_worker(
-    db_path: Path, models: FakeModels
+    database: str, models: FakeModels
 ) -> None:
     models.failing_loads.add("fake-small")
     with pytest.raises(ModelLoadError):
-        async with running_service(make_settings(db_path), models):
+        async with running_service(make_settings(database), models):
             pass
 
     assert not [t for t in threading.enumerate() if t.name == "generation-worker"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from bot.jobs import Origin
@@ -12,10 +10,10 @@ from tests.jobs.fakes import FakeModels, RecordingListener, make_settings, reque
 
 
 async def test_users_take_turns_so_b_and_c_come_second_and_third(
-    db_path: Path, models: FakeModels, listener: RecordingListener
+    database: str, models: FakeModels, listener: RecordingListener
 ) -> None:
     models.hold()
-    async with running_service(make_settings(db_path, max_batch=1), models, listener=listener) as service:
+    async with running_service(make_settings(database, max_batch=1), models, listener=listener) as service:
         a_jobs = [await service.submit(request(f"A{i}"), Origin(1)) for i in range(6)]
         b = await service.submit(request("B0"), Origin(2))
         c = await service.submit(request("C0"), Origin(3))
@@ -27,10 +25,10 @@ async def test_users_take_turns_so_b_and_c_come_second_and_third(
 
 
 async def test_a_users_jobs_are_served_oldest_first(
-    db_path: Path, models: FakeModels, listener: RecordingListener
+    database: str, models: FakeModels, listener: RecordingListener
 ) -> None:
     models.hold()
-    async with running_service(make_settings(db_path, max_batch=4), models, listener=listener) as service:
+    async with running_service(make_settings(database, max_batch=4), models, listener=listener) as service:
         jobs = [await service.submit(request("held", duration=1), Origin(9))]
         # A's second job fits B's batch, but A's first does not: A's order wins over batching.
         jobs.append(await service.submit(request("B long", duration=3), Origin(2)))
@@ -44,10 +42,10 @@ async def test_a_users_jobs_are_served_oldest_first(
 
 
 async def test_compatible_jobs_are_merged_into_one_generate_call(
-    db_path: Path, models: FakeModels, listener: RecordingListener
+    database: str, models: FakeModels, listener: RecordingListener
 ) -> None:
     models.hold()
-    async with running_service(make_settings(db_path, max_batch=4), models, listener=listener) as service:
+    async with running_service(make_settings(database, max_batch=4), models, listener=listener) as service:
         first = await service.submit(request("first"), Origin(9))
         await models.wait_generating()
         same = [await service.submit(request(f"same {u}", duration=4), Origin(u)) for u in range(3)]
@@ -62,10 +60,10 @@ async def test_compatible_jobs_are_merged_into_one_generate_call(
 
 
 async def test_jobs_of_different_length_or_sampling_are_not_merged(
-    db_path: Path, models: FakeModels, listener: RecordingListener
+    database: str, models: FakeModels, listener: RecordingListener
 ) -> None:
     models.hold()
-    async with running_service(make_settings(db_path, max_batch=4), models, listener=listener) as service:
+    async with running_service(make_settings(database, max_batch=4), models, listener=listener) as service:
         first = await service.submit(request("first"), Origin(9))
         await models.wait_generating()
         jobs = [
@@ -90,10 +88,10 @@ async def test_jobs_of_different_length_or_sampling_are_not_merged(
 
 
 async def test_variations_count_toward_the_batch_size(
-    db_path: Path, models: FakeModels, listener: RecordingListener
+    database: str, models: FakeModels, listener: RecordingListener
 ) -> None:
     models.hold()
-    async with running_service(make_settings(db_path, max_batch=4), models, listener=listener) as service:
+    async with running_service(make_settings(database, max_batch=4), models, listener=listener) as service:
         first = await service.submit(request("first"), Origin(9))
         await models.wait_generating()
         jobs = [await service.submit(request(f"v{u}", variations=2), Origin(u)) for u in range(3)]
@@ -105,9 +103,9 @@ async def test_variations_count_toward_the_batch_size(
 
 
 async def test_queue_shows_positions_in_serving_order_with_estimates(
-    db_path: Path, models: FakeModels, listener: RecordingListener
+    database: str, models: FakeModels, listener: RecordingListener
 ) -> None:
-    async with running_service(make_settings(db_path, max_batch=1), models, listener=listener) as service:
+    async with running_service(make_settings(database, max_batch=1), models, listener=listener) as service:
         warm = await service.submit(request("warm up"), Origin(9))
         await listener.wait_settled([warm.id])
         models.hold()

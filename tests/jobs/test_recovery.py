@@ -4,32 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sqlite3
 import sys
 from datetime import timedelta
 from pathlib import Path
 
 from bot.jobs import Delivery, JobState, Origin
+from tests.databases import query, states
 from tests.jobs.fakes import FakeClock, FakeModels, RecordingListener, make_settings, request, running_service
 from tests.jobs.sigkill_child import JOBS
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def states(db_path: Path) -> dict[int, str]:
-    with sqlite3.connect(db_path) as conn:
-        return dict(conn.execute("SELECT id, state FROM jobs"))
-
-
-async def test_closing_mid_queue_then_starting_again_finishes_every_job(db_path: Path) -> None:
+async def test_closing_mid_queue_then_starting_again_finishes_every_job(database: str) -> None:
     slow = FakeModels(steps=400, step_seconds=0.005)
     first = RecordingListener()
-    settings = make_settings(db_path, max_batch=1)
+    settings = make_settings(database, max_batch=1)
     async with running_service(settings, slow, listener=first) as service:
         accepted = [await service.submit(request(f"job {i}"), Origin(i % 3)) for i in range(6)]
         await first.until(lambda: any(kind == "progress" for kind, _ in first.events))
 
-    assert set(states(db_path).values()) == {"queued"}  # the interrupted one waits again
+    assert set((await states(database)).values()) == {"queued"}  # the interrupted one waits again
 
     again = RecordingListener()
     async with running_service(settings, FakeModels(), listener=again) as service:
@@ -42,12 +37,12 @@ async def test_closing_mid_queue_then_starting_again_finishes_every_job(db_path:
     assert max(job.attempts for job in jobs) == 1
 
 
-async def test_a_killed_process_loses_no_accepted_job(db_path: Path) -> None:
+async def test_a_killed_process_loses_no_accepted_job(database: str) -> None:
     child = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "tests.jobs.sigkill_child",
-        str(db_path),
+        database,
         cwd=REPO,
         stdout=asyncio.subprocess.PIPE,
     )
@@ -64,27 +59,26 @@ async def test_a_killed_process_loses_no_accepted_job(db_path: Path) -> None:
         child.send_signal(signal.SIGKILL)
         await child.wait()
     assert child.returncode == -signal.SIGKILL
-    assert "running" in states(db_path).values()
+    assert "running" in (await states(database)).values()
 
     listener = RecordingListener()
-    async with running_service(make_settings(db_path), FakeModels(), listener=listener) as service:
+    async with running_service(make_settings(database), FakeModels(), listener=listener) as service:
         await listener.wait_settled(accepted)
         jobs = {job_id: await service.job(job_id) for job_id in accepted}
 
-    assert set(states(db_path)) == set(accepted)
+    assert set(await states(database)) == set(accepted)
     assert {job.state for job in jobs.values()} == {JobState.DONE}
     assert all(jobs[job_id].attempts == 2 for job_id in started)
 
 
 async def test_a_job_interrupted_too_often_fails_with_a_reason(
-    db_path: Path, listener: RecordingListener
+    database: str, listener: RecordingListener
 ) -> None:
-    settings = make_settings(db_path)
+    settings = make_settings(database)
     async with running_service(settings, FakeModels(holding_all=True)) as service:
         job = await service.submit(request(), Origin(1))
     # As the database is left after the process died twice while generating it.
-    with sqlite3.connect(db_path) as conn:
-        conn.execute("UPDATE jobs SET state = 'running', attempts = 2 WHERE id = ?", (job.id,))
+    await query(database, "UPDATE jobs SET state = 'running', attempts = 2 WHERE id = ? RETURNING id", job.id)
 
     async with running_service(settings, FakeModels(), listener=listener, max_attempts=2) as service:
         await listener.wait_settled([job.id])
@@ -96,9 +90,9 @@ async def test_a_job_interrupted_too_often_fails_with_a_reason(
 
 
 async def test_an_undelivered_result_is_handed_over_again_until_marked_delivered(
-    db_path: Path, clock: FakeClock
+    database: str, clock: FakeClock
 ) -> None:
-    settings = make_settings(db_path)
+    settings = make_settings(database)
     first = RecordingListener()
     delivery = Delivery(application_id=5, interaction_token="secret", interaction_created_at=clock.now)
     async with running_service(settings, FakeModels(), listener=first, clock=clock) as service:
@@ -125,10 +119,10 @@ async def test_an_undelivered_result_is_handed_over_again_until_marked_delivered
 
 
 async def test_delivery_details_are_kept_with_the_job(
-    db_path: Path, models: FakeModels, clock: FakeClock
+    database: str, models: FakeModels, clock: FakeClock
 ) -> None:
     delivery = Delivery(application_id=5, interaction_token="secret", interaction_created_at=clock.now)
-    async with running_service(make_settings(db_path), models, clock=clock) as service:
+    async with running_service(make_settings(database), models, clock=clock) as service:
         job = await service.submit(request(), Origin(1, 2, 3), delivery=delivery)
         await service.update_delivery(job.id, status_message_id=10, thread_id=20)
         stored = await service.job(job.id)
