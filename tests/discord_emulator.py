@@ -760,6 +760,9 @@ class DiscordEmulator:
         self._interactions_by_token: dict[str, EmulatedInteraction] = {}
         self._cdn: dict[int, StoredFile] = {}
         self._session: _GatewaySession | None = None
+        # Every identified session by shard number (0 without sharding): several bot processes of one
+        # application each run some shards. Events go to every session; an interaction to one.
+        self._shards: dict[int, _GatewaySession] = {}
         self._sockets: set[web.WebSocketResponse] = set()
         self._send_lock = asyncio.Lock()
         self._changed = asyncio.Event()
@@ -1107,22 +1110,40 @@ class DiscordEmulator:
 
     # --- gateway --------------------------------------------------------------------------------------
 
-    async def dispatch(self, event: str, data: JSON) -> None:
-        """Send a DISPATCH to the bot; while it is disconnected the event waits for its RESUME."""
-        session = self._session
-        if session is None:
+    async def dispatch(
+        self, event: str, data: JSON, *, session: _GatewaySession | None = None, intent: int = 0
+    ) -> None:
+        """Send a DISPATCH to the bot (every shard's session, or ``session``); while a session is
+        disconnected its events wait for its RESUME."""
+        sessions = [session] if session is not None else list(self._shards.values())
+        if not sessions:
             raise EmulatorError(f"no bot has identified on the gateway; cannot dispatch {event}")
-        async with self._send_lock:
-            session.seq += 1
-            frame = json.dumps({"op": 0, "t": event, "s": session.seq, "d": data})
-            session.sent.append((session.seq, frame))
-            await self._send_frame(session, frame)
+        for target in sessions:
+            if intent and not target.intents & intent:
+                continue
+            async with self._send_lock:
+                target.seq += 1
+                frame = json.dumps({"op": 0, "t": event, "s": target.seq, "d": data})
+                target.sent.append((target.seq, frame))
+                await self._send_frame(target, frame)
         self._notify()
 
     async def _dispatch_if(self, intent: int, event: str, data: JSON) -> None:
         """Dispatch an event the bot receives only with ``intent`` (and only once it has identified)."""
-        if self._session is not None and self._session.intents & intent:
-            await self.dispatch(event, data)
+        if self._shards:
+            await self.dispatch(event, data, intent=intent)
+
+    def shard_session(self, shard: int | None) -> _GatewaySession:
+        """The session of ``shard`` (None: the latest to identify)."""
+        session = self._session if shard is None else self._shards.get(shard)
+        if session is None:
+            raise EmulatorError(f"no bot has identified on the gateway for shard {shard}")
+        return session
+
+    @property
+    def shards(self) -> list[int]:
+        """The shards that have identified."""
+        return sorted(self._shards)
 
     async def _send_frame(self, session: _GatewaySession, frame: str) -> None:
         ws = session.ws
@@ -1167,8 +1188,9 @@ class DiscordEmulator:
             await ws.close(code=4000, message=b"emulator error")
         finally:
             self._sockets.discard(ws)
-            if self._session is not None and self._session.ws is ws:
-                self._session.ws = None
+            for session in self._shards.values():
+                if session.ws is ws:
+                    session.ws = None
             self._notify()
         return ws
 
@@ -1199,10 +1221,11 @@ class DiscordEmulator:
             self._violate("gateway", f"privileged intents {intents & PRIVILEGED_INTENTS} not enabled", None)
             await ws.close(code=4014, message=b"Disallowed intent(s).")
             return
-        self._session = _GatewaySession(secrets.token_hex(16), intents, data.get("shard"), ws)
+        session = self._session = _GatewaySession(secrets.token_hex(16), intents, data.get("shard"), ws)
+        self._shards[session.shard[0] if session.shard else 0] = session
         self.identify_count += 1
-        await self.dispatch("READY", self._ready_payload(self._session))
-        await self.dispatch("GUILD_CREATE", self._guild_create_payload(intents))
+        await self.dispatch("READY", self._ready_payload(session), session=session)
+        await self.dispatch("GUILD_CREATE", self._guild_create_payload(intents), session=session)
 
     def _ready_payload(self, session: _GatewaySession) -> JSON:
         payload: JSON = {
@@ -1223,7 +1246,7 @@ class DiscordEmulator:
         return payload
 
     async def _on_resume(self, ws: web.WebSocketResponse, data: JSON) -> None:
-        session = self._session
+        session = next((s for s in self._shards.values() if s.id == data.get("session_id")), None)
         if data.get("token") != self.token:
             await ws.close(code=4004, message=b"Authentication failed.")
             return
@@ -1237,7 +1260,7 @@ class DiscordEmulator:
                 if seq > last_seq:
                     await self._send_frame(session, frame)
         self.resume_count += 1
-        await self.dispatch("RESUMED", {})
+        await self.dispatch("RESUMED", {}, session=session)
 
     async def _on_request_members(self, data: JSON) -> None:
         members = [user.member_payload() for user in self.users.values()]
@@ -1255,8 +1278,11 @@ class DiscordEmulator:
         *,
         user: EmuUser | None = None,
         channel: EmuChannel | int | None = None,
+        shard: int | None = None,
     ) -> EmulatedInteraction:
         """A user runs a slash command (``"name"`` or ``"group sub"``) with options, as Discord sends it.
+
+        ``shard``: the bot process (by shard) that receives it; default: the latest to identify.
 
         Option values: str, int, float, bool, EmuUser, EmuRole, EmuChannel, or Upload for attachments.
         Like the Discord client, this refuses unknown, missing required or out-of-range options, and
@@ -1276,7 +1302,7 @@ class DiscordEmulator:
             data["resolved"] = resolved
         if command.get("guild_id"):
             data["guild_id"] = command["guild_id"]
-        return await self._send_interaction(INTERACTION_APPLICATION_COMMAND, data, user, target)
+        return await self._send_interaction(INTERACTION_APPLICATION_COMMAND, data, user, target, shard=shard)
 
     async def click_button(
         self, message: StoredMessage | int, custom_id: str, *, user: EmuUser | None = None
@@ -1366,9 +1392,9 @@ class DiscordEmulator:
         channel: EmuChannel,
         *,
         message: StoredMessage | None = None,
+        shard: int | None = None,
     ) -> EmulatedInteraction:
-        if self._session is None:
-            raise EmulatorError("no bot has identified on the gateway")
+        session = self.shard_session(shard)
         interaction_id = self.snowflake()
         token = f"aW50ZXJhY3Rpb246{secrets.token_urlsafe(64)}"
         payload = self._interaction_payload(interaction_id, token, kind, data, user, channel)
@@ -1386,7 +1412,7 @@ class DiscordEmulator:
         )
         self.interactions[interaction_id] = interaction
         self._interactions_by_token[token] = interaction
-        await self.dispatch("INTERACTION_CREATE", payload)
+        await self.dispatch("INTERACTION_CREATE", payload, session=session)
         loop = asyncio.get_running_loop()
         interaction.deadline_handle = loop.call_later(
             self.ack_deadline, self._check_acknowledged, interaction
@@ -2283,16 +2309,16 @@ class DiscordEmulator:
         return INTENT_DIRECT_MESSAGES if channel and channel.type == CHANNEL_DM else INTENT_GUILD_MESSAGES
 
     async def _dispatch_message_event(self, event: str, message: StoredMessage, channel: EmuChannel) -> None:
-        session = self._session
-        if session is None or not session.intents & self._message_intent(channel.id):
-            return
-        data = copy.deepcopy(message.data)
-        if message.author_id != self.bot.id and not session.intents & INTENT_MESSAGE_CONTENT:
-            data.update(content="", embeds=[], attachments=[], components=[])
-        author = self.users.get(message.author_id)
-        if channel.guild_id is not None and author is not None and message.data.get("webhook_id") is None:
-            data["member"] = author.member_payload(with_user=False)
-        await self.dispatch(event, data)
+        for session in list(self._shards.values()):
+            if not session.intents & self._message_intent(channel.id):
+                continue
+            data = copy.deepcopy(message.data)
+            if message.author_id != self.bot.id and not session.intents & INTENT_MESSAGE_CONTENT:
+                data.update(content="", embeds=[], attachments=[], components=[])
+            author = self.users.get(message.author_id)
+            if channel.guild_id is not None and author is not None and message.data.get("webhook_id") is None:
+                data["member"] = author.member_payload(with_user=False)
+            await self.dispatch(event, data, session=session)
 
     # --- REST: threads and channels -------------------------------------------------------------------
 

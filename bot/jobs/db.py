@@ -131,12 +131,14 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     """
     -- Workers in processes of their own: who runs a job (worker_id, attempts fence its writes), until
-    -- when its lease holds, how far it is; which bot process owns its replies (owner_id).
+    -- when its lease holds, how far it is; which bot process owns its replies (owner_id); the fair
+    -- turn that claimed it.
     ALTER TABLE jobs ADD COLUMN worker_id TEXT;
     ALTER TABLE jobs ADD COLUMN lease_until TEXT;
     ALTER TABLE jobs ADD COLUMN progress_done INTEGER;
     ALTER TABLE jobs ADD COLUMN progress_total INTEGER;
     ALTER TABLE jobs ADD COLUMN owner_id TEXT;
+    ALTER TABLE jobs ADD COLUMN turn INTEGER;
     ALTER TABLE pending_requests ADD COLUMN owner_id TEXT;
     CREATE INDEX jobs_worker ON jobs (worker_id) WHERE state = 'running';
     CREATE TABLE workers (

@@ -123,6 +123,7 @@ SCHEMA: tuple[str, ...] = (
     ALTER TABLE jobs ADD COLUMN progress_done INTEGER;
     ALTER TABLE jobs ADD COLUMN progress_total INTEGER;
     ALTER TABLE jobs ADD COLUMN owner_id TEXT;
+    ALTER TABLE jobs ADD COLUMN turn INTEGER;
     ALTER TABLE pending_requests ADD COLUMN owner_id TEXT;
     CREATE INDEX jobs_worker ON jobs (worker_id) WHERE state = 'running';
     CREATE TABLE workers (

@@ -216,8 +216,10 @@ class JobService:
 
     async def _watch_forever(self) -> None:
         beat = 0.0
+        # Heartbeats three times a lease, however quiet the queue.
+        every = min(self._options.poll, self._options.bot_lease / 3)
         while not self._closing:
-            await wait_changed(self._changes, self._options.poll)
+            await wait_changed(self._changes, every)
             if self._closing:
                 return
             try:

@@ -272,10 +272,10 @@ class JobStore:
                     """
                     UPDATE jobs SET state = 'running', started_at = ?, attempts = attempts + 1, model = ?,
                                     worker_id = ?, lease_until = ?, progress_done = NULL,
-                                    progress_total = NULL
+                                    progress_total = NULL, turn = ?
                     WHERE id = ? AND state = 'queued' RETURNING *
                     """,
-                    (to_db_time(now), model, worker_id, to_db_time(lease_until), job.id),
+                    (to_db_time(now), model, worker_id, to_db_time(lease_until), queue.turn, job.id),
                 )
                 if row is not None:
                     claimed.append(job_from_row(row))

@@ -17,6 +17,11 @@ swapped for fake engines (in the worker process too). Options:
     -v                     log everything, discord.py included (the token test)
 
 It prints ``generating PROMPTS`` when a batch starts. Only the tests use this module.
+
+    python -m tests.reliability.bot_process worker --id ID [--hold P] [--fail P] [--steps N]
+                                                   [--step-seconds S] [--supervised]
+
+runs ``musicbot worker`` with the same fake engines (``musicbot run`` above starts it so).
 """
 
 from __future__ import annotations
@@ -68,9 +73,12 @@ class PrintingEngine(FakeEngine):
         return super().generate(requests, progress, cancel)
 
 
-def fake_models(hold: Sequence[str], fail: Sequence[str]) -> None:
-    """``musicbot worker`` in this process gets fake engines that hold or fail these prompts."""
-    models = PrintingModels()
+def fake_models(
+    hold: Sequence[str], fail: Sequence[str], *, steps: int = 4, step_seconds: float = 0.0
+) -> None:
+    """``musicbot worker`` in this process gets fake engines that hold or fail these prompts, and take
+    ``steps`` steps of ``step_seconds`` each."""
+    models = PrintingModels(steps=steps, step_seconds=step_seconds)
     if hold:
         models.hold(*hold)  # (with no prompt it would hold every generation)
     PrintingEngine.failing = frozenset(fail)
@@ -85,6 +93,7 @@ def fake_worker_command(engine: Sequence[str], verbose: bool = False) -> Callabl
             "tests.reliability.bot_process",
             "worker",
             *engine,
+            "--supervised",
             "--id",
             worker_id,
         ]
@@ -93,14 +102,17 @@ def fake_worker_command(engine: Sequence[str], verbose: bool = False) -> Callabl
 
 
 def worker_main(argv: Sequence[str]) -> int:
-    """``musicbot worker --supervised`` with the fake engines."""
+    """``musicbot worker`` with the fake engines (``--supervised``: as ``musicbot run`` starts it)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--hold", action="append", default=[])
     parser.add_argument("--fail", action="append", default=[])
     parser.add_argument("--id", required=True)
+    parser.add_argument("--supervised", action="store_true")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--step-seconds", type=float, default=0.0)
     args = parser.parse_args(argv)
-    fake_models(args.hold, args.fail)
-    return main(["worker", "--supervised", "--id", args.id])
+    fake_models(args.hold, args.fail, steps=args.steps, step_seconds=args.step_seconds)
+    return main(["worker", *(["--supervised"] if args.supervised else []), "--id", args.id])
 
 
 async def forever(point: str, what: int) -> None:
