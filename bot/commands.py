@@ -555,6 +555,7 @@ class MusicCommands(commands.Cog, name="Music"):
                 parent=ref,
                 is_admin=self.is_admin(interaction),
                 pending_id=interaction.id,
+                hold_events=True,
             )
         await self.delivery.announce_in_channel(job, thread, upload_limit=interaction.filesize_limit)
         text = messages.thread_queued_text(job, thread.mention, self.service.position(job.id))
@@ -641,6 +642,7 @@ class MusicCommands(commands.Cog, name="Music"):
             delivery=delivery,
             is_admin=self.is_admin(interaction),
             pending_id=interaction.id,
+            hold_events=True,
         )
         # The reply belongs to the job now: an error from here on must not remove it.
         interaction.extras[PUBLIC_THINKING] = False

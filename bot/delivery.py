@@ -43,8 +43,6 @@ log = logging.getLogger(__name__)
 NO_MENTIONS = discord.AllowedMentions.none()
 DEFAULT_UPLOAD_LIMIT = 10 * 2**20
 PROGRESS_INTERVAL = 3.0
-# A handler that queued a job gets this long to post its status message before the job's events go on.
-OPEN_TIMEOUT = 30.0
 # Discord answers these when an interaction token has expired or its webhook is gone.
 DEAD_WEBHOOK_CODES = frozenset({10015, 50027})
 UNKNOWN_MESSAGE = 10008
@@ -86,25 +84,16 @@ class _Card:
         self._interval = interval
         self._edit = edit
         self._tasks = tasks
-        self._opened = asyncio.Event()
         self._lock = asyncio.Lock()
         self._shown: str | None = None
         self._wanted: str | None = None
         self._last_edit = -math.inf
         self._timer: asyncio.Task[None] | None = None
 
-    def open(self) -> None:
-        """The handler that queued the job is done with the status message: events may edit it now."""
-        self._opened.set()
-
     @property
     def waiting(self) -> bool:
-        """Shown as waiting in the queue (its handler is done, it has not started, nor ended)."""
-        return self._opened.is_set() and not self.started and not self.closed
-
-    async def wait_open(self) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._opened.wait(), OPEN_TIMEOUT)
+        """Shown as waiting in the queue (it has not started, nor ended)."""
+        return not self.started and not self.closed
 
     def shown(self, text: str) -> None:
         """The handler put ``text`` up itself (it counts as an edit for the throttle)."""
@@ -173,25 +162,29 @@ class DiscordDelivery(BaseJobListener):
     async def close(self) -> None:
         await self._tasks.cancel()
 
-    # --- called by the commands, right after a job was queued ---
+    # --- called by the commands, right after a job was queued (``submit(..., hold_events=True)``) ---
 
     async def announce_in_reply(
         self, job: Job, interaction: discord.Interaction, *, note: str | None
     ) -> None:
-        """The interaction's deferred reply becomes the job's status message."""
-        card = self._expect(job, interaction.filesize_limit)
+        """The interaction's deferred reply becomes the job's status message.
+
+        The card owns the status message from here on: the service holds the job's events back until
+        this announcement is up, so no event can edit the message before it.
+        """
+        card = self._cards[job.id] = self._new_card(job, interaction.filesize_limit)
         try:
             text = messages.queued_text(job, self._service.position(job.id), note=note)
             await interaction.edit_original_response(content=text, allowed_mentions=NO_MENTIONS)
             card.shown(text)
         finally:
-            card.open()
+            self._service.release_events(job.id)
 
     async def announce_in_channel(
         self, job: Job, channel: discord.abc.Messageable, *, upload_limit: int
     ) -> discord.Message:
-        """Post the job's status message in ``channel`` (a result's thread)."""
-        card = self._expect(job, upload_limit)
+        """Post the job's status message in ``channel`` (a result's thread); as ``announce_in_reply``."""
+        card = self._cards[job.id] = self._new_card(job, upload_limit)
         try:
             text = messages.queued_text(job, self._service.position(job.id))
             message = await channel.send(text, allowed_mentions=NO_MENTIONS)
@@ -199,14 +192,8 @@ class DiscordDelivery(BaseJobListener):
             card.shown(text)
             await self._service.update_delivery(job.id, status_message_id=message.id)
         finally:
-            card.open()
+            self._service.release_events(job.id)
         return message
-
-    def _expect(self, job: Job, upload_limit: int) -> _Card:
-        # No await happened since submit() returned, so no event of this job has been handled yet.
-        card = self._new_card(job, upload_limit)
-        self._cards[job.id] = card
-        return card
 
     # --- the listener ---
 
@@ -285,8 +272,6 @@ class DiscordDelivery(BaseJobListener):
             await self._client.wait_until_ready()
             card = self._cards.setdefault(job.id, self._new_card(job, self._guild_upload_limit(job)))
             card.recovered = job.state in (JobState.DONE, JobState.FAILED)
-            card.open()
-        await card.wait_open()
         return card
 
     def _new_card(self, job: Job, upload_limit: int) -> _Card:

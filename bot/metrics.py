@@ -69,6 +69,7 @@ class Metrics:
         )
         self._store = JobStore(db, settings.limits, settings.queue_size)
         self._lease = settings.lease
+        self.port = port
         self._server, self._thread = start_http_server(port, addr=address, registry=self.registry)
         self._refresh = asyncio.create_task(self._refresh_forever(), name="metrics-refresh")
         log.info("Prometheus metrics on http://%s:%d/metrics", address, port)

@@ -143,6 +143,7 @@ class JobService:
         self._board = _EMPTY_BOARD
         self._active: dict[int, Job] = {}
         self._seen: dict[int, _Seen] = {}
+        self._held: set[int] = set()
         self._watcher: asyncio.Task[None] | None = None
         self._started = False
         self._closing = False
@@ -267,6 +268,8 @@ class JobService:
         mine = [job for job in board.jobs if job.owner_id == self.id]
         if announce:
             for job in mine:
+                if job.id in self._held:
+                    continue
                 before = self._seen.get(job.id, _NEW)
                 self._seen[job.id] = _Seen.of(job)
                 await self._announce(job, before)
@@ -336,11 +339,14 @@ class JobService:
         delivery: Delivery | None = None,
         is_admin: bool = False,
         pending_id: int | None = None,
+        hold_events: bool = False,
     ) -> Job:
         """Check the limits and store the job (seed chosen now); it is queued once this returns.
 
         Extend jobs name the track to continue in ``parent``; the audio is loaded when the job runs.
         ``pending_id`` names the request noted with ``note_pending``: it ends with the job's insert.
+        ``hold_events``: the listener hears nothing of this job until ``release_events`` (the caller
+        first puts up the job's status message, which it owns from then on).
         """
         self._check_open()
         _check_shape(request, kind, parent)
@@ -363,8 +369,15 @@ class JobService:
             raise self._with_estimate(exc, origin.user_id) from None
         log.info("job %d queued for user %d (%s, %g s)", job.id, job.user_id, job.kind, job.seconds)
         self._seen.setdefault(job.id, _Seen.of(job))
+        if hold_events:
+            self._held.add(job.id)
         await self._look_quietly()  # the queue as it is now, this job in it
         return job
+
+    def release_events(self, job_id: int) -> None:
+        """The listener hears of the job from now on (what happened meanwhile comes at once)."""
+        self._held.discard(job_id)
+        self._changes.set()
 
     async def cancel(self, job_id: int, *, user_id: int, is_admin: bool = False) -> Job:
         """Cancel a waiting or running job; only its owner or an admin may.

@@ -14,6 +14,7 @@ swapped for fake engines (in the worker process too). Options:
                            delivered  sent to Discord, not yet recorded as delivered (ID: the job)
     --lifetime SECONDS     the interaction lifetime the bot assumes (Discord's: 900)
     --fail PROMPT          generating that prompt fails with an error message
+    --step-seconds S       each of the fake engine's 4 steps takes S seconds
     -v                     log everything, discord.py included (the token test)
 
 It prints ``generating PROMPTS`` when a batch starts. Only the tests use this module.
@@ -151,6 +152,7 @@ def configure(argv: Sequence[str]) -> list[str]:
     parser.add_argument("--stall", action="append", default=[])
     parser.add_argument("--fail", action="append", default=[])
     parser.add_argument("--lifetime", type=float, default=900.0)
+    parser.add_argument("--step-seconds", type=float, default=0.0)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     if not args.api_url.startswith("http://127.0.0.1:") or not args.gateway_url.startswith("ws://127.0.0.1:"):
@@ -159,7 +161,11 @@ def configure(argv: Sequence[str]) -> list[str]:
     discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(args.gateway_url)
 
     fake_models(args.hold, args.fail)
-    engine = [*(f"--hold={prompt}" for prompt in args.hold), *(f"--fail={prompt}" for prompt in args.fail)]
+    engine = [
+        *(f"--hold={prompt}" for prompt in args.hold),
+        *(f"--fail={prompt}" for prompt in args.fail),
+        f"--step-seconds={args.step_seconds}",
+    ]
     # The real supervisor starts real worker processes, with the same fake engines.
     bot.supervisor.worker_command = functools.partial(fake_worker_command, engine)  # type: ignore[assignment]
     bot.runner.make_bot = functools.partial(  # type: ignore[assignment]
