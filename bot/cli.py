@@ -207,8 +207,8 @@ def _backup(args: argparse.Namespace, settings: Settings) -> int:
     except DatabaseError as exc:
         return _fail(str(exc))
     print(
-        f"backed up {_shown(settings.database)} to {info.path}: {info.jobs} jobs, {info.bytes / 2**20:.1f} MiB,"
-        " integrity check ok"
+        f"backed up {_shown(settings.database)} to {info.path}: {info.jobs} jobs,"
+        f" {info.bytes / 2**20:.1f} MiB, integrity check ok"
     )
     return 0
 

@@ -68,6 +68,7 @@ class _Child:
     started: float = field(default_factory=time.monotonic)
     ready: asyncio.Future[str] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     stderr_tail: list[str] = field(default_factory=list)
+    readers: list[asyncio.Task[None]] = field(default_factory=list)
 
 
 class LocalWorkers:
@@ -147,8 +148,10 @@ class LocalWorkers:
         )
         child = _Child(worker_id, process)
         self._children[slot] = child
-        asyncio.create_task(self._read_stdout(child), name=f"{worker_id}-stdout")
-        asyncio.create_task(self._read_stderr(child), name=f"{worker_id}-stderr")
+        child.readers = [
+            asyncio.create_task(self._read_stdout(child), name=f"{worker_id}-stdout"),
+            asyncio.create_task(self._read_stderr(child), name=f"{worker_id}-stderr"),
+        ]
         log.info("started worker process %d (%s)", process.pid, worker_id)
         return child
 
@@ -252,7 +255,7 @@ async def end_orphans(db: JobsDatabase, settings: Settings) -> None:
         if worker.stopped_at is not None or worker.host != host or worker.pid == os.getpid():
             continue
         try:
-            command = Path(f"/proc/{worker.pid}/cmdline").read_bytes().split(b"\0")
+            command = (await asyncio.to_thread(Path(f"/proc/{worker.pid}/cmdline").read_bytes)).split(b"\0")
         except OSError:
             continue
         if worker.id.encode() in command:

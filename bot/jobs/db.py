@@ -346,10 +346,10 @@ class JobsDatabase(Protocol):
     async def close(self) -> None: ...
 
 
-async def wait_changed(event: asyncio.Event, timeout: float) -> None:
-    """Until ``event`` (from ``subscribe``) is set, or ``timeout`` seconds pass; then it is cleared."""
+async def wait_changed(event: asyncio.Event, seconds: float) -> None:
+    """Until ``event`` (from ``subscribe``) is set, or ``seconds`` pass; then it is cleared."""
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), timeout)
+        await asyncio.wait_for(event.wait(), seconds)
     event.clear()
 
 

@@ -218,7 +218,7 @@ class PgDatabase:
                 continue
             self._listener = conn
             lost = asyncio.Event()
-            conn.add_termination_listener(lambda *_: lost.set())
+            conn.add_termination_listener(lambda *_, lost=lost: lost.set())
             try:
                 await conn.add_listener(CHANNEL, lambda *_: self.changed())
                 self.changed()

@@ -364,12 +364,12 @@ class JobStore:
     async def requeue(self, jobs: Iterable[Job], *, count_attempt: bool) -> None:
         """A worker's claimed jobs go back to waiting; a shutdown does not count as an attempt."""
         async with self._db.transaction() as tx:
+            uncount = "" if count_attempt else f", attempts = {_ONE_LESS_ATTEMPT}"
             for job in jobs:
                 await tx.execute(
                     f"""
                     UPDATE jobs SET state = 'queued', started_at = NULL, worker_id = NULL, lease_until = NULL,
-                                    progress_done = NULL, progress_total = NULL
-                        {"" if count_attempt else ", attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END"}
+                                    progress_done = NULL, progress_total = NULL {uncount}
                     WHERE id = ? {_FENCE}
                     """,
                     (job.id, *_fence(job)),
@@ -458,7 +458,7 @@ class JobStore:
             )
 
     async def update_worker(self, worker_id: str, **fields: Any) -> None:
-        """Set some of a worker's columns (``model``, ``model_info``, ``batch``, ``last_error``, ``stopped_at``)."""
+        """Set some of a worker's columns (any of ``_WORKER_COLUMNS``)."""
         values = []
         for name, value in fields.items():
             if name not in _WORKER_COLUMNS:
@@ -984,6 +984,7 @@ def _given_up(attempts: int) -> str:
     return f"the bot stopped while making this, {attempts} times; it was given up, please ask again"
 
 
+_ONE_LESS_ATTEMPT = "CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END"
 # A claim's writes hold only while the job is still running under that worker and attempt.
 _FENCE = "AND state = 'running' AND worker_id = ? AND attempts = ?"
 # Bots alive at a moment (the parameter): heartbeat newer than it, not stopped.

@@ -9,6 +9,7 @@ Which worker or bot process was alive is not copied: that belongs to the process
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -48,7 +49,7 @@ async def copy_database(source: str | Path, target: str | Path) -> CopyInfo:
     """Copy every job, track, limit and setting of ``source`` into the empty ``target``."""
     if str(source) == str(target):
         raise DatabaseError("the source and the target are the same database")
-    if not is_postgres(source) and not Path(source).is_file():
+    if not is_postgres(source) and not await asyncio.to_thread(Path(source).is_file):
         raise DatabaseError(f"there is no database at {source}")
     async with (
         open_database(source, checkpoint_every=None) as src,
@@ -96,17 +97,25 @@ def _value(value: Any) -> Any:
 async def backup_shared(source: str, target: Path) -> BackupInfo:
     """``musicbot backup`` of a PostgreSQL database: a consistent SQLite copy, checked, then named
     ``target`` (restore it with ``musicbot copy-db FILE postgresql://...`` into an empty database)."""
-    if target.exists():
+    if await asyncio.to_thread(target.exists):
         raise DatabaseError(f"{target} already exists; choose a new name for the backup")
     partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
     try:
         info = await copy_database(source, partial)
-        with contextlib.closing(sqlite3.connect(partial)) as conn:
-            check = conn.execute("PRAGMA integrity_check").fetchone()[0]
-        if check != "ok":
-            raise DatabaseError(f"the copy failed its integrity check ({check})")
-        os.replace(partial, target)
+        await asyncio.to_thread(_check_and_name, partial, target)
     finally:
-        for leftover in (partial, Path(f"{partial}-wal"), Path(f"{partial}-shm")):
-            leftover.unlink(missing_ok=True)
-    return BackupInfo(target, info.jobs, target.stat().st_size)
+        await asyncio.to_thread(_remove, partial)
+    return BackupInfo(target, info.jobs, target.stat().st_size)  # noqa: ASYNC240 (one stat)
+
+
+def _check_and_name(partial: Path, target: Path) -> None:
+    with contextlib.closing(sqlite3.connect(partial)) as conn:
+        check = conn.execute("PRAGMA integrity_check").fetchone()[0]
+    if check != "ok":
+        raise DatabaseError(f"the copy failed its integrity check ({check})")
+    os.replace(partial, target)
+
+
+def _remove(partial: Path) -> None:
+    for leftover in (partial, Path(f"{partial}-wal"), Path(f"{partial}-shm")):
+        leftover.unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import urllib.request
 from datetime import timedelta
@@ -46,6 +47,11 @@ async def test_status_lists_the_workers_the_queue_and_recent_failures(database: 
     assert f"#{failed.id}" in text and "the fake engine was told to fail" in text
 
 
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -64,7 +70,7 @@ async def test_metrics_report_the_queue_the_outcomes_and_the_workers(database: s
                 await metrics.refresh()
                 metrics.observe_generation(1.5)
                 port = metrics.port
-                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+                text = await asyncio.to_thread(scrape, f"http://127.0.0.1:{port}/metrics")
             finally:
                 metrics.close()
 

@@ -139,7 +139,8 @@ class Fleet:
             while True:
                 [(done,)] = await query(
                     self.database,
-                    "SELECT count(*) FROM jobs WHERE delivered_at IS NOT NULL AND state IN ('done', 'failed')",
+                    "SELECT count(*) FROM jobs"
+                    " WHERE delivered_at IS NOT NULL AND state IN ('done', 'failed')",
                 )
                 if done >= expected:
                     return time.monotonic() - began

@@ -124,7 +124,10 @@ async def test_a_worker_killed_mid_batch_and_a_bot_killed_mid_delivery_lose_and_
 
 async def _retaken(url: str, worker_id: str, since: float) -> float:
     """Seconds from ``since`` until no job runs under ``worker_id`` any more (its lease ran out)."""
+    running = "SELECT id FROM jobs WHERE worker_id = ? AND state = 'running'"
     async with asyncio.timeout(30):
-        while await query(url, "SELECT id FROM jobs WHERE worker_id = ? AND state = 'running'", worker_id):
+        while True:
+            if not await query(url, running, worker_id):
+                break
             await asyncio.sleep(0.05)
     return time.monotonic() - since
