@@ -98,7 +98,9 @@ async def test_run_syncs_to_the_guild_and_makes_music(
     )
     async with musicbot_run(emu, env, tmp_path) as process:
         await emu.wait_for(lambda: emu.identify_count >= 1 or process.returncode is not None, timeout=90)
-        assert process.returncode is None
+        if process.returncode is not None:
+            _, err = await process.communicate()
+            raise AssertionError(f"musicbot run ended ({process.returncode}): {err.decode()[-3000:]}")
         interaction = await emu.invoke_command("music", {"prompt": "startup check", "duration": 1.0})
         result = await wait_result(emu, interaction, timeout=60)
         process.send_signal(signal.SIGINT)
