@@ -63,7 +63,11 @@ async def serve(
                 worker_factory,
                 worker_id=worker_id,
                 device=device,
-                options=WorkerOptions(lease=settings.lease, poll=min(1.0, settings.lease / 10)),
+                # SQLite cannot notify another process: a worker looks for jobs four times a second.
+                options=WorkerOptions(
+                    lease=settings.lease,
+                    poll=min(1.0 if settings.shared_database else 0.25, settings.lease / 10),
+                ),
                 on_stuck=_exit_stuck,
                 on_generated=metrics.observe_generation if metrics is not None else None,
             )

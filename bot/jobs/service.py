@@ -70,6 +70,8 @@ class ServiceOptions:
 
     poll: float = 0.25
     bot_lease: float = 30.0
+    # After a wake, changes are gathered this long, so that a burst of them costs one look.
+    coalesce: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,7 @@ class JobService:
         every = min(self._options.poll, self._options.bot_lease / 3)
         while not self._closing:
             await wait_changed(self._changes, every)
+            await asyncio.sleep(self._options.coalesce)
             if self._closing:
                 return
             try:

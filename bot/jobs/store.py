@@ -254,6 +254,10 @@ class JobStore:
         Under the claim lock: the waiting rows and whose turn it is are read, ``FairQueue`` picks the
         batch (the same policy as in one process), and the rows become this worker's, one attempt more.
         """
+        async with self._db.snapshot() as tx:
+            # Idle workers look often: a look that finds nothing takes no lock.
+            if await tx.fetchone("SELECT 1 FROM jobs WHERE state = 'queued' LIMIT 1") is None:
+                return []
         async with self._db.transaction() as tx:
             await tx.lock(CLAIM_LOCK)
             serving = await _setting(tx, MODEL_SETTING)
