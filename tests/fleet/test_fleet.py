@@ -66,7 +66,8 @@ async def test_requests_through_two_bots_and_three_workers_are_answered_once_fai
     assert len({worker for *_, worker in jobs}) == 3  # and all three workers generated
     # Every accepted request has exactly one message with its audio; no refused one has any.
     assert sum(results.values()) == USERS * ALLOWED and set(results.values()) == {1}
-    # Fair: every user's k-th job was claimed no later than anyone's (k+1)-th.
+    # Fair: users take turns (batches of four whole rounds here): every user's k-th job was claimed
+    # no later than anyone's (k+1)-th.
     turns: dict[int, list[int]] = defaultdict(list)
     seen: dict[int, int] = defaultdict(int)
     for user_id, _request, turn, *_ in jobs:
