@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 
-from bot.jobs import Job, JobState, open_database, utc_now
+from bot.jobs import DatabaseError, Job, JobState, open_database, utc_now
 from bot.jobs.fairqueue import FairQueue
 from bot.jobs.pgdb import redact
 from bot.jobs.store import Board, JobStore, WorkerRow
@@ -14,6 +15,10 @@ FAILURES_SHOWN = 5
 
 
 async def fleet_status(settings: Settings, *, now: datetime | None = None) -> str:
+    if not settings.shared_database and not await asyncio.to_thread(settings.db_path.is_file):
+        raise DatabaseError(
+            f"there is no database at {settings.db_path} (set MUSICBOT_DB, or run from its directory)"
+        )
     async with open_database(settings.database, checkpoint_every=None) as db:
         store = JobStore(db, settings.limits, settings.queue_size)
         board = await store.board(None)

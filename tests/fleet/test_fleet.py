@@ -132,3 +132,41 @@ async def _retaken(url: str, worker_id: str, since: float) -> float:
                 break
             await asyncio.sleep(0.05)
     return time.monotonic() - since
+
+
+async def test_cancel_and_progress_cross_processes_and_a_restart_takes_no_running_job(tmp_path: Path) -> None:
+    async with fresh_postgres() as url, DiscordEmulator(max_lifetime=120) as emu:
+        fleet = Fleet(emu, url, tmp_path, steps=40, step_seconds=0.1)  # 4 s a batch
+        other = emu.add_user("other")
+        try:
+            async with fleet.bot(0):
+                worker = await fleet.start_worker("worker")
+                kept = await emu.invoke_command("music", {"prompt": "kept", "duration": 2.0}, shard=0)
+                await worker.line("generating kept")
+                # Another worker and another bot start while "kept" runs: neither takes it.
+                await fleet.start_worker("late worker")
+                async with fleet.bot(1):
+                    progress = await answered(emu, kept, lambda m: "▓" in m.content or "%" in m.content)
+                    doomed = await emu.invoke_command(
+                        "music", {"prompt": "doomed", "duration": 3.0}, user=other, shard=0
+                    )
+                    await fleet.workers[1].line("generating doomed")
+                    # Its owner cancels it through the other bot process; the worker stops it.
+                    cancel = await emu.invoke_command("cancel", {"job": 2}, user=other, shard=1)
+                    said = await answered(emu, cancel)
+                    stopped = await answered(emu, doomed, lambda m: "cancelled" in m.content)
+                    await fleet.all_delivered(1)
+        finally:
+            await fleet.close()
+        jobs = await query(url, "SELECT id, state, attempts, worker_id, owner_id FROM jobs ORDER BY id")
+        violations = list(emu.violations)
+
+    # Progress from a worker process, shown by the bot that owns the reply (its edits, oldest first).
+    shown = [str(version.get("content")) for version in progress.versions]
+    assert any("generating" in text and " %" in text for text in shown)
+    assert said.content == "Cancelled job #2."
+    assert stopped.content.startswith("🚫 Job #2")
+    (_, kept_state, kept_attempts, kept_worker, _), (_, doomed_state, *_) = jobs
+    assert (kept_state, kept_attempts, kept_worker) == ("done", 1, "worker")
+    assert doomed_state == "cancelled"
+    assert violations == []
