@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -11,6 +12,9 @@ from bot.settings import Limits
 from generation import AudioClip, GenerationRequest
 
 INTERACTION_LIFETIME = timedelta(minutes=15)
+
+
+Clock = Callable[[], datetime]
 
 
 def utc_now() -> datetime:

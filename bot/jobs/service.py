@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -33,6 +33,7 @@ from bot.jobs.fairqueue import FairQueue
 from bot.jobs.flac import from_flac, to_flac
 from bot.jobs.listener import JobListener, Notifier
 from bot.jobs.models import (
+    Clock,
     Delivery,
     Job,
     JobKind,
@@ -54,7 +55,6 @@ from generation import AudioClip, GenerationRequest, InvalidRequest, ModelInfo, 
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], datetime]
 
 # A batch past its time limit is asked to stop; if it has not within this many seconds, its engine is
 # abandoned (a stuck thread cannot be killed) and, in a worker process, the process is replaced.

@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 from bot.jobs.db import JobsDatabase, wait_changed
 from bot.jobs.errors import BotError
 from bot.jobs.flac import from_flac, to_flac
-from bot.jobs.models import Job, JobKind, JobResult, JobTrack, utc_now
+from bot.jobs.models import Clock, Job, JobKind, JobResult, JobTrack, utc_now
 from bot.jobs.store import (
     MODEL_SETTING,
     SPEED_SETTING,
@@ -52,7 +52,6 @@ from generation import (
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], datetime]
 WorkerFactory = Callable[[], GenerationWorker]
 
 # Weight of the newest batch in the running estimate of compute seconds per audio second.
