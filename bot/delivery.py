@@ -79,6 +79,9 @@ class _Card:
         self.webhook_alive = job.delivery.interaction_token is not None
         # Its outcome was reached before this process started: it may have been posted already.
         self.recovered = False
+        # The status message is up (a card made by the command that queued the job is not, until
+        # its announcement is; a card for a job from the database is).
+        self.announced = True
         self.started = False
         self.closed = False
         self._interval = interval
@@ -92,11 +95,12 @@ class _Card:
 
     @property
     def waiting(self) -> bool:
-        """Shown as waiting in the queue (it has not started, nor ended)."""
-        return not self.started and not self.closed
+        """Shown as waiting in the queue (announced, not started, not ended)."""
+        return self.announced and not self.started and not self.closed
 
     def shown(self, text: str) -> None:
-        """The handler put ``text`` up itself (it counts as an edit for the throttle)."""
+        """The announcement put ``text`` up (it counts as an edit for the throttle)."""
+        self.announced = True
         self._shown = self._wanted = text
         self._last_edit = time.monotonic()
 
@@ -173,6 +177,7 @@ class DiscordDelivery(BaseJobListener):
         this announcement is up, so no event can edit the message before it.
         """
         card = self._cards[job.id] = self._new_card(job, interaction.filesize_limit)
+        card.announced = False
         try:
             text = messages.queued_text(job, self._service.position(job.id), note=note)
             await interaction.edit_original_response(content=text, allowed_mentions=NO_MENTIONS)
@@ -185,6 +190,7 @@ class DiscordDelivery(BaseJobListener):
     ) -> discord.Message:
         """Post the job's status message in ``channel`` (a result's thread); as ``announce_in_reply``."""
         card = self._cards[job.id] = self._new_card(job, upload_limit)
+        card.announced = False
         try:
             text = messages.queued_text(job, self._service.position(job.id))
             message = await channel.send(text, allowed_mentions=NO_MENTIONS)

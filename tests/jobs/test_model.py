@@ -164,7 +164,7 @@ async def test_listener_calls_for_one_job_come_in_order(database: str) -> None:
             await super().job_started(job)
 
     listener = SlowStart()
-    models = FakeModels(steps=20)
+    models = FakeModels(steps=20, step_seconds=0.05)  # a second: progress is written twice a second
     async with running_service(make_settings(database), models, listener=listener) as service:
         job = await service.submit(request(), Origin(1))
         await listener.wait_settled([job.id])

@@ -79,11 +79,20 @@ async def test_a_database_made_by_an_older_version_with_open_permissions_is_made
 async def test_the_wal_is_checkpointed_while_running_and_emptied_at_close(
     emu: DiscordEmulator, db_path: Path, models: FaultyModels
 ) -> None:
+    written = 0
+
+    async def watch_wal() -> None:
+        nonlocal written
+        while True:
+            written = max(written, wal_bytes(db_path))
+            await asyncio.sleep(0.01)
+
     async with bot_running(emu, settings_for(db_path, emu.guild_id), models, checkpoint_every=0.2) as bot:
+        watcher = asyncio.create_task(watch_wal())
         for n in range(3):
             interaction = await emu.invoke_command("music", {"prompt": f"song {n}", "duration": 2.0})
             await answered(emu, interaction, lambda m: bool(m.attachments))
-        written = wal_bytes(db_path)
+        watcher.cancel()
         await emu.wait_for(lambda: wal_bytes(db_path) == 0, timeout=3)
         # While the bot runs, another program sees every job in the database file itself.
         seen = rows(db_path, "SELECT count(*) FROM jobs WHERE state = 'done'")
