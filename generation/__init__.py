@@ -23,6 +23,7 @@ from generation.request import (
     check_batch,
     random_seed,
 )
+from generation.router import MelodyRouter
 from generation.worker import Engine, EngineLoader, GenerationWorker, WorkerDied
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "GenerationResult",
     "GenerationWorker",
     "InvalidRequest",
+    "MelodyRouter",
     "ModelInfo",
     "ModelLoadError",
     "ModelUnavailable",

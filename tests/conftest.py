@@ -19,6 +19,37 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+SLOW_PLACES = (
+    "tests/reliability/",
+    "tests/fleet/",
+    "tests/generation/",
+    "tests/test_cli.py",
+    "tests/bot/test_run.py",
+)
+NATIVE_PLACES = ("tests/generation/test_native.py",)
+POSTGRES_PLACES = ("tests/fleet/", "tests/jobs/test_transfer.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Markers by where a test lives and what it uses (pyproject lists them)."""
+    root = Path(str(config.rootpath))
+    for item in items:
+        place = Path(str(item.path)).relative_to(root).as_posix()
+        slow = place.startswith(SLOW_PLACES)
+        item.add_marker(pytest.mark.slow if slow else pytest.mark.unit)
+        if place.startswith(NATIVE_PLACES):
+            item.add_marker(pytest.mark.native)
+        if place.startswith("tests/reliability/"):
+            item.add_marker(pytest.mark.reliability)
+        if place.startswith("tests/fleet/"):
+            item.add_marker(pytest.mark.fleet)
+        callspec = getattr(item, "callspec", None)
+        if place.startswith(POSTGRES_PLACES) or (
+            callspec is not None and callspec.params.get("database") == "postgresql"
+        ):
+            item.add_marker(pytest.mark.postgres)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random MusicGen (real 32 kHz EnCodec geometry), saved like a hub checkpoint."""
