@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bot.jobs.db import JobsDatabase
 from bot.jobs.models import utc_now
@@ -157,9 +158,10 @@ class LocalWorkers:
 
     async def _wait_ready(self, child: _Child) -> None:
         exited = asyncio.ensure_future(child.process.wait())
+        either: list[asyncio.Future[Any]] = [child.ready, exited]
         try:
             done, _ = await asyncio.wait(
-                [child.ready, exited], timeout=self._ready_timeout, return_when=asyncio.FIRST_COMPLETED
+                either, timeout=self._ready_timeout, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
             if not exited.done():

@@ -356,7 +356,7 @@ class JobService:
         _check_prompt(request.prompt)
         info = self.model_info
         if request.melody is not None and (info is None or not info.supports_melody):
-            raise MelodyUnavailable(info.name if info else self._model)
+            raise MelodyUnavailable(info.name if info else self.model)
         request = request.with_seed()
         melody = None
         if request.melody is not None:
@@ -584,12 +584,9 @@ class JobService:
                 if self.model == size and info is not None:
                     return info
                 if self._board.wanted_model != size:
+                    errors = [w.last_error or "" for w in self._board.workers]
                     reason = next(
-                        (
-                            w.last_error
-                            for w in self._board.workers
-                            if (w.last_error or "").startswith(f"{size}: ")
-                        ),
+                        (e for e in errors if e.startswith(f"{size}: ")),
                         f"{size}: the workers did not load it",
                     )
                     raise ModelLoadError(size, reason.removeprefix(f"{size}: "))

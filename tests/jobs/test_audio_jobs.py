@@ -97,3 +97,14 @@ async def test_a_melody_on_a_model_that_cannot_follow_one_is_refused(
             await service.submit(request("hum", melody=tune), Origin(1))
 
     assert "/model melody" in str(refused.value)
+
+
+async def test_a_melody_while_no_worker_serves_is_refused_with_the_model_named(database: str) -> None:
+    from bot.jobs import JobService, open_database
+
+    tune = AudioClip(np.zeros((1, 8000), dtype=np.float32), 8000)
+    async with open_database(database) as db, JobService(db, make_settings(database)) as service:
+        with pytest.raises(MelodyUnavailable) as refused:
+            await service.submit(request("hum", melody=tune), Origin(1))
+
+    assert "the small model cannot follow a melody" in str(refused.value)
