@@ -116,7 +116,12 @@ async def many_requests(
 
 
 async def kills(work: Path, requests: int = 40) -> dict[str, Any]:
-    settings = {"MUSICBOT_MAX_QUEUED_PER_USER": "20", "MUSICBOT_MAX_BATCH": "2", "MUSICBOT_QUEUE_SIZE": "500"}
+    settings = {
+        "MUSICBOT_MAX_QUEUED_PER_USER": "20",
+        "MUSICBOT_MAX_BATCH": "2",
+        "MUSICBOT_QUEUE_SIZE": "500",
+        "MUSICBOT_LEASE": "1",  # takeovers take about one lease
+    }
     async with fresh_postgres() as url, DiscordEmulator(max_lifetime=600) as emu:
         fleet = Fleet(emu, url, work, steps=10, step_seconds=0.1, settings=settings)
         users = [emu.add_user(f"user{i}") for i in range(8)]

@@ -67,7 +67,7 @@ class Fleet:
         self.shards = shards
         self.steps = steps
         self.step_seconds = step_seconds
-        self.settings = {"MUSICBOT_WORKERS": "0", "MUSICBOT_LEASE": "1", **(settings or {})}
+        self.settings = {"MUSICBOT_WORKERS": "0", "MUSICBOT_LEASE": "2", **(settings or {})}
         self.workers: list[Worker] = []
         self._readers: list[asyncio.Task[None]] = []
 

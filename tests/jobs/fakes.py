@@ -279,9 +279,10 @@ async def running_service(
             lambda: GenerationWorker(models),
             listener=listener,
             max_attempts=max_attempts,
-            # Short leases, as a test waits for takeovers (PostgreSQL is shared: nothing is taken at once).
-            options=ServiceOptions(poll=0.1, bot_lease=1.0),
-            worker_options=WorkerOptions(lease=1.0, poll=0.1),
+            # Short leases, as a test waits for takeovers (PostgreSQL is shared: nothing is taken at once),
+            # but not so short that a busy two-core machine lets a live worker's lease run out.
+            options=ServiceOptions(poll=0.1, bot_lease=3.0),
+            worker_options=WorkerOptions(lease=3.0, poll=0.1),
             **({"clock": clock} if clock is not None else {}),
         )
         async with service:

@@ -42,7 +42,7 @@ async def test_a_worker_killed_by_hand_is_replaced_and_the_job_finished_while_th
 async def test_a_hung_worker_is_killed_and_replaced(
     emu: DiscordEmulator, db_path: Path, tmp_path: Path
 ) -> None:
-    env = child_env(emu, db_path, MUSICBOT_LEASE="1")
+    env = child_env(emu, db_path, MUSICBOT_LEASE="2")
     async with child_bot(emu, env, "--step-seconds", "0.5", cwd=tmp_path) as child:
         asked = await emu.invoke_command("music", {"prompt": "stuck one", "duration": 2.0})
         await child.line("generating stuck one")
