@@ -99,7 +99,22 @@ async def run(
                                 metrics.close()
         except DatabaseError as exc:
             raise StartupError(str(exc)) from None
+        except asyncio.CancelledError:
+            # Stopped at once (a second signal): what the client started meanwhile (discord.py's
+            # ready task, say) ends now too, instead of being destroyed pending when the loop closes.
+            await _cancel_the_rest()
+            raise
     log.info("stopped")
+
+
+async def _cancel_the_rest(rounds: int = 3) -> None:
+    for _ in range(rounds):
+        others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        if not others:
+            return
+        for task in others:
+            task.cancel()
+        await asyncio.wait(others, timeout=1.0)
 
 
 @contextlib.contextmanager
