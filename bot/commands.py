@@ -117,7 +117,8 @@ def _describe(interaction: discord.Interaction) -> str:
     if interaction.command is not None:
         what = f"/{interaction.command.qualified_name}"
     else:
-        what = f"component {(interaction.data or {}).get('custom_id')}"
+        data: dict[str, Any] = dict(interaction.data or {})
+        what = f"component {data.get('custom_id')}"
     return f"{what} by user {interaction.user.id}"
 
 

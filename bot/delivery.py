@@ -404,14 +404,14 @@ class DiscordDelivery(BaseJobListener):
         if posted is not None:
             await self._edit_status(card, messages.delivered_text(job, posted.jump_url))
             return posted.id
-        message = await self._channel(job).send(
+        sent = await self._channel(job).send(
             f"<@{job.user_id}> your music is ready.\n{text}",
             files=_discord_files(files),
             view=result_view(job.id, tracks),
             allowed_mentions=only_requester(job.user_id),
         )
-        await self._edit_status(card, messages.delivered_text(job, message.jump_url))
-        return message.id
+        await self._edit_status(card, messages.delivered_text(job, sent.jump_url))
+        return sent.id
 
     async def _posted_before(
         self, card: _Card, job: Job, is_it: Callable[[discord.Message], bool]

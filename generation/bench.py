@@ -202,24 +202,25 @@ def run_bench(
     if model is None:
         print(f"building musicgen-{arch} with random weights...", flush=True)
         model = build_model(architecture(arch))
-    model, tokenizer = model
-    config = model.config
+    net: Any
+    net, tokenizer = model
+    config = net.config
     frame_rate, codebooks = config.audio_encoder.frame_rate, config.decoder.num_codebooks
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for p in net.parameters())
     memory = _PeakMemory(placement.device)
     rows: list[Row] = []
     read_speed = [_read_speed(placement.device)]
 
     def classic_run(batch: int, dtype: torch.dtype, label: str) -> None:
-        place_model(model, Placement(placement.device, dtype))
-        model.decoder.set_attn_implementation("sdpa")  # what a user of the docs' recipe gets
+        place_model(net, Placement(placement.device, dtype))
+        net.decoder.set_attn_implementation("sdpa")  # what a user of the docs' recipe gets
         rows.append(
             _timed(
                 label,
                 batch,
                 seconds,
                 memory,
-                lambda: _classic(model, tokenizer, batch, seconds, frame_rate, codebooks),
+                lambda: _classic(net, tokenizer, batch, seconds, frame_rate, codebooks),
                 repeat,
             )
         )
@@ -228,8 +229,8 @@ def run_bench(
         classic_run(1, torch.float32, "classic: transformers generate, fp32")
     if fast_dtype != torch.float32 or not classic:
         classic_run(1, fast_dtype, f"transformers generate, {_name(fast_dtype)}")
-    place_model(model, Placement(placement.device, fast_dtype))
-    model.decoder.set_attn_implementation("eager" if placement.device.type == "cpu" else "sdpa")
+    place_model(net, Placement(placement.device, fast_dtype))
+    net.decoder.set_attn_implementation("eager" if placement.device.type == "cpu" else "sdpa")
     setups = [placement]
     if placement.device.type == "cpu" and fast_dtype == torch.bfloat16 and native.load() is not None:
         # what the native kernels buy: the same steps on torch's kernels (what a host without g++ gets)
@@ -238,9 +239,11 @@ def run_bench(
         setups.append(Placement(placement.device, fast_dtype, int8_steps=True))
     engine = None
     for setup in setups:
-        engine = MusicGenEngine(model, tokenizer, name=arch, source="random weights", placement=setup)
+        engine = MusicGenEngine(net, tokenizer, name=arch, source="random weights", placement=setup)
         _ours(engine, 1, 1.0)  # warm-up: weights gathered, kernels chosen
-        runs = [(_label(setup), batch, partial(_ours, engine, batch, seconds)) for batch in (1, 4)]
+        runs: list[tuple[str, int, Callable[[], int]]] = [
+            (_label(setup), batch, partial(_ours, engine, batch, seconds)) for batch in (1, 4)
+        ]
         rows.extend(_timed_together(runs, seconds, memory, repeat))
         if setup is not setups[-1]:
             engine.close_steps()

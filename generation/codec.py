@@ -183,6 +183,7 @@ class _NativeResnetBlock(torch.nn.Module):
         if any(w.causal or w.norm_type != "weight_norm" for w in (pad_conv, point_conv)):
             return False
         first, second = convs
+        assert first is not None and second is not None  # both are Conv1d, checked above
         channels, hidden = first.in_channels, first.out_channels
         wide_enough = channels <= cls.MAX_CHANNELS or cls._amx(kernels, channels, hidden)
         return (
@@ -217,7 +218,8 @@ class _NativeUpsample(torch.nn.Module):
         self.layer, self.kernels, self.activate = layer, kernels, activate
         self.amx = self._amx(conv, kernels)
         self.stride = conv.stride[0]
-        self.weight = (
+        # Panels in AMX's layout (a pair of tensors), or one packed tensor.
+        self.weight: Any = (
             kernels.pack_upsample_amx(conv.weight) if self.amx else kernels.pack_upsample(conv.weight)
         )
         self.bias = _bias(conv)

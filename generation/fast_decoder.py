@@ -297,10 +297,10 @@ class FastDecoderState:
             if self.cross_rows:
                 a = self.cross_rows
                 seen = x[:a]
-                h = F.layer_norm(seen, (hidden,), *layer.ln2[:2], layer.ln2[2])  # type: ignore[index,misc]
-                q = linear(h, layer.cross_q)  # type: ignore[arg-type]
+                h = F.layer_norm(seen, (hidden,), *layer.ln2[:2], layer.ln2[2])  # type: ignore[index,call-arg]
+                q = linear(h, layer.cross_q)
                 attn = self._cross_attention(q, i)
-                seen = linear.add(attn.reshape(a, 1, hidden), layer.cross_out, seen)  # type: ignore[arg-type]
+                seen = linear.add(attn.reshape(a, 1, hidden), layer.cross_out, seen)
                 x = seen if a == rows else torch.cat([seen, x[a:]])
             h = F.layer_norm(x, (hidden,), *layer.ln3[:2], layer.ln3[2])
             x = w.feed_forward(h, layer, x)

@@ -128,6 +128,8 @@ def build_model(arch: dict[str, Any], seed: int = 0) -> tuple[Any, T5Tokenizer]:
     dec = _strip(arch["decoder"])
     codebook_size = audio.codebook_size
     dec.update(vocab_size=codebook_size, pad_token_id=codebook_size, bos_token_id=codebook_size)
+    config: Any
+    model: Any
     if melody:
         config = MusicgenMelodyConfig(
             text_encoder=text,
