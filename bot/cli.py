@@ -154,7 +154,6 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
                 settings,
                 make_worker_factory(settings, quiet=not args.verbose),
                 worker_id=args.id,
-                device=args.device,
                 supervised=args.supervised,
             )
         )

@@ -161,26 +161,26 @@ def _int(env: Mapping[str, str], name: str, value: str | None) -> int:
 
 
 def _positive(env: Mapping[str, str], name: str, default: int) -> int:
+    return _at_least(env, name, default, 1)
+
+
+def _whole(env: Mapping[str, str], name: str, default: int) -> int:
+    return _at_least(env, name, default, 0)
+
+
+def _at_least(env: Mapping[str, str], name: str, default: int, least: int) -> int:
     if name not in env:
         return default
     value = _int(env, name, env[name])
-    if value < 1:
-        raise SettingsError(f"{name} must be at least 1 (got {value})")
+    if value < least:
+        bound = "0 or more" if least == 0 else f"at least {least}"
+        raise SettingsError(f"{name} must be {bound} (got {value})")
     return value
 
 
 def _is_cuda_index(device: str) -> bool:
     prefix, _, number = device.partition(":")
     return prefix == "cuda" and number.isdigit()
-
-
-def _whole(env: Mapping[str, str], name: str, default: int) -> int:
-    if name not in env:
-        return default
-    value = _int(env, name, env[name])
-    if value < 0:
-        raise SettingsError(f"{name} must be 0 or more (got {value})")
-    return value
 
 
 def _seconds(env: Mapping[str, str], name: str, default: float) -> float:

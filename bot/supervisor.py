@@ -94,15 +94,6 @@ class LocalWorkers:
         self._children: dict[int, _Child] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
-        self.restarts = 0
-
-    @property
-    def pids(self) -> list[int]:
-        return [child.process.pid for child in self._children.values()]
-
-    @property
-    def ids(self) -> list[str]:
-        return [child.id for child in self._children.values()]
 
     async def start(self) -> None:
         """Start every worker and wait until each is ready; ``WorkerStartFailed`` if one cannot start."""
@@ -211,7 +202,6 @@ class LocalWorkers:
                 backoff = 1.0
             await asyncio.sleep(backoff)
             backoff = min(MAX_BACKOFF, backoff * 2)
-            self.restarts += 1
             try:
                 fresh = await self._spawn(slot)
                 await self._wait_ready(fresh)

@@ -41,7 +41,6 @@ async def serve(
     worker_factory: WorkerFactory,
     *,
     worker_id: str | None = None,
-    device: str | None = None,
     supervised: bool = False,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or, supervised, until stdin closes)."""
@@ -62,7 +61,6 @@ async def serve(
                 settings,
                 worker_factory,
                 worker_id=worker_id,
-                device=device,
                 # SQLite cannot notify another process: a worker looks for jobs four times a second.
                 options=WorkerOptions(
                     lease=settings.lease,

@@ -10,7 +10,7 @@ import asyncio
 import os
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -66,10 +66,6 @@ async def query(database: str | Path, sql: str, *params: Any) -> list[tuple[Any,
 
 async def states(database: str | Path) -> dict[int, str]:
     return {int(job_id): state for job_id, state in await query(database, "SELECT id, state FROM jobs")}
-
-
-def backends() -> Sequence[str]:
-    return ("sqlite", "postgresql")
 
 
 async def _check() -> None:

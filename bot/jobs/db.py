@@ -210,6 +210,9 @@ class Database:
         self._subscribers.append(event)
         return event
 
+    def unsubscribe(self, event: asyncio.Event) -> None:
+        self._subscribers.remove(event)
+
     def changed(self) -> None:
         for event in self._subscribers:
             event.set()
@@ -340,6 +343,8 @@ class JobsDatabase(Protocol):
     def snapshot(self) -> AbstractAsyncContextManager[Any]: ...
 
     def subscribe(self) -> asyncio.Event: ...
+
+    def unsubscribe(self, event: asyncio.Event) -> None: ...
 
     def changed(self) -> None: ...
 

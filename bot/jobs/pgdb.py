@@ -167,7 +167,6 @@ class PgDatabase:
         self._pool = pool
         self.url = url
         self.path = None
-        self._listener: asyncpg.Connection | None = None
         self._listening: asyncio.Task[None] | None = None
         self._subscribers: list[asyncio.Event] = []
 
@@ -202,6 +201,9 @@ class PgDatabase:
             self._listening = asyncio.create_task(self._listen(), name="postgres-listen")
         return event
 
+    def unsubscribe(self, event: asyncio.Event) -> None:
+        self._subscribers.remove(event)
+
     def changed(self) -> None:
         for event in self._subscribers:
             event.set()
@@ -216,7 +218,6 @@ class PgDatabase:
                 log.warning("cannot listen for changes in PostgreSQL (%s); retrying", exc)
                 await asyncio.sleep(1.0)
                 continue
-            self._listener = conn
             lost = asyncio.Event()
             conn.add_termination_listener(lambda *_, lost=lost: lost.set())
             try:
@@ -224,7 +225,6 @@ class PgDatabase:
                 self.changed()
                 await lost.wait()
             finally:
-                self._listener = None
                 with contextlib.suppress(Exception):
                     await conn.close()
             log.warning("lost the PostgreSQL listening connection; reconnecting")

@@ -178,15 +178,8 @@ class JobService:
             await self._store.reap(self._max_attempts, wall_clock())
         if self._worker is not None:
             await self._worker.start()
-        live_since = self._live_since()
-        adopted = await self._store.adopt(self.id, live_since=live_since)
         await self._look(announce=False)
-        for job in adopted:
-            self._seen[job.id] = _Seen.of(job)
-            self._announce_adopted(job)
-        for pending in await self._store.take_pending(self.id, live_since=live_since):
-            log.warning("request %d was acknowledged but not queued before its bot stopped", pending.id)
-            self._notifier.interrupted(pending)
+        await self._adopt_orphans()
         waiting = sum(1 for job in self._active.values() if job.state is JobState.QUEUED)
         log.info("job service %s started: model %s, %d jobs waiting", self.id, self.model, waiting)
         self._watcher = self._tasks.spawn(self._watch_forever(), name="job-watcher")
@@ -238,17 +231,21 @@ class JobService:
     async def _keep_alive(self) -> None:
         """Heartbeat; adopt the jobs of bots that stopped answering; end leases of dead workers."""
         await self._store.bot_alive(self.id, wall_clock())
-        live_since = self._live_since()
-        if live_since is not None:
-            for job in await self._store.adopt(self.id, live_since=live_since):
-                log.warning(
-                    "job %d: its bot %s stopped answering; this bot answers it now", job.id, job.owner_id
-                )
-                self._seen[job.id] = _Seen.of(job)
-                self._announce_adopted(job)
-            for pending in await self._store.take_pending(self.id, live_since=live_since):
-                self._notifier.interrupted(pending)
+        if self._db.shared:
+            await self._adopt_orphans()
         await self._store.reap(self._max_attempts, wall_clock())
+
+    async def _adopt_orphans(self) -> None:
+        """Jobs and pending requests of bots that are gone (after a restart, or that stopped
+        answering) become this bot's: the listener hears where each stands."""
+        live_since = self._live_since()
+        for job in await self._store.adopt(self.id, live_since=live_since):
+            log.info("job %d: its bot %s is gone; this bot answers it", job.id, job.owner_id)
+            self._seen[job.id] = _Seen.of(job)
+            self._announce_adopted(job)
+        for pending in await self._store.take_pending(self.id, live_since=live_since):
+            log.warning("request %d was acknowledged but not queued before its bot stopped", pending.id)
+            self._notifier.interrupted(pending)
 
     async def _look(self, *, announce: bool = True) -> None:
         """Read the shared state and tell the listener what changed (one look at a time, so that
@@ -275,12 +272,12 @@ class JobService:
                     continue
                 before = self._seen.get(job.id, _NEW)
                 self._seen[job.id] = _Seen.of(job)
-                await self._announce(job, before)
+                self._announce(job, before)
         listed = {job.id for job in mine}
         for job_id in [job_id for job_id in self._seen if job_id not in listed]:
             del self._seen[job_id]
 
-    async def _announce(self, job: Job, before: _Seen) -> None:
+    def _announce(self, job: Job, before: _Seen) -> None:
         """Tell the listener what changed since ``before``, in the order it happened."""
         now = _Seen.of(job)
         if now == before:
@@ -296,7 +293,7 @@ class JobService:
         elif before.state.active:
             if before.state is JobState.QUEUED and job.state is not JobState.CANCELLED:
                 self._notifier.started(job)
-            await self._hand_over(job)
+            self._spawn_hand_over(job)
 
     def _announce_adopted(self, job: Job) -> None:
         """A job this bot took over (after a restart, or from a bot that stopped answering)."""
@@ -305,7 +302,12 @@ class JobService:
         elif job.state is JobState.RUNNING:
             self._notifier.started(job)
         else:
-            self._tasks.spawn(self._hand_over(job), name=f"job-{job.id}-hand-over")
+            self._spawn_hand_over(job)
+
+    def _spawn_hand_over(self, job: Job) -> None:
+        # Off the look's path: the tracks are read and decoded first. What the listener was told of
+        # this job before is already in its chain, so the order holds.
+        self._tasks.spawn(self._hand_over(job), name=f"job-{job.id}-hand-over")
 
     async def _hand_over(self, job: Job) -> None:
         """Give the listener an outcome it has not confirmed delivering."""
@@ -538,20 +540,9 @@ class JobService:
         )
 
     @property
-    def workers(self) -> int:
-        """Live workers, as this bot last looked."""
-        return len(self._board.workers)
-
-    @property
     def speed(self) -> float | None:
         """Measured compute seconds per audio second on this model (None until a job finished)."""
         return self._board.speed
-
-    def time_limit(self, audio_seconds: float) -> float:
-        """How long the in-process worker lets a batch making ``audio_seconds`` generate."""
-        if self._worker is None:
-            raise RuntimeError("this service runs no worker")
-        return self._worker.time_limit(audio_seconds)
 
     async def switch_model(self, size: str) -> ModelInfo:
         """Ask the workers for another model; they load it after their running batch.
@@ -576,6 +567,12 @@ class JobService:
 
     async def _wait_for_model(self, size: str) -> ModelInfo:
         changes = self._db.subscribe()
+        try:
+            return await self._model_served(size, changes)
+        finally:
+            self._db.unsubscribe(changes)
+
+    async def _model_served(self, size: str, changes: asyncio.Event) -> ModelInfo:
         async with asyncio.timeout(MODEL_SWITCH_TIMEOUT):
             while True:
                 await wait_changed(changes, self._options.poll)

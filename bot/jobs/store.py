@@ -284,9 +284,11 @@ class JobStore:
                 if row is not None:
                     claimed.append(job_from_row(row))
             for user_id in {job.user_id for job in picked}:
-                await tx.execute("DELETE FROM fair_turns WHERE user_id = ?", (user_id,))
                 await tx.execute(
-                    "INSERT INTO fair_turns (user_id, last_served) VALUES (?, ?)",
+                    """
+                    INSERT INTO fair_turns (user_id, last_served) VALUES (?, ?)
+                    ON CONFLICT (user_id) DO UPDATE SET last_served = excluded.last_served
+                    """,
                     (user_id, queue.last_served(user_id)),
                 )
             await tx.notify()
@@ -578,16 +580,6 @@ class JobStore:
             rows = await tx.fetchall("SELECT state, count(*) AS n FROM jobs GROUP BY state")
         return {row["state"]: int(row["n"]) for row in rows}
 
-    async def undelivered(self) -> list[Job]:
-        """Finished or failed jobs whose outcome the bot has not confirmed delivering."""
-        async with self._db.snapshot() as tx:
-            rows = await tx.fetchall(
-                """
-                SELECT * FROM jobs WHERE delivered_at IS NULL AND state IN ('done', 'failed') ORDER BY id
-                """
-            )
-        return [job_from_row(row) for row in rows]
-
     async def update_delivery(
         self, job_id: int, fields: dict[str, Any], *, delivered_at: datetime | None
     ) -> Job:
@@ -749,11 +741,6 @@ class JobStore:
     async def set_setting(self, key: str, value: str, now: datetime) -> None:
         async with self._db.transaction() as tx:
             await _put_setting(tx, key, value, now)
-
-    async def settings_like(self, prefix: str) -> dict[str, str]:
-        async with self._db.snapshot() as tx:
-            rows = await tx.fetchall("SELECT key, value FROM settings WHERE key LIKE ?", (f"{prefix}%",))
-        return {row["key"]: row["value"] for row in rows}
 
     async def want_model(self, model: str, now: datetime) -> None:
         """Ask the workers to serve ``model`` (after their running batches)."""
@@ -1008,9 +995,12 @@ async def _setting(tx: Tx, key: str) -> str | None:
 
 
 async def _put_setting(tx: Tx, key: str, value: str, now: datetime) -> None:
-    await tx.execute("DELETE FROM settings WHERE key = ?", (key,))
     await tx.execute(
-        "INSERT INTO settings (key, value, updated_at) VALUES (?, ?, ?)", (key, value, to_db_time(now))
+        """
+        INSERT INTO settings (key, value, updated_at) VALUES (?, ?, ?)
+        ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at
+        """,
+        (key, value, to_db_time(now)),
     )
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.databases import query
-from tests.discord_emulator import DiscordEmulator, EmulatedInteraction
+from tests.discord_emulator import DiscordEmulator
 from tests.reliability.harness import ROOT, Child, child_bot, child_env
 
 READY_TIMEOUT = 60.0
@@ -157,10 +157,6 @@ class Fleet:
             if start >= 0 and end > start:
                 found[content[start + 1 : end]] += 1
         return found
-
-
-def acknowledged_within(emu: DiscordEmulator, interactions: list[EmulatedInteraction]) -> list[float]:
-    return sorted(latency for i in interactions if (latency := emu.ack_latency(i)) is not None)
 
 
 def percentile(values: list[float], share: float) -> float:
