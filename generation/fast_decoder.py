@@ -54,7 +54,7 @@ class _Linears:
     def __init__(self, sample: torch.Tensor, int8: bool = False, kernels: bool = True) -> None:
         bf16_cpu = sample.device.type == "cpu" and sample.dtype == torch.bfloat16
         self.kernels = native.load() if bf16_cpu and kernels and not int8 else None
-        onednn = bf16_cpu and torch.backends.mkldnn.is_available()
+        onednn = bf16_cpu and onednn_bf16_supported()
         self.kind = "int8" if int8 else "native" if self.kernels else "onednn" if onednn else "plain"
         # Without VNNI, fbgemm's u8 x s8 products can saturate 16-bit sums: use 7-bit activations there.
         self.reduce_range = int8 and not cpu_has_vnni()
@@ -97,6 +97,11 @@ class _Linears:
         if self.kind == "onednn":
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, None, "add")
         return residual + self(x, weight)
+
+
+def onednn_bf16_supported() -> bool:
+    """Whether oneDNN's bf16 products run on this CPU (they need AVX-512 BW/VL/DQ or AVX-NE-CONVERT)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _int8_pack(weight: torch.Tensor) -> Any:
