@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="the speed table: ours against the classic transformers recipe")
     bench.add_argument(
         "--arch",
-        choices=("small", "medium", "large", "melody"),
+        choices=MODEL_SIZES,
         default="small",
         help="real architecture to build with random weights (default small)",
     )
@@ -106,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     rand.add_argument("directory", type=Path, help="where to save it (then use it with --model DIRECTORY)")
     rand.add_argument(
         "--arch",
-        choices=("tiny", "tiny-melody", "small", "medium", "large", "melody"),
+        choices=("tiny", "tiny-melody", "tiny-stereo", *MODEL_SIZES),
         default="tiny",
         help="tiny (1 MB, fast) or a real architecture (default tiny)",
     )
@@ -217,7 +217,7 @@ def _random_model(args: argparse.Namespace, settings: Settings) -> int:
     from generation.random_models import architecture, save_model, tiny_architecture
 
     arch = (
-        tiny_architecture(melody=args.arch == "tiny-melody")
+        tiny_architecture(melody=args.arch == "tiny-melody", stereo=args.arch == "tiny-stereo")
         if args.arch.startswith("tiny")
         else architecture(args.arch)
     )

@@ -171,6 +171,8 @@ def result_text(job: Job, files: Sequence[Attachment], *, limit: int, parent_sec
         f"Requested by <@{job.user_id}> · job #{job.id}"
         + (f" · made in {result.elapsed:.1f} s" if result else ""),
     ]
+    if result is not None:
+        lines.extend(f"ℹ️ {note[0].upper()}{note[1:]}." for note in result.notes)
     if any(f.is_flac and not f.too_large for f in files):
         lines.append(f"ℹ️ Sent as FLAC (lossless): the WAV is over the {_mib(limit)} upload limit here.")
     for number, f in enumerate(files, start=1):

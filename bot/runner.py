@@ -26,9 +26,10 @@ import discord
 from bot.client import MusicBot, make_bot
 from bot.jobs import DatabaseError, JobService, ServiceOptions, WorkerFactory, open_database, sole_bot
 from bot.metrics import serve_metrics
-from bot.settings import MODEL_SIZES, Settings
+from bot.settings import MODEL_SIZES, Settings, model_variable
 from bot.supervisor import Command, LocalWorkers, WorkerStartFailed, end_orphans
 from generation import Engine, GenerationWorker, MelodyRouter, ModelLoadError
+from generation.catalog import melody_size_for
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +261,8 @@ def make_worker_factory(settings: Settings, *, quiet: bool = False) -> WorkerFac
         main = load(source)
         if main.info.supports_melody:
             return main
-        return MelodyRouter(main, lambda: load(settings.model_source("melody")))
+        # A stereo model's melody requests go to the stereo melody model: the track stays stereo.
+        size = melody_size_for(main.info.channels)
+        return MelodyRouter(main, lambda: load(settings.model_source(size)), model_variable(size))
 
     return lambda: GenerationWorker(loader)

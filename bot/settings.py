@@ -7,11 +7,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MODEL_SIZES = ("small", "medium", "large", "melody")
-DEFAULT_MODEL_SOURCES = {size: f"facebook/musicgen-{size}" for size in MODEL_SIZES}
+from generation.catalog import CHECKPOINTS, SIZES
+
+MODEL_SIZES = SIZES
+DEFAULT_MODEL_SOURCES = {c.size: c.source for c in CHECKPOINTS}
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 KERNELS = ("auto", "off")
+
+
+def model_variable(size: str) -> str:
+    """The setting that points a size at another hub id or directory: ``MUSICBOT_MODEL_STEREO_SMALL``."""
+    return "MUSICBOT_MODEL_" + size.upper().replace("-", "_")
 
 
 class SettingsError(ValueError):
@@ -92,10 +99,7 @@ class Settings:
             raise SettingsError(f"MUSICBOT_DEVICE must be one of auto, cpu, cuda or cuda:N (got {device!r})")
         dtype = _choice(env, "MUSICBOT_DTYPE", DTYPES, "auto")
         kernels = _choice(env, "MUSICBOT_KERNELS", KERNELS, "auto")
-        sources = {
-            size: env.get(f"MUSICBOT_MODEL_{size.upper()}", DEFAULT_MODEL_SOURCES[size])
-            for size in MODEL_SIZES
-        }
+        sources = {size: env.get(model_variable(size), DEFAULT_MODEL_SOURCES[size]) for size in MODEL_SIZES}
         admin_ids = frozenset(
             _int(env, "MUSICBOT_ADMIN_IDS", part) for part in _split(env.get("MUSICBOT_ADMIN_IDS", ""))
         )

@@ -22,7 +22,7 @@ import torch
 
 from generation import audio as audio_ops
 from generation.codec import EncodecDecoder
-from generation.errors import GenerationCancelled, InvalidRequest, OutOfMemory
+from generation.errors import GenerationCancelled, InvalidRequest, ModelLoadError, OutOfMemory
 from generation.fast_decoder import FastDecoderState, FastDecoderWeights, cross_attention_mask
 from generation.loader import Placement, choose_placement, load_checkpoint
 from generation.request import (
@@ -64,12 +64,17 @@ class MusicGenEngine:
         self.sample_rate: int = int(config.audio_encoder.sampling_rate)
         self.frame_rate: int = int(config.audio_encoder.frame_rate)
         self.hop = round(self.sample_rate / self.frame_rate)
+        # Stereo checkpoints interleave the channels' codebooks (L1 R1 L2 R2 ...); channel c's k-th
+        # codebook is number k * channels + c, and both channels' k-th codebooks share one delay.
         self.codebooks: int = int(config.decoder.num_codebooks)
+        self.channels: int = int(getattr(config.decoder, "audio_channels", 1))
+        self.channel_codebooks = self.codebooks // max(1, self.channels)
+        check_servable(model, source)
         self.melody = config.model_type == "musicgen_melody"
         gen = model.generation_config
         start = gen.decoder_start_token_id
         self.pad_token = int(start if start is not None else config.decoder.pad_token_id)
-        limit = (config.decoder.max_position_embeddings - self.codebooks) / self.frame_rate
+        limit = (config.decoder.max_position_embeddings - self.channel_codebooks) / self.frame_rate
         if self.melody:
             limit -= config.chroma_length / self.frame_rate
         self.pass_seconds = min(PASS_SECONDS, math.floor(limit))
@@ -83,6 +88,7 @@ class MusicGenEngine:
             frame_rate=self.frame_rate,
             max_seconds_per_pass=self.pass_seconds,
             supports_melody=self.melody,
+            channels=self.channels,
         )
 
     # --- public ---
@@ -120,14 +126,23 @@ class MusicGenEngine:
         self._free_memory()
 
     def codes_to_audio(self, codes: torch.Tensor) -> np.ndarray:
-        """EnCodec-decode ``(rows, codebooks, frames)`` codes to float32 ``(rows, channels, samples)``."""
+        """EnCodec-decode ``(rows, codebooks, frames)`` codes to float32 ``(rows, channels, samples)``.
+
+        Each channel's codebooks are decoded as a row of their own, all channels in one call.
+        """
         if self._decoder is None:
             self._decoder = EncodecDecoder(
                 self.model.audio_encoder, self.placement.device, kernels=self.placement.kernels
             )
+        rows, _, frames = codes.shape
+        per_channel = codes.reshape(rows, self.channel_codebooks, self.channels, frames).transpose(1, 2)
         with torch.inference_mode():
-            audio = self._decoder(codes.to(self.placement.device))
-        return audio.float().cpu().numpy()
+            audio = self._decoder(
+                per_channel.reshape(rows * self.channels, self.channel_codebooks, frames).to(
+                    self.placement.device
+                )
+            )
+        return audio.float().cpu().numpy().reshape(rows, self.channels, -1)
 
     # --- planning ---
 
@@ -168,7 +183,7 @@ class MusicGenEngine:
         return max(1, math.ceil(round(seconds * self.sample_rate) / self.hop))
 
     def _steps(self, window: _Window) -> int:
-        return self._frames(window.new) + self.codebooks - 1
+        return self._frames(window.new) + self.channel_codebooks - 1
 
     # --- rendering ---
 
@@ -199,7 +214,7 @@ class MusicGenEngine:
             source = audio_ops.resample(
                 request.continuation.samples, request.continuation.sample_rate, self.sample_rate
             )
-            made = np.repeat(source.mean(axis=0, keepdims=True)[None], len(prompts), axis=0)
+            made = np.repeat(self._fit_channels(source)[None], len(prompts), axis=0)
         for window in windows:
             prompt_codes, context = None, 0
             if window.context > 0:
@@ -231,11 +246,22 @@ class MusicGenEngine:
         assert made is not None
         return made, False
 
+    def _fit_channels(self, audio: np.ndarray) -> np.ndarray:
+        """``(channels, samples)`` audio with this model's channels: mixed down, or mono widened."""
+        if audio.shape[0] == self.channels:
+            return audio
+        mono = audio.mean(axis=0, keepdims=True, dtype=np.float32)
+        return np.repeat(mono, self.channels, axis=0)
+
     def _encode(self, audio: np.ndarray) -> torch.Tensor:
-        """EnCodec codes ``(rows, codebooks, frames)`` of ``(rows, 1, samples)`` audio."""
+        """EnCodec codes ``(rows, codebooks, frames)`` of ``(rows, channels, samples)`` audio."""
+        rows, channels, samples = audio.shape
         values = torch.from_numpy(np.ascontiguousarray(audio)).to(self.placement.device, torch.float32)
+        values = values.reshape(rows * channels, 1, samples)
         encoded = self.model.audio_encoder.encode(values, torch.ones_like(values[:, 0], dtype=torch.long))
-        return encoded.audio_codes[0]
+        codes = encoded.audio_codes[0]  # (rows * channels, codebooks of a channel, frames)
+        frames = codes.shape[-1]
+        return codes.reshape(rows, channels, -1, frames).transpose(1, 2).reshape(rows, -1, frames)
 
     def _condition(self, prompts: list[str], request: GenerationRequest) -> _Conditioning:
         guided = request.sampling.guidance > 1.0
@@ -299,8 +325,9 @@ class MusicGenEngine:
         on_step: Callable[[], None],
         cancel: threading.Event | None,
     ) -> tuple[torch.Tensor, bool]:
-        """Sample codes with the delay pattern: codebook ``k`` of frame ``f`` sits at column ``f + k + 1``."""
-        rows, k = len(generators), self.codebooks
+        """Sample codes with the delay pattern: codebook ``i`` of frame ``f`` sits at column ``f + d + 1``,
+        its delay ``d`` being its number within its channel."""
+        rows, k = len(generators), self.channel_codebooks
         given = 0 if prompt_codes is None else prompt_codes.shape[-1]
         length = 1 + given + new_frames + k - 1
         pattern = self._delay_pattern(rows, length, prompt_codes)
@@ -323,18 +350,22 @@ class MusicGenEngine:
                 break
             logits = conditioning.step(column)
         frames = max(0, last - k + 1)
-        codes = torch.stack([pattern[:, i, i + 1 : i + 1 + frames] for i in range(k)], dim=1)
+        delays = [i // self.channels for i in range(self.codebooks)]
+        codes = torch.stack([pattern[:, i, d + 1 : d + 1 + frames] for i, d in enumerate(delays)], dim=1)
         return codes, cancelled
 
     def _delay_pattern(self, rows: int, length: int, prompt_codes: torch.Tensor | None) -> torch.Tensor:
-        k = self.codebooks
-        pattern = torch.full((rows, k, length), -1, dtype=torch.long, device=self.placement.device)
-        for i in range(k):
-            pattern[:, i, : i + 1] = self.pad_token
-            if k - 1 - i:
-                pattern[:, i, length - (k - 1 - i) :] = self.pad_token
+        k = self.channel_codebooks
+        pattern = torch.full(
+            (rows, self.codebooks, length), -1, dtype=torch.long, device=self.placement.device
+        )
+        for i in range(self.codebooks):
+            d = i // self.channels
+            pattern[:, i, : d + 1] = self.pad_token
+            if k - 1 - d:
+                pattern[:, i, length - (k - 1 - d) :] = self.pad_token
             if prompt_codes is not None:
-                pattern[:, i, i + 1 : i + 1 + prompt_codes.shape[-1]] = prompt_codes[:, i]
+                pattern[:, i, d + 1 : d + 1 + prompt_codes.shape[-1]] = prompt_codes[:, i]
         return pattern
 
     # --- results ---
@@ -349,9 +380,25 @@ class MusicGenEngine:
                 tracks.append(Track(self._finish(request, audio[row], cancelled), seed))
                 row += 1
             results.append(
-                GenerationResult(request, tuple(tracks), self.sample_rate, self.info.name, elapsed, cancelled)
+                GenerationResult(
+                    request,
+                    tuple(tracks),
+                    self.sample_rate,
+                    self.info.name,
+                    elapsed,
+                    cancelled,
+                    notes=self._notes(request),
+                )
             )
         return results
+
+    def _notes(self, request: GenerationRequest) -> tuple[str, ...]:
+        source = request.continuation
+        if source is None or source.samples.shape[0] == self.channels:
+            return ()
+        if self.channels == 1:
+            return (f"the stereo original was mixed down to mono: the {self.info.name} model makes mono",)
+        return (f"the mono original was widened to stereo: the {self.info.name} model makes stereo",)
 
     def _finish(self, request: GenerationRequest, audio: np.ndarray, cancelled: bool) -> np.ndarray:
         length = round(request.duration * self.sample_rate)
@@ -380,6 +427,36 @@ class MusicGenEngine:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def check_servable(model: Any, source: str) -> None:
+    """Refuse, when it loads, a checkpoint whose shape the engine cannot serve, naming what is unsupported."""
+    config = model.config
+    decoder = config.decoder
+    channels = int(getattr(decoder, "audio_channels", 1))
+    codebooks = int(decoder.num_codebooks)
+    if channels not in (1, 2):
+        raise ModelLoadError(
+            source, f"{source} has {channels} audio channels: only mono and stereo are supported"
+        )
+    if codebooks % channels:
+        raise ModelLoadError(
+            source, f"{source} has {codebooks} codebooks, which {channels} channels cannot share evenly"
+        )
+    encodec = model.audio_encoder
+    quantizers = encodec.quantizer.get_num_quantizers_for_bandwidth(config.audio_encoder.target_bandwidths[0])
+    if quantizers != codebooks // channels:
+        raise ModelLoadError(
+            source,
+            f"{source} predicts {codebooks // channels} codebooks per channel but its EnCodec encodes "
+            f"{quantizers}: they must match",
+        )
+    if decoder.vocab_size != config.audio_encoder.codebook_size:
+        raise ModelLoadError(
+            source,
+            f"{source} predicts {decoder.vocab_size} codes per codebook but its EnCodec has "
+            f"{config.audio_encoder.codebook_size}: they must match",
+        )
 
 
 class _Conditioning:

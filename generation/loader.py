@@ -109,6 +109,7 @@ def _cuda_index(device: str) -> int | None:
 
 def load_checkpoint(source: str, placement: Placement) -> tuple[Any, Any]:
     """``(model, tokenizer)`` from a hub id or directory; the checkpoint's ``model_type`` picks the class."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import (
         AutoConfig,
         AutoTokenizer,
@@ -121,6 +122,9 @@ def load_checkpoint(source: str, placement: Placement) -> tuple[Any, Any]:
         config = AutoConfig.from_pretrained(source)
     except OSError as exc:
         raise _load_error(source, exc) from None
+    except (ValueError, StrictDataclassError) as exc:  # transformers checked the configuration and refused
+        cause = exc.__cause__ if isinstance(exc.__cause__, ValueError) else exc
+        raise ModelLoadError(source, f"{source} cannot be served: {cause}") from None
     if config.model_type not in MODEL_TYPES:
         raise ModelLoadError(source, f"{source} is a {config.model_type!r} model, not MusicGen")
     cls = (

@@ -26,9 +26,15 @@ from transformers import (
     T5Tokenizer,
 )
 
+from generation.catalog import SIZES
+
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = ("small", "medium", "large", "melody")
+# The stored architectures; every published checkpoint's shape is one of them or derived from them
+# (melody-large: MusicGen-Melody with the large decoder; stereo-*: two channels of four codebooks each,
+# interleaved L1 R1 L2 R2 ..., as facebook/musicgen-stereo-* store them).
+STORED = ("small", "medium", "large", "melody")
+ARCHITECTURES = SIZES
 
 _CORPUS = [
     "calm lo-fi piano with rain",
@@ -86,20 +92,41 @@ TINY = {
 
 
 def architecture(name: str) -> dict[str, Any]:
-    """The stored real architecture ``small``/``medium``/``large``/``melody``."""
+    """The real architecture of a published checkpoint: ``small`` ... ``stereo-melody-large``."""
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; choose from {', '.join(ARCHITECTURES)}")
+    stereo = name.startswith("stereo-")
+    base = name.removeprefix("stereo-")
+    if base == "melody-large":
+        arch = _stored("melody")
+        large = _stored("large")["decoder"]
+        arch["decoder"].update({k: large[k] for k in ("hidden_size", "num_hidden_layers", "ffn_dim")})
+        arch["decoder"]["num_attention_heads"] = large["num_attention_heads"]
+    else:
+        arch = _stored(base)
+    return widen(arch) if stereo else arch
+
+
+def widen(arch: dict[str, Any]) -> dict[str, Any]:
+    """The stereo form of a mono architecture: two channels of the same codebooks."""
+    arch = json.loads(json.dumps(arch))
+    arch["decoder"]["num_codebooks"] = 2 * arch["decoder"]["num_codebooks"]
+    arch["decoder"]["audio_channels"] = 2
+    return arch
+
+
+def _stored(name: str) -> dict[str, Any]:
     text = resources.files("generation").joinpath("model_configs", f"musicgen-{name}.json").read_text()
     return json.loads(text)
 
 
-def tiny_architecture(melody: bool = False) -> dict[str, Any]:
+def tiny_architecture(melody: bool = False, stereo: bool = False) -> dict[str, Any]:
     arch: dict[str, Any] = json.loads(json.dumps(TINY))
     arch["model_type"] = "musicgen_melody" if melody else "musicgen"
     if melody:
         arch["num_chroma"] = 12
         arch["chroma_length"] = 235
-    return arch
+    return widen(arch) if stereo else arch
 
 
 def build_tokenizer(vocab_size: int = 200) -> T5Tokenizer:

@@ -156,10 +156,15 @@ class GenerationResult:
     model: str
     elapsed: float
     cancelled: bool = False
+    notes: tuple[str, ...] = ()  # what the engine did that the person did not ask for, in words
 
     @property
     def seconds(self) -> float:
         return self.tracks[0].samples / self.sample_rate if self.tracks else 0.0
+
+    @property
+    def channels(self) -> int:
+        return self.tracks[0].audio.shape[0] if self.tracks else 0
 
 
 @dataclass(frozen=True)
@@ -175,3 +180,4 @@ class ModelInfo:
     frame_rate: int
     max_seconds_per_pass: float
     supports_melody: bool
+    channels: int = 1

@@ -21,9 +21,12 @@ class MelodyRouter:
     (when the model is switched or the bot stops). If it cannot be loaded, that job fails saying why.
     """
 
-    def __init__(self, main: Engine, load_melody: Callable[[], Engine]) -> None:
+    def __init__(
+        self, main: Engine, load_melody: Callable[[], Engine], setting: str = "MUSICBOT_MODEL_MELODY"
+    ) -> None:
         self._main = main
         self._load_melody = load_melody
+        self._setting = setting  # where the owner points the melody model, for the message
         self._melody: Engine | None = None
         self.info = replace(main.info, supports_melody=True)
 
@@ -56,7 +59,7 @@ class MelodyRouter:
                 melody.close()
                 raise ModelLoadError(
                     melody.info.source,
-                    f"the melody model is not available: MUSICBOT_MODEL_MELODY ({melody.info.source})"
+                    f"the melody model is not available: {self._setting} ({melody.info.source})"
                     " is not a MusicGen-Melody checkpoint",
                 )
             self._melody = melody

@@ -67,6 +67,22 @@ def tiny_melody_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_stereo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random stereo MusicGen: 8 codebooks, left and right interleaved, saved like a hub checkpoint."""
+    from generation.random_models import save_model, tiny_architecture
+
+    return save_model(tiny_architecture(stereo=True), tmp_path_factory.mktemp("models") / "tiny-stereo")
+
+
+@pytest.fixture(scope="session")
+def tiny_stereo_engine(tiny_stereo_dir: Path):
+    """The tiny stereo model loaded through ``load_engine`` in fp32 on the CPU."""
+    from generation.engine import load_engine
+
+    return load_engine(str(tiny_stereo_dir), name="tiny-stereo", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
 def tiny_engine(tiny_model_dir: Path):
     """The tiny model loaded through ``load_engine`` in fp32 on the CPU (shared: engines are stateless)."""
     from generation.engine import load_engine

@@ -169,6 +169,10 @@ MIGRATIONS: tuple[str, ...] = (
         last_served INTEGER NOT NULL
     );
     """,
+    """
+    -- What the engine did that was not asked for (a mono original widened to stereo), as a JSON list.
+    ALTER TABLE jobs ADD COLUMN notes TEXT CHECK (notes IS NULL OR json_valid(notes));
+    """,
 )
 
 

@@ -97,6 +97,7 @@ class JobResult:
     sample_rate: int
     seeds: tuple[int, ...]
     elapsed: float
+    notes: tuple[str, ...] = ()  # what the engine did that was not asked for, in words
 
 
 @dataclass(frozen=True)

@@ -153,6 +153,9 @@ SCHEMA: tuple[str, ...] = (
         last_served BIGINT NOT NULL
     );
     """,
+    """
+    ALTER TABLE jobs ADD COLUMN notes TEXT;
+    """,
 )
 
 

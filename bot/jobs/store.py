@@ -332,7 +332,8 @@ class JobStore:
             row = await tx.fetchone(
                 f"""
                 UPDATE jobs SET state = 'done', finished_at = ?, model = ?, result_seconds = ?,
-                                sample_rate = ?, seeds = ?, elapsed = ?, error = NULL, lease_until = NULL
+                                sample_rate = ?, seeds = ?, elapsed = ?, notes = ?, error = NULL,
+                                lease_until = NULL
                 WHERE id = ? {_FENCE} RETURNING *
                 """,
                 (
@@ -342,6 +343,7 @@ class JobStore:
                     result.sample_rate,
                     json.dumps(list(result.seeds)),
                     result.elapsed,
+                    json.dumps(list(result.notes)),
                     job.id,
                     *_fence(job),
                 ),
@@ -855,6 +857,7 @@ def job_from_row(row: sqlite3.Row) -> Job:
             sample_rate=row["sample_rate"],
             seeds=tuple(json.loads(row["seeds"] or "[]")),
             elapsed=row["elapsed"],
+            notes=tuple(json.loads(row["notes"] or "[]")),
         )
     return Job(
         id=row["id"],

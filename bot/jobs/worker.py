@@ -443,7 +443,11 @@ class JobWorker:
         done = await self._store.finish_job(
             job,
             JobResult(
-                result.seconds, result.sample_rate, tuple(t.seed for t in result.tracks), result.elapsed
+                result.seconds,
+                result.sample_rate,
+                tuple(t.seed for t in result.tracks),
+                result.elapsed,
+                result.notes,
             ),
             result.model,
             [stored_track(track) for track in tracks],

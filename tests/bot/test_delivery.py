@@ -5,6 +5,9 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from bot.jobs import JobKind
 from tests.bot.harness import (
     audio_of,
@@ -56,6 +59,26 @@ async def test_a_wav_over_the_upload_limit_is_sent_as_flac(db_path: Path, models
     audio, rate = audio_of(result)
     assert name.endswith(".flac") and rate == SAMPLE_RATE and audio.shape == (2 * SAMPLE_RATE, 1)
     assert "Sent as FLAC" in result.content and "20 KiB" in result.content
+    assert emu.violations == []
+
+
+@pytest.mark.parametrize(("extra", "kind"), [(0, "flac"), (100, "wav")])
+async def test_a_stereo_wav_counts_both_channels_against_the_upload_limit(
+    db_path: Path, models: FakeModels, extra: int, kind: str
+) -> None:
+    models.channels = 2
+    stereo_wav = 44 + 2 * 2 * 2 * SAMPLE_RATE  # 2 s of 16-bit samples on two channels, with its header
+    emu = DiscordEmulator(attachment_size_limit=stereo_wav - 100 + extra, max_lifetime=60)
+    async with emu, running_bot(emu, fake_settings(db_path, emu.guild_id), fake_workers(models)):
+        result = await wait_result(
+            emu, await emu.invoke_command("music", {"prompt": "wide", "duration": 2.0})
+        )
+
+    [name] = filenames(result)
+    audio, _ = audio_of(result)
+    assert name.endswith(f".{kind}") and audio.shape == (2 * SAMPLE_RATE, 2)
+    assert not np.array_equal(audio[:, 0], audio[:, 1])  # two channels of their own
+    assert ("Sent as FLAC" in result.content) == (kind == "flac")
     assert emu.violations == []
 
 

@@ -10,6 +10,8 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import numpy as np
+
 from tests.bot.harness import audio_of, wait_result
 from tests.discord_emulator import DiscordEmulator
 
@@ -110,3 +112,31 @@ async def test_run_syncs_to_the_guild_and_makes_music(
     assert [scope for scope, _ in emu.command_syncs] == [emu.guild_id]
     assert emu.token not in err.decode()
     assert process.returncode in (0, 130) and emu.violations == []
+
+
+async def test_run_serves_a_stereo_checkpoint_in_stereo(
+    emu: DiscordEmulator, tmp_path: Path, tiny_stereo_dir: Path
+) -> None:
+    env = _env(
+        tmp_path,
+        DISCORD_TOKEN=emu.token,
+        MUSICBOT_GUILD_ID=str(emu.guild_id),
+        MUSICBOT_MODEL="stereo-small",
+        MUSICBOT_MODEL_STEREO_SMALL=str(tiny_stereo_dir),
+        MUSICBOT_DEVICE="cpu",
+        MUSICBOT_DTYPE="float32",
+    )
+    async with musicbot_run(emu, env, tmp_path) as process:
+        await emu.wait_for(lambda: emu.identify_count >= 1 or process.returncode is not None, timeout=90)
+        if process.returncode is not None:
+            _, err = await process.communicate()
+            raise AssertionError(f"musicbot run ended ({process.returncode}): {err.decode()[-3000:]}")
+        interaction = await emu.invoke_command("music", {"prompt": "wide pads", "duration": 2.5})
+        result = await wait_result(emu, interaction, timeout=60)
+        process.send_signal(signal.SIGINT)
+        await asyncio.wait_for(process.communicate(), 30)
+
+    audio, rate = audio_of(result)
+    assert (audio.shape, rate) == ((80000, 2), 32000) and "stereo-small · 2.5 s" in result.content
+    assert not np.array_equal(audio[:, 0], audio[:, 1])
+    assert emu.violations == []

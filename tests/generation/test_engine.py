@@ -16,12 +16,10 @@ from generation import (
     GenerationRequest,
     InvalidRequest,
     ModelUnavailable,
-    SamplingParams,
 )
 from generation.audio import encode_audio
 from generation.engine import MusicGenEngine, load_engine
-
-GREEDY = SamplingParams(top_k=1)
+from tests.generation.codes import codes_from_generate, our_codes
 
 
 @pytest.mark.parametrize("seconds", [1.0, 2.5, 7.0])
@@ -120,70 +118,23 @@ def test_cancel_before_any_audio_raises_cancelled(tiny_engine: MusicGenEngine) -
         tiny_engine.generate([GenerationRequest("drums", duration=3, seed=2)], cancel=cancel)
 
 
-def _codes_from_generate(
-    engine: MusicGenEngine, prompts: list[str], frames: int, **inputs: torch.Tensor
-) -> torch.Tensor:
-    captured: list[torch.Tensor] = []
-    model = engine.model
-    decode = model.audio_encoder.decode
-
-    def spy(codes: torch.Tensor, *args: object, **kwargs: object) -> object:
-        captured.append(codes[0].clone())
-        return decode(codes, *args, **kwargs)
-
-    model.audio_encoder.decode = spy
-    try:
-        tokens = engine.tokenizer(prompts, return_tensors="pt", padding=True)
-        with torch.inference_mode():
-            model.generate(
-                **tokens,
-                **inputs,
-                max_new_tokens=frames + engine.codebooks - 1,
-                do_sample=False,
-                guidance_scale=3.0,
-            )
-    finally:
-        del model.audio_encoder.decode
-    return captured[0]
-
-
-def _our_codes(
-    engine: MusicGenEngine, prompts: list[str], frames: int, audio: np.ndarray | None = None
-) -> torch.Tensor:
-    request = GenerationRequest(prompts[0], sampling=GREEDY)
-    with torch.inference_mode():
-        conditioning = engine._condition(prompts, request)
-        prompt_codes = engine._encode(audio) if audio is not None else None
-        codes, cancelled = engine._decode(
-            conditioning,
-            prompt_codes,
-            frames,
-            GREEDY,
-            [torch.Generator() for _ in prompts],
-            lambda: None,
-            None,
-        )
-    assert not cancelled
-    return codes
-
-
 def test_greedy_codes_match_transformers_generate(tiny_engine: MusicGenEngine) -> None:
     prompts = ["calm lo-fi piano with rain", "rock"]
-    expected = _codes_from_generate(tiny_engine, prompts, 60)
-    assert torch.equal(_our_codes(tiny_engine, prompts, 60), expected)
+    expected = codes_from_generate(tiny_engine, prompts, 60)
+    assert torch.equal(our_codes(tiny_engine, prompts, 60), expected)
 
 
 def test_audio_prompted_greedy_codes_match_transformers_generate(tiny_engine: MusicGenEngine) -> None:
     prompts = ["jazz trio", "hip hop beat with vinyl crackle"]
     audio = (np.random.default_rng(0).standard_normal((2, 1, 32000)) * 0.1).astype(np.float32)
-    expected = _codes_from_generate(
+    expected = codes_from_generate(
         tiny_engine,
         prompts,
         40,
         input_values=torch.from_numpy(audio),
         padding_mask=torch.ones(2, 32000, dtype=torch.long),
     )
-    ours = _our_codes(tiny_engine, prompts, 40, audio)
+    ours = our_codes(tiny_engine, prompts, 40, audio)
     assert ours.shape[-1] == 50 + 40  # the prompt's 50 frames (re-synthesised by EnCodec), then 40 new ones
     assert torch.equal(ours, expected)
 

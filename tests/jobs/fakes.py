@@ -56,6 +56,7 @@ class FakeModels:
 
     steps: int = 4
     step_seconds: float = 0.0
+    channels: int = 1  # 2: stereo tracks, as a stereo checkpoint makes
     calls: list[Call] = field(default_factory=list)
     loads: list[str] = field(default_factory=list)
     failing_loads: set[str] = field(default_factory=set)
@@ -111,6 +112,7 @@ class FakeEngine:
             frame_rate=50,
             max_seconds_per_pass=30.0,
             supports_melody="melody" in source,
+            channels=models.channels,
         )
 
     def generate(
@@ -157,7 +159,10 @@ class FakeEngine:
         self, request: GenerationRequest, share: float, cancelled: bool, elapsed: float
     ) -> GenerationResult:
         samples = round(request.duration * SAMPLE_RATE * share)
-        tracks = tuple(Track(sine(samples, seed), seed) for seed in request.row_seeds)
+        tracks = tuple(
+            Track(np.concatenate([sine(samples, seed + c) for c in range(self._models.channels)]), seed)
+            for seed in request.row_seeds
+        )
         return GenerationResult(request, tracks, SAMPLE_RATE, self.info.name, elapsed, cancelled=cancelled)
 
 
