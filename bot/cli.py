@@ -1,5 +1,5 @@
 """The ``musicbot`` command line: ``run`` the bot, a ``worker``, ``generate`` music locally, ``bench``,
-``backup``, ``status``, ``copy-db``."""
+``random-model``, ``backup``, ``status``, ``copy-db``."""
 
 from __future__ import annotations
 

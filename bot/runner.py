@@ -101,8 +101,8 @@ async def run(
         except DatabaseError as exc:
             raise StartupError(str(exc)) from None
         except asyncio.CancelledError:
-            # Stopped at once (a second signal): what the client started meanwhile (discord.py's
-            # ready task, say) ends now too, instead of being destroyed pending when the loop closes.
+            # Stopped at once (a second signal): what the client started (discord.py's ready task,
+            # say) must end before the loop closes, or it is destroyed pending.
             await _cancel_the_rest()
             raise
     log.info("stopped")
@@ -159,9 +159,9 @@ def freeze_startup_objects() -> None:
     """Keep what the start made (modules, torch, transformers, the model) out of full GC passes.
 
     With torch and transformers loaded, a full collection walks hundreds of thousands of long-lived
-    objects and stops the event loop for 150-300 ms (measured on 2 cores); with them frozen it takes
-    15-30 ms. Freezing keeps nothing alive that reference counting frees: a switched-out model has no
-    reference cycles (checked on the tiny model), so its memory is still given back.
+    objects and stalls the event loop (docs/reliability.md has the figures); frozen, they are skipped.
+    Freezing keeps nothing alive that reference counting frees: a switched-out model has no reference
+    cycles, so its memory is still given back.
     """
     gc.collect()
     gc.freeze()

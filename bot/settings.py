@@ -42,15 +42,15 @@ class Settings:
     model_sources: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_MODEL_SOURCES))
     device: str = "auto"
     dtype: str = "auto"
-    # auto: on a CPU with AVX-512 BF16, bf16 steps and EnCodec's residual blocks use the native kernels
-    # where g++ builds them; off: torch's
+    # auto: on a CPU with AVX-512 BF16, bf16 steps and EnCodec's layers use the native kernels where g++
+    # builds them; off: torch's
     kernels: str = "auto"
     admin_ids: frozenset[int] = frozenset()
     guild_id: int | None = None
     limits: Limits = field(default_factory=Limits)
     queue_size: int = 50
     max_batch: int = 4
-    # Seconds a batch may generate per 10 s of audio it makes (never less in all); see job_time_limit.
+    # Seconds a batch may generate per 10 s of audio it makes (never less in all); see JobWorker.time_limit.
     job_timeout: float = 300.0
     # A PostgreSQL URL (MUSICBOT_DB=postgresql://...) instead of the SQLite file ``db_path``.
     db_url: str | None = field(default=None, repr=False)
@@ -204,3 +204,9 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default
     if value not in choices:
         raise SettingsError(f"{name} must be one of {', '.join(choices)} (got {value!r})")
     return value
+
+
+def child_environment(overrides: Mapping[str, str]) -> dict[str, str]:
+    """The environment for a child process: this one's (with ``.env``, once the settings are read),
+    changed by ``overrides``."""
+    return {**os.environ, **overrides}

@@ -27,7 +27,7 @@ from bot.jobs.db import JobsDatabase
 from bot.jobs.models import utc_now
 from bot.jobs.store import JobStore
 from bot.jobs.worker import WorkerOptions, new_id
-from bot.settings import Settings
+from bot.settings import Settings, child_environment
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class LocalWorkers:
         self._settings = settings
         self._count = count
         self._command = command or worker_command()
-        self._env = {**os.environ, **(env or {}), "MUSICBOT_DB": settings.database}
+        self._env = child_environment({**(env or {}), "MUSICBOT_DB": settings.database})
         self._ready_timeout = ready_timeout
         self._children: dict[int, _Child] = {}
         self._tasks: list[asyncio.Task[None]] = []

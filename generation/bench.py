@@ -312,8 +312,8 @@ def format_table(rows: list[Row], figures: dict[str, Any]) -> str:
 
 
 def _read_speed(device: torch.device) -> float | None:
-    """GB/s of the fastest of three sums over 256 MB: on a shared host this moves by a third between
-    hours, and a one-request bf16 step (its weights read once) with it."""
+    """GB/s of the fastest of three sums over 256 MB: on a shared host it moves, and a one-request bf16
+    step (its weights read once) with it, so runs compare only at like read speeds."""
     if device.type != "cpu":
         return None
     data = torch.ones(64 * 2**20)

@@ -52,7 +52,7 @@ def cpu_flags() -> frozenset[str]:
 
 
 def cpu_supports_bf16() -> bool:
-    """True where the CPU has native bf16 dot products (avx512_bf16 / AMX): bf16 is then ~3x faster."""
+    """True where the CPU has native bf16 dot products (avx512_bf16 / AMX): bf16 is then the fast dtype."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
@@ -143,7 +143,7 @@ def load_checkpoint(source: str, placement: Placement) -> tuple[Any, Any]:
 
 
 def place_model(model: Any, placement: Placement) -> Any:
-    """Move a model to its device and dtype, EnCodec kept in fp32 (clean audio, no measurable cost)."""
+    """Move a model to its device and dtype, EnCodec kept in fp32 (clean audio; native passes are fp32)."""
     model.to(placement.device, placement.dtype)
     model.audio_encoder.to(torch.float32)
     return model.eval()

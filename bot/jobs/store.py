@@ -417,7 +417,7 @@ class JobStore:
         for worker in workers:
             await self.expire_worker(worker.id, now, "its bot stopped")
         async with self._db.transaction() as tx:
-            # Rows running under no lease at all (left by a bot from before workers had leases).
+            # Rows running under no worker: only a database written before workers had leases holds them.
             await tx.execute(
                 "UPDATE jobs SET lease_until = ? WHERE state = 'running' AND worker_id IS NULL",
                 (to_db_time(now - timedelta(microseconds=1)),),
