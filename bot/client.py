@@ -28,7 +28,10 @@ class MusicTree(app_commands.CommandTree):
     """Every command error goes through ``reply_error`` (the default only logs: "interaction failed")."""
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
-        """Options of the wrong type (only a crafted request sends them) get a specific refusal."""
+        """Options Discord would not have sent get a specific refusal before any handler runs.
+
+        A wrong type, or a value outside ``bot.options``'s bounds: only a crafted request has them.
+        """
         if interaction.type is not discord.InteractionType.application_command:
             return True
         problem = option_problem(interaction.command, interaction.data or {})
