@@ -11,11 +11,15 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.commands import MusicCommands, option_problem, reply_error
 from bot.delivery import PROGRESS_INTERVAL, DiscordDelivery
-from bot.jobs import INTERACTION_LIFETIME, JobService, TrackRef
+from bot.exts.admin import AdminCog
+from bot.exts.music import MusicCog
+from bot.exts.queue import QueueCog
+from bot.interactions import reply_error
+from bot.jobs import INTERACTION_LIFETIME, JobService
+from bot.options import option_problem
 from bot.settings import Settings
-from bot.views import TrackAction, TrackButton
+from bot.views import TrackButton
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +28,10 @@ class MusicTree(app_commands.CommandTree):
     """Every command error goes through ``reply_error`` (the default only logs: "interaction failed")."""
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
-        """Options of the wrong type (only a crafted request sends them) get a specific refusal."""
+        """Options Discord would not have sent get a specific refusal before any handler runs.
+
+        A wrong type, or a value outside ``bot.options``'s bounds: only a crafted request has them.
+        """
         if interaction.type is not discord.InteractionType.application_command:
             return True
         problem = option_problem(interaction.command, interaction.data or {})
@@ -67,12 +74,14 @@ class MusicBot(commands.Bot):
         )
         service.set_listener(self.delivery)
         self._session: aiohttp.ClientSession | None = None
-        self._music: MusicCommands | None = None
+        self._music: MusicCog | None = None
 
     async def setup_hook(self) -> None:
         self._session = aiohttp.ClientSession()
-        self._music = MusicCommands(self, self.service, self.settings, self.delivery, self._session)
+        self._music = MusicCog(self, self.service, self.settings, self.delivery, self._session)
         await self.add_cog(self._music)
+        await self.add_cog(QueueCog(self.service, self.settings))
+        await self.add_cog(AdminCog(self.service, self.settings))
         self.add_dynamic_items(TrackButton)
         await self.sync_commands()
 
@@ -92,12 +101,12 @@ class MusicBot(commands.Bot):
             "logged in as %s (%s) in %d servers", self.user, getattr(self.user, "id", "?"), len(self.guilds)
         )
 
-    async def track_button(
-        self, interaction: discord.Interaction, action: TrackAction, ref: TrackRef
-    ) -> None:
+    @property
+    def track_actions(self) -> MusicCog:
+        """What the buttons under a result do (``TrackButton`` is registered once this is set)."""
         if self._music is None:
             raise RuntimeError("a button was pressed before the bot was set up")
-        await self._music.track_button(interaction, action, ref)
+        return self._music
 
     async def close(self) -> None:
         await self.delivery.close()

@@ -31,12 +31,21 @@ LABELS = {
 EMOJI = {TrackAction.VARIATIONS: "🔀", TrackAction.EXTEND: "➕", TrackAction.REGENERATE: "🔁"}
 
 
-class TrackButtonHandler(Protocol):
-    """What a click is handed to (the bot)."""
+class TrackActions(Protocol):
+    """The work behind the buttons (the music cog)."""
 
-    async def track_button(
-        self, interaction: discord.Interaction, action: TrackAction, ref: TrackRef
-    ) -> None: ...
+    async def more_variations(self, interaction: discord.Interaction, ref: TrackRef) -> None: ...
+
+    async def extend(self, interaction: discord.Interaction, ref: TrackRef) -> None: ...
+
+    async def regenerate(self, interaction: discord.Interaction, ref: TrackRef) -> None: ...
+
+
+class HasTrackActions(Protocol):
+    """The client a click arrives at (the bot)."""
+
+    @property
+    def track_actions(self) -> TrackActions: ...
 
 
 class TrackButton(
@@ -70,7 +79,13 @@ class TrackButton(
         )
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        await cast(TrackButtonHandler, interaction.client).track_button(interaction, self.action, self.ref)
+        actions = cast(HasTrackActions, interaction.client).track_actions
+        work = {
+            TrackAction.VARIATIONS: actions.more_variations,
+            TrackAction.EXTEND: actions.extend,
+            TrackAction.REGENERATE: actions.regenerate,
+        }[self.action]
+        await work(interaction, self.ref)
 
 
 def track_custom_id(action: TrackAction, ref: TrackRef) -> str:
