@@ -13,6 +13,7 @@ from discord import app_commands
 from bot.jobs import BotError, Job, JobKind, LimitOverride, QueueEntry, Usage
 from bot.settings import Limits
 from generation import GenerationError, GenerationRequest, ModelInfo
+from generation.catalog import checkpoint
 
 MIB = 2**20
 BAR_WIDTH = 12
@@ -244,10 +245,20 @@ def model_text(current: str, info: ModelInfo | None) -> str:
     if info is None:
         return f"Model: {current} (not loaded yet)."
     melody = "yes" if info.supports_melody else "no"
+    channels = {1: "mono", 2: "stereo"}.get(info.channels, f"{info.channels} channels")
     return (
-        f"Model: **{current}** ({info.source}) on {info.device}, {info.dtype}; {info.sample_rate} Hz;"
-        f" follows melodies: {melody}."
+        f"Model: **{current}** ({info.source}) on {info.device}, {info.dtype}; {info.sample_rate} Hz,"
+        f" {channels}; follows melodies: {melody}."
     )
+
+
+def sizes_text(sizes: Sequence[str]) -> str:
+    """Every size /model offers, with its channels and a rough memory need."""
+    lines = ["Sizes (memory: the weights in bf16/fp16, about twice that in fp32):"]
+    for size in sizes:
+        known = checkpoint(size)
+        lines.append(f"`{size}`: {known.describe()}" if known else f"`{size}`")
+    return "\n".join(lines)
 
 
 def limits_text(who: str, limits: Limits, override: LimitOverride | None) -> str:

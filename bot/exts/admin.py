@@ -18,7 +18,7 @@ from bot.delivery import NO_MENTIONS
 from bot.interactions import defer_private, require_admin
 from bot.jobs import BotError, JobService
 from bot.options import DAILY_SECONDS, LIMITS_USER, MAX_DURATION, MAX_QUEUED, MODEL_SIZE, descriptions
-from bot.settings import Settings
+from bot.settings import MODEL_SIZES, Settings
 from generation import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class AdminCog(commands.Cog, name="Admin"):
         require_admin(interaction, self.settings, "/model")
         if size is None:
             text = messages.model_text(self.service.model, self.service.model_info)
+            text += "\n" + messages.sizes_text(MODEL_SIZES)
             await interaction.followup.send(text, ephemeral=True)
             return
         if size == self.service.model:

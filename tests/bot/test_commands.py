@@ -48,6 +48,12 @@ async def test_every_command_is_synced_with_its_declared_ranges_and_admin_defaul
         "medium",
         "large",
         "melody",
+        "melody-large",
+        "stereo-small",
+        "stereo-medium",
+        "stereo-large",
+        "stereo-melody",
+        "stereo-melody-large",
     ]
     manage_guild = str(discord.Permissions(manage_guild=True).value)
     assert str(commands["model"]["default_member_permissions"]) == manage_guild
@@ -239,6 +245,8 @@ async def test_an_admin_switches_the_model_and_it_survives_a_restart(
 
     assert switched.ephemeral and "**medium**" in switched.content
     assert "Model: **medium**" in shown.content and bot.service.model == "medium"
+    assert "`stereo-small`: stereo, 0.6 B parameters, about 1.2 GB (fp32: 2.4 GB)" in shown.content
+    assert "`large`: mono, 3.4 B parameters, about 6.8 GB" in shown.content
     assert models.loads == ["fake-small", "fake-medium", "fake-medium"]
     assert "fake-medium · 1 s" in result.content
 
