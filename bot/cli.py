@@ -318,10 +318,14 @@ def _generate(args: argparse.Namespace, settings: Settings) -> int:
     for path, track in zip(paths, result.tracks, strict=True):
         path.write_bytes(encode_audio(track.audio, result.sample_rate, fmt))
     seeds = ", ".join(str(t.seed) for t in result.tracks)
+    channels = "stereo" if result.channels == 2 else "mono"
     print(
-        f"wrote {', '.join(str(p) for p in paths)}: {result.seconds:.2f} s at {result.sample_rate} Hz, "
-        f"seed {seeds}, model {engine.info.name} ({engine.info.device}, {engine.info.dtype}), {elapsed:.1f} s"
+        f"wrote {', '.join(str(p) for p in paths)}: {result.seconds:.2f} s of {channels} at"
+        f" {result.sample_rate} Hz, seed {seeds}, model {engine.info.name} ({engine.info.device},"
+        f" {engine.info.dtype}), {elapsed:.1f} s"
     )
+    for note in result.notes:
+        print(f"note: {note}")
     return 0
 
 

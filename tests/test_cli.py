@@ -97,6 +97,35 @@ def test_generate_extend_keeps_the_original(tiny_model_dir: Path, tmp_path: Path
     assert sf.info(longer).frames == 64000 + 48000
 
 
+def test_generate_on_a_stereo_model_writes_stereo_and_widens_a_mono_original(
+    tiny_model_dir: Path, tiny_stereo_dir: Path, tmp_path: Path
+) -> None:
+    mono = tmp_path / "mono.wav"
+    made = _musicbot(
+        "generate", "folk", "--duration", "2", "--model", str(tiny_model_dir), "-o", str(mono), cwd=tmp_path
+    )
+    assert made.returncode == 0, made.stderr
+    wide = tmp_path / "wide.wav"
+    done = _musicbot(
+        "generate",
+        "folk",
+        "--duration",
+        "1.5",
+        "--extend",
+        str(mono),
+        "--model",
+        str(tiny_stereo_dir),
+        "-o",
+        str(wide),
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    info = sf.info(wide)
+    assert (info.channels, info.frames) == (2, 64000 + 48000)
+    assert "3.50 s of stereo at 32000 Hz" in done.stdout
+    assert "note: the mono original was widened to stereo" in done.stdout
+
+
 def test_bad_parameter_gets_a_short_message(tiny_model_dir: Path, tmp_path: Path) -> None:
     done = _musicbot(
         "generate",
