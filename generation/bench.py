@@ -205,7 +205,9 @@ def run_bench(
     net: Any
     net, tokenizer = model
     config = net.config
-    frame_rate, codebooks = config.audio_encoder.frame_rate, config.decoder.num_codebooks
+    frame_rate = config.audio_encoder.frame_rate
+    # the delay pattern's extra steps: one per codebook of a channel (stereo interleaves two channels)
+    codebooks = config.decoder.num_codebooks // getattr(config.decoder, "audio_channels", 1)
     params = sum(p.numel() for p in net.parameters())
     memory = _PeakMemory(placement.device)
     rows: list[Row] = []

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,10 +35,16 @@ from generation.request import (
 )
 from generation.sampling import choose, guide
 
+if TYPE_CHECKING:
+    from generation.static_step import StaticSteps
+
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
 
+MIN_STATIC_CAPACITY = 256  # static KV buffers come in powers of two from here: few shapes, few graphs
+GRAPH_CHECK_STEPS = 4  # steps the captured graph must match the eager step on, when the model loads
+KEPT_STATIC_SHAPES = 4  # batch shapes whose buffers (and graphs) stay allocated between generations
 PASS_SECONDS = 30.0  # MusicGen was trained on 30 s windows
 CONTEXT_SECONDS = 10.0  # how much of the previous window each long-track window continues from
 SEAM_SECONDS = 0.25  # cross-fade at each window seam and extension
@@ -60,6 +66,12 @@ class MusicGenEngine:
         self.placement = placement
         self._weights: FastDecoderWeights | None = None
         self._decoder: EncodecDecoder | None = None
+        # On CUDA every decoding step runs on the device over static buffers, captured as CUDA graphs
+        # (off when the graph fails its check at load); elsewhere the steps of fast_decoder serve.
+        self.static_steps = placement.device.type == "cuda"
+        self.graphs = self.static_steps
+        self._static: dict[tuple[Any, ...], StaticSteps] = {}
+        self._graphs: dict[tuple[Any, ...], Any] = {}
         config = model.config
         self.sample_rate: int = int(config.audio_encoder.sampling_rate)
         self.frame_rate: int = int(config.audio_encoder.frame_rate)
@@ -123,6 +135,8 @@ class MusicGenEngine:
         self.tokenizer = None
         self._weights = None
         self._decoder = None
+        self._static.clear()
+        self._graphs.clear()
         self._free_memory()
 
     def codes_to_audio(self, codes: torch.Tensor) -> np.ndarray:
@@ -332,6 +346,8 @@ class MusicGenEngine:
         length = 1 + given + new_frames + k - 1
         pattern = self._delay_pattern(rows, length, prompt_codes)
         first = given + 1
+        if self.static_steps:
+            return self._decode_static(conditioning, pattern, first, params, generators, on_step, cancel)
         logits = conditioning.prefill(pattern[..., :first], length)
         last = first - 1
         cancelled = False
@@ -349,10 +365,130 @@ class MusicGenEngine:
                 cancelled = True
                 break
             logits = conditioning.step(column)
-        frames = max(0, last - k + 1)
+        return self._codes(pattern, last), cancelled
+
+    def _codes(self, pattern: torch.Tensor, last: int) -> torch.Tensor:
+        """The frames complete in every codebook up to column ``last``, the delays taken out."""
+        frames = max(0, last - self.channel_codebooks + 1)
         delays = [i // self.channels for i in range(self.codebooks)]
-        codes = torch.stack([pattern[:, i, d + 1 : d + 1 + frames] for i, d in enumerate(delays)], dim=1)
-        return codes, cancelled
+        return torch.stack([pattern[:, i, d + 1 : d + 1 + frames] for i, d in enumerate(delays)], dim=1)
+
+    def _decode_static(
+        self,
+        conditioning: _Conditioning,
+        pattern: torch.Tensor,
+        first: int,
+        params: SamplingParams,
+        generators: list[torch.Generator],
+        on_step: Callable[[], None],
+        cancel: threading.Event | None,
+    ) -> tuple[torch.Tensor, bool]:
+        """``_decode`` with every step on the device (``generation.static_step``): no step waits for the
+        host; on CUDA each step is one replay of a CUDA graph."""
+        from generation.static_step import TEXT_BUCKET, bucket, pass_uniforms
+
+        rows, length = len(generators), pattern.shape[-1]
+        logits, cache = conditioning.run_prefill(pattern[..., :first])
+        prefix = cache.get_seq_length() - first
+        text = conditioning.text_length()
+        steps = self._static_for(
+            rows,
+            conditioning.guided,
+            bucket(prefix + length, MIN_STATIC_CAPACITY),
+            -(-text // TEXT_BUCKET) * TEXT_BUCKET,
+            params,
+        )
+        steps.load(
+            cache,
+            conditioning.cross_mask(),
+            pattern,
+            first,
+            pass_uniforms(generators, length, self.codebooks),
+            logits,
+        )
+        runner = self._graphs.get(steps.key(), steps)
+        last, cancelled = first - 1, False
+        for t in range(first, length):
+            runner.step()
+            last = t
+            on_step()
+            if t < length - 1 and cancel is not None and cancel.is_set():
+                cancelled = True
+                break
+        return self._codes(steps.pattern[..., :length].clone(), last), cancelled
+
+    def check_graphs(self, capture: Callable[[StaticSteps], Any] | None = None) -> bool:
+        """Capture the step of a short guided pass and compare it with the eager step on the same inputs
+        (``capture`` makes the stepper to check: a CUDA graph by default). If they differ, or capturing
+        fails, graphs stay off with a log line and every step runs eagerly on the device."""
+        from generation.static_step import GraphedSteps, StaticSteps, agree, pass_uniforms
+
+        capture = capture or GraphedSteps
+        request = GenerationRequest("a check of the captured decoding step", duration=1.0, seed=0)
+        rows, length = 1, GRAPH_CHECK_STEPS + self.channel_codebooks + 1
+        generators = [torch.Generator(device=self.placement.device).manual_seed(0)]
+        atol = 1e-5 if self.placement.dtype == torch.float32 else 1e-2
+        try:
+            with torch.inference_mode():
+                conditioning = self._condition([request.prompt], request)
+                pattern = self._delay_pattern(rows, length, None)
+                logits, cache = conditioning.run_prefill(pattern[..., :1])
+                text = conditioning.text_length()
+                steps = StaticSteps(
+                    self._fast_weights(),
+                    rows=rows,
+                    guided=conditioning.guided,
+                    capacity=MIN_STATIC_CAPACITY,
+                    text=text,
+                    params=request.sampling,
+                    device=self.placement.device,
+                    layers=len(self._fast_weights().layers),
+                )
+                steps.load(
+                    cache,
+                    conditioning.cross_mask(),
+                    pattern,
+                    1,
+                    pass_uniforms(generators, length, self.codebooks),
+                    logits,
+                )
+                same = agree(steps, capture(steps), GRAPH_CHECK_STEPS, atol)
+            reason = "the captured step differs from the eager one"
+        except Exception as exc:  # any failure to capture or replay: the eager step still serves
+            same, reason = False, f"capturing the step failed: {exc}"
+        if not same:
+            self.graphs = False
+            self._graphs.clear()
+            log.warning("CUDA graphs off for %s: %s; every step runs eagerly", self.info.name, reason)
+        return same
+
+    def _static_for(
+        self, rows: int, guided: bool, capacity: int, text: int, params: SamplingParams
+    ) -> StaticSteps:
+        """The buffers (and on CUDA the graph) of this batch shape, made on first use; a few are kept."""
+        from generation.static_step import GraphedSteps, StaticSteps
+
+        key = (rows, guided, capacity, text, params)
+        steps = self._static.pop(key, None)
+        if steps is None:
+            while len(self._static) >= KEPT_STATIC_SHAPES:
+                oldest = next(iter(self._static))
+                del self._static[oldest]
+                self._graphs.pop(oldest, None)
+            steps = StaticSteps(
+                self._fast_weights(),
+                rows=rows,
+                guided=guided,
+                capacity=capacity,
+                text=text,
+                params=params,
+                device=self.placement.device,
+                layers=len(self._fast_weights().layers),
+            )
+            if self.graphs:
+                self._graphs[key] = GraphedSteps(steps)
+        self._static[key] = steps  # most recently used last
+        return steps
 
     def _delay_pattern(self, rows: int, length: int, prompt_codes: torch.Tensor | None) -> torch.Tensor:
         k = self.channel_codebooks
@@ -414,6 +550,8 @@ class MusicGenEngine:
     def close_steps(self) -> None:
         """Drop the step weights (rebuilt on the next generation); the model stays loaded."""
         self._weights = None
+        self._static.clear()
+        self._graphs.clear()
         self._free_memory()
 
     def _fast_weights(self) -> FastDecoderWeights:
@@ -474,6 +612,13 @@ class _Conditioning:
 
     def prefill(self, ids: torch.Tensor, length: int) -> torch.Tensor:
         """Run the known columns (and any prefix); keep room for ``length`` columns in all."""
+        logits, cache = self.run_prefill(ids)
+        room = cache.get_seq_length() - ids.shape[-1] + length
+        self.state = FastDecoderState(self.weights, cache, room, self._cross_mask())
+        return logits
+
+    def run_prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """The known columns' (and any prefix's) pass through transformers: the last logits and the cache."""
         if self.guided:
             ids = torch.cat([ids, ids])
         from transformers import DynamicCache, EncoderDecoderCache
@@ -484,9 +629,14 @@ class _Conditioning:
         out = self.decoder(
             input_ids=ids.reshape(rows * k, known), cache=cache, use_cache=True, **self._prefill_kwargs()
         )
-        room = cache.get_seq_length() - known + length
-        self.state = FastDecoderState(self.weights, cache, room, self._cross_mask())
-        return out.logits.reshape(rows, k, -1, out.logits.shape[-1])[:, :, -1]
+        return out.logits.reshape(rows, k, -1, out.logits.shape[-1])[:, :, -1], cache
+
+    def text_length(self) -> int:
+        """Positions of text the decoder attends to across (0: none, the prefix is in the sequence)."""
+        return 0
+
+    def cross_mask(self) -> torch.Tensor | None:
+        return self._cross_mask()
 
     def step(self, column: torch.Tensor) -> torch.Tensor:
         assert self.state is not None, "prefill first"
@@ -512,6 +662,9 @@ class _CrossAttention(_Conditioning):
 
     def _cross_mask(self) -> torch.Tensor | None:
         return cross_attention_mask(self.decoder.config, self.mask, self.hidden)
+
+    def text_length(self) -> int:
+        return int(self.hidden.shape[1])
 
 
 class _Prefix(_Conditioning):
@@ -551,4 +704,7 @@ def load_engine(
         from generation import native
 
         native.load()  # built (or found wanting) while loading, not under the first progress bar
-    return MusicGenEngine(model, tokenizer, name=name or source, source=source, placement=placement)
+    engine = MusicGenEngine(model, tokenizer, name=name or source, source=source, placement=placement)
+    if engine.graphs:
+        engine.check_graphs()
+    return engine
