@@ -147,7 +147,7 @@ class _NativeResnetBlock(torch.nn.Module):
     MAX_CHANNELS = 128  # the fp32 kernel's
     MAX_AMX_CHANNELS = 512
 
-    def __init__(self, block: Any, kernels: native.StepKernels) -> None:
+    def __init__(self, block: Any, kernels: native.NativeKernels) -> None:
         super().__init__()
         conv1, conv2 = block.block[1].conv, block.block[3].conv
         self.block, self.kernels = block, kernels
@@ -160,12 +160,12 @@ class _NativeResnetBlock(torch.nn.Module):
         self.b1, self.b2 = (_bias(conv) for conv in (conv1, conv2))
 
     @classmethod
-    def _amx(cls, kernels: native.StepKernels, channels: int, hidden: int) -> bool:
+    def _amx(cls, kernels: native.NativeKernels, channels: int, hidden: int) -> bool:
         fits = native.fits_amx_resblock(channels, hidden)
         return kernels.amx and fits and channels <= cls.MAX_AMX_CHANNELS
 
     @classmethod
-    def fits(cls, block: Any, kernels: native.StepKernels) -> bool:
+    def fits(cls, block: Any, kernels: native.NativeKernels) -> bool:
         layers = list(getattr(block, "block", ()))
         if len(layers) != 4 or not isinstance(getattr(block, "shortcut", None), Identity):
             return False
@@ -212,7 +212,7 @@ class _NativeUpsample(torch.nn.Module):
     every stride does, its S phases as two-tap products of three bf16 parts (about 2^-16 of fp32).
     """
 
-    def __init__(self, layer: Any, kernels: native.StepKernels, *, activate: bool) -> None:
+    def __init__(self, layer: Any, kernels: native.NativeKernels, *, activate: bool) -> None:
         super().__init__()
         conv = layer.conv
         self.layer, self.kernels, self.activate = layer, kernels, activate
@@ -227,12 +227,12 @@ class _NativeUpsample(torch.nn.Module):
         self.left = padding - padding // 2  # EnCodec trims the rest at the end
 
     @staticmethod
-    def _amx(conv: ConvTranspose1d, kernels: native.StepKernels) -> bool:
+    def _amx(conv: ConvTranspose1d, kernels: native.NativeKernels) -> bool:
         doubled = conv.kernel_size[0] == 2 * conv.stride[0]
         return kernels.amx and doubled and native.fits_amx_conv(conv.out_channels, conv.in_channels)
 
     @classmethod
-    def fits(cls, layer: Any, kernels: native.StepKernels) -> bool:
+    def fits(cls, layer: Any, kernels: native.NativeKernels) -> bool:
         conv = getattr(layer, "conv", None)
         if not isinstance(conv, ConvTranspose1d):
             return False
@@ -264,7 +264,7 @@ class _NativeLastConv(torch.nn.Module):
     copy, the ELU and the product took 29 + 100 ms of traffic over 22 MB pieces.
     """
 
-    def __init__(self, layer: Any, kernels: native.StepKernels, *, activate: bool) -> None:
+    def __init__(self, layer: Any, kernels: native.NativeKernels, *, activate: bool) -> None:
         super().__init__()
         conv = layer.conv
         self.layer, self.kernels, self.activate = layer, kernels, activate
@@ -310,7 +310,7 @@ def _keep_freed_blocks() -> None:
     libc.mallopt(trim_threshold, 256 * 2**20)
 
 
-def _native_layers(layers: list[Any], kernels: native.StepKernels | None) -> None:
+def _native_layers(layers: list[Any], kernels: native.NativeKernels | None) -> None:
     """The layers (in order) that the native kernels or the narrow product can take, swapped for them."""
     for i, layer in enumerate(layers):
         conv = getattr(layer, "conv", None)
