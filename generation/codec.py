@@ -19,13 +19,10 @@ Xeon: 1.6 s with oneDNN, 0.78 s with the kernels.
 from __future__ import annotations
 
 import copy
-import ctypes
-from functools import lru_cache
 from typing import Any
 
 import torch
 from torch.nn import ELU, Conv1d, ConvTranspose1d, Identity
-from torch.nn.utils import parametrize
 
 from generation import native
 
@@ -63,16 +60,14 @@ class EncodecDecoder:
         if first_up is not None and ratios:
             split, self.upsampled = first_up + 1, ratios[0]
         self.global_layers, self.local_layers = layers[:split], layers[split:]
-        step_kernels = native.load() if self.pieces and kernels else None
-        if self.pieces:
-            _keep_freed_blocks()
+        native_kernels = native.load() if self.pieces and kernels else None
+        if self.pieces:  # wrappers and copies in these lists: the model's own layers stay as they are
             for part in (self.global_layers, self.local_layers):
-                _native_layers(part, step_kernels)
+                _native_layers(part, native_kernels)
         self.hop = 1  # output samples per column at the split
         for ratio in ratios:
             self.hop *= ratio
         self.hop //= self.upsampled
-        _bake_weight_norm(encodec)
 
     def __call__(self, codes: torch.Tensor) -> torch.Tensor:
         if not self.pieces:
@@ -296,20 +291,6 @@ class _NativeLastConv(torch.nn.Module):
         )
 
 
-@lru_cache(maxsize=1)
-def _keep_freed_blocks() -> None:
-    """Have glibc keep freed blocks of up to 32 MB for reuse instead of unmapping them: a piece's
-    activations are new tensors of tens of MB at every layer, and fresh pages cost a fault and a
-    zeroing each (a four-track decode: 0.83 -> 0.76 s). Process-wide, once; elsewhere nothing."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return
-    mmap_threshold, trim_threshold = -3, -1  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
-    libc.mallopt(mmap_threshold, 32 * 2**20)
-    libc.mallopt(trim_threshold, 256 * 2**20)
-
-
 def _native_layers(layers: list[Any], kernels: native.NativeKernels | None) -> None:
     """The layers (in order) that the native kernels or the narrow product can take, swapped for them."""
     for i, layer in enumerate(layers):
@@ -349,10 +330,3 @@ def _bias(conv: Conv1d | ConvTranspose1d) -> torch.Tensor:
     if conv.bias is None:
         return torch.zeros(conv.out_channels, dtype=torch.float32)
     return conv.bias.detach().float().contiguous()
-
-
-def _bake_weight_norm(module: torch.nn.Module) -> None:
-    """Store weight-normed convolution weights as plain weights (the same values, not recomputed per call)."""
-    for sub in module.modules():
-        if parametrize.is_parametrized(sub, "weight"):
-            parametrize.remove_parametrizations(sub, "weight", leave_parametrized=True)
