@@ -1,19 +1,20 @@
-"""EnCodec decoding in short overlapping pieces: the same audio, about twice as fast on a CPU.
+"""EnCodec decoding in short overlapping pieces: the same audio, with activations that stay in the caches.
 
 EnCodec's decoder is a convolution stack behind an LSTM. Decoding a whole batch of tracks at once makes
 every activation tens of megabytes (64 channels x 32000 samples per second per row), so each layer
-streams its input from memory; on a 2-core CPU a batch of four 5-second tracks took 3.2 s, a quarter of
-the whole job. Here the LSTM (the only part that sees the whole track) and the first upsampling after it
-run once on the whole sequence, where activations are still small, and the convolutions after that run
-on pieces of a few hundred milliseconds that stay in the caches, each with a few frames of context on
-both sides that are cut away again. Those convolutions see less than two frames to each side, so the
-result equals the one-call decode to float rounding (a test holds it to that).
+streams its input from memory. Here the LSTM (the only part that sees the whole track) and the first
+upsampling after it run once on the whole sequence, where activations are still small, and the
+convolutions after that run on pieces of a few hundred milliseconds that stay in the caches, each with a
+few frames of context on both sides that are cut away again. Those convolutions see less than two frames
+to each side, so the result equals the one-call decode to float rounding (a test holds it to that).
 
 Where the native kernels load (``generation.native``), the layers after the LSTM run on them, each
 ELU folded into the layer it feeds: on AVX-512 the residual blocks of 64 and 128 channels, the stride-4
 upsamplings and the last convolution, in fp32; with AMX every residual block and upsampling whose
-channels fit its tiles, in three bf16 products (about 2^-16 of fp32). Four 5 s tracks on the 2-core
-Xeon: 1.6 s with oneDNN, 0.78 s with the kernels.
+channels fit its tiles, in three bf16 products (about 2^-16 of fp32).
+
+Building a decoder changes nothing shared: the layer lists it runs hold wrappers and copies, the model's
+own layers stay as they were (weight norm is folded and the allocator set up by ``loader.place_model``).
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ class EncodecDecoder:
         )
         # The whole sequence goes through the LSTM and the first upsampling after it: up to there the
         # activations are small (50-400 per second) and wide products on the whole track are efficient
-        # (in pieces the first transposed convolution saw 34 columns a call and ran at a third of the
-        # speed). Pieces start where the activations grow large.
+        # (in pieces that first transposed convolution would see a few dozen columns a call). Pieces
+        # start where the activations grow large.
         split = recurrent[-1] + 1 if recurrent else 0
         ratios = [int(r) for r in config.upsampling_ratios]
         first_up = next(
@@ -93,9 +94,9 @@ class EncodecDecoder:
 class _NarrowConv1d(torch.nn.Module):
     """A convolution to a few channels (EnCodec's last: 64 channels to 1) as one product and shifted sums.
 
-    oneDNN ran that last convolution at about 2 GFLOPS (a third of the whole decode, with the layout
-    copy it makes first); here each tap is one row of a ``(out x taps, in) @ (in, time)`` product and
-    the taps are summed at their offsets: the same sums in another order.
+    oneDNN runs that last convolution far below its peak (with a layout copy first); here each tap is
+    one row of a ``(out x taps, in) @ (in, time)`` product and the taps are summed at their offsets: the
+    same sums in another order.
     """
 
     MAX_OUT = 4
@@ -201,9 +202,8 @@ class _NativeResnetBlock(torch.nn.Module):
 
 class _NativeUpsample(torch.nn.Module):
     """EnCodec's transposed convolutions (stride S, kernel 2S) by the native kernels, with the ELU before
-    each folded in. oneDNN ran the 128- and 256-channel ones at 56 and 111 GFLOPS (372 and 187 ms for
-    four 5 s tracks). On AVX-512 the stride-4 ones take the fp32 kernel, which keeps sixteen sums of four
-    channels and four phases in registers while the input channels pass once (130-170 GFLOPS); on AMX
+    each folded in. On AVX-512 the stride-4 ones take the fp32 kernel, which keeps sixteen sums of four
+    channels and four phases in registers while the input channels pass once; on AMX
     every stride does, its S phases as two-tap products of three bf16 parts (about 2^-16 of fp32).
     """
 
@@ -255,8 +255,8 @@ class _NativeUpsample(torch.nn.Module):
 
 class _NativeLastConv(torch.nn.Module):
     """EnCodec's last convolution (to the audio's channel) by the native kernel, with its reflect padding
-    and the ELU before it folded in: one pass over tiles of 64 samples. For four 5 s tracks the padded
-    copy, the ELU and the product took 29 + 100 ms of traffic over 22 MB pieces.
+    and the ELU before it folded in: one pass over tiles of 64 samples, with no padded copy, separate
+    ELU or layout copy passing over the piece.
     """
 
     def __init__(self, layer: Any, kernels: native.NativeKernels, *, activate: bool) -> None:

@@ -553,7 +553,7 @@ def load() -> NativeKernels | None:
     # libomp would start a second pool spinning on the same cores)
     compiler = shutil.which("g++")
     if compiler is None:
-        log.warning("native kernels not used: no g++ found (with g++, bf16 steps run faster)")
+        log.warning("native kernels not used: no g++ found to build them")
         return None
     try:
         directory = private_cache_dir()

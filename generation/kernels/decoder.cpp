@@ -52,7 +52,7 @@ inline float softmax_weights(float* scores, int n, float best) {
 // softmax(q . K[p] (+ mask[p]), p < n) . V for heads h0 .. h1 - 1 of one row, scores in fp32, the
 // result rounded to bf16. The caches are position-major: position p's keys for all heads are
 // kc[p * stride ...], head h at offset h * D. Positions are the outer loop, so each cache is read as one
-// stream (per-head slices of a few kB ran at two thirds of the memory's speed).
+// stream rather than as per-head slices.
 // scores: (h1 - h0) * n floats; acc: (h1 - h0) * D floats.
 inline void attend_heads(const uint16_t* q, const uint16_t* kc, const uint16_t* vc, int n, int stride, int h0,
                          int h1, int D, const float* mask, uint16_t* o, float* scores, float* acc) {
@@ -162,8 +162,8 @@ inline void panel_rows(const uint16_t* panel, const uint16_t* x, const uint16_t*
 
 // AMX (Sapphire Rapids and later): one tile product takes 16 rows x 32 k x 16 columns, so at up to 16
 // rows a panel costs two products per 2 kB of weights and the step is bound by the weight stream alone
-// (the AVX-512 loop above is bound by its dot products from about 4 rows on: on a 2-core Xeon, 8 rows
-// took 63 ms a step against 29 here). The packed panels are already the tiles' pair-interleaved layout:
+// (the AVX-512 loop above is bound by its dot products at a few rows). The packed panels are already the
+// tiles' pair-interleaved layout:
 // columns 0-15 and 16-31 of a panel are two B tiles, 64 bytes a k pair at a stride of 128.
 // Tiles: 0 and 1 the sums of a panel's two halves, 2 the rows of x, 3 and 4 the weights.
 constexpr int kAmxRows = 16;        // rows of x per tile
@@ -312,7 +312,8 @@ void linear_bf16(const uint16_t* packed, const uint16_t* x, const uint16_t* resi
     }
 }
 
-// One decoding step of self-attention for rows x heads query rows, head size D (D % 32 == 0), heads <= 64.
+// One decoding step of self-attention for rows x heads query rows, head size D (D % 32 == 0),
+// heads <= MUSICBOT_MAX_HEADS.
 // qkv (rows, 3 * heads * D) bf16: the fused projection, q already scaled by 1/sqrt(D).
 // keys / values (rows, capacity, heads * D) bf16, position-major: position `pos` is written from qkv,
 // then each query attends over positions 0..pos. out (rows, heads * D) bf16.

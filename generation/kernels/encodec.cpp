@@ -174,8 +174,8 @@ inline void narrow_tile(const float* x, float* y, const float* w, const float* b
 //
 // An fp32 value v is split into hi = bf16(v) and lo = bf16(v - hi); a product of two is taken as
 // hi.hi + hi.lo + lo.hi (the lo.lo term is 2^-16 of it), each on the tiles with fp32 sums: about
-// 2^-16 relative against fp32's 2^-24, far below what 16-bit audio keeps, at a sixth of AMX's rate
-// (3.6 TFLOPS bf16 a core here, where the fp32 FMA kernels above reach 70-85 GFLOPS a core).
+// 2^-16 relative against fp32's 2^-24, far below what 16-bit audio keeps, at a sixth of AMX's bf16
+// rate, which is still well above the fp32 FMA kernels'.
 // A convolution is a sum over its taps j of W_j (M x K) times the input shifted by off[j] samples.
 
 // W (taps, M, K) fp32 -> hi and lo, each [taps][M / 16][K / 32][16][32] bf16: one 1 kB tile per block.

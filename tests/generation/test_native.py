@@ -1,4 +1,5 @@
-"""The native step kernels: built for this CPU, equal to the plain computation to bf16 rounding."""
+"""The native kernels: built for this CPU, equal to the plain computation to bf16 rounding; called only
+through checked bindings; loaded only from a private cache."""
 
 from __future__ import annotations
 
