@@ -1,31 +1,29 @@
-"""EnCodec decoding in short overlapping pieces: the same audio, about twice as fast on a CPU.
+"""EnCodec decoding in short overlapping pieces: the same audio, with activations that stay in the caches.
 
 EnCodec's decoder is a convolution stack behind an LSTM. Decoding a whole batch of tracks at once makes
 every activation tens of megabytes (64 channels x 32000 samples per second per row), so each layer
-streams its input from memory; on a 2-core CPU a batch of four 5-second tracks took 3.2 s, a quarter of
-the whole job. Here the LSTM (the only part that sees the whole track) and the first upsampling after it
-run once on the whole sequence, where activations are still small, and the convolutions after that run
-on pieces of a few hundred milliseconds that stay in the caches, each with a few frames of context on
-both sides that are cut away again. Those convolutions see less than two frames to each side, so the
-result equals the one-call decode to float rounding (a test holds it to that).
+streams its input from memory. Here the LSTM (the only part that sees the whole track) and the first
+upsampling after it run once on the whole sequence, where activations are still small, and the
+convolutions after that run on pieces of a few hundred milliseconds that stay in the caches, each with a
+few frames of context on both sides that are cut away again. Those convolutions see less than two frames
+to each side, so the result equals the one-call decode to float rounding (a test holds it to that).
 
 Where the native kernels load (``generation.native``), the layers after the LSTM run on them, each
 ELU folded into the layer it feeds: on AVX-512 the residual blocks of 64 and 128 channels, the stride-4
 upsamplings and the last convolution, in fp32; with AMX every residual block and upsampling whose
-channels fit its tiles, in three bf16 products (about 2^-16 of fp32). Four 5 s tracks on the 2-core
-Xeon: 1.6 s with oneDNN, 0.78 s with the kernels.
+channels fit its tiles, in three bf16 products (about 2^-16 of fp32).
+
+Building a decoder changes nothing shared: the layer lists it runs hold wrappers and copies, the model's
+own layers stay as they were (weight norm is folded and the allocator set up by ``loader.place_model``).
 """
 
 from __future__ import annotations
 
 import copy
-import ctypes
-from functools import lru_cache
 from typing import Any
 
 import torch
 from torch.nn import ELU, Conv1d, ConvTranspose1d, Identity
-from torch.nn.utils import parametrize
 
 from generation import native
 
@@ -47,8 +45,8 @@ class EncodecDecoder:
         )
         # The whole sequence goes through the LSTM and the first upsampling after it: up to there the
         # activations are small (50-400 per second) and wide products on the whole track are efficient
-        # (in pieces the first transposed convolution saw 34 columns a call and ran at a third of the
-        # speed). Pieces start where the activations grow large.
+        # (in pieces that first transposed convolution would see a few dozen columns a call). Pieces
+        # start where the activations grow large.
         split = recurrent[-1] + 1 if recurrent else 0
         ratios = [int(r) for r in config.upsampling_ratios]
         first_up = next(
@@ -63,16 +61,14 @@ class EncodecDecoder:
         if first_up is not None and ratios:
             split, self.upsampled = first_up + 1, ratios[0]
         self.global_layers, self.local_layers = layers[:split], layers[split:]
-        step_kernels = native.load() if self.pieces and kernels else None
-        if self.pieces:
-            _keep_freed_blocks()
+        native_kernels = native.load() if self.pieces and kernels else None
+        if self.pieces:  # wrappers and copies in these lists: the model's own layers stay as they are
             for part in (self.global_layers, self.local_layers):
-                _native_layers(part, step_kernels)
+                _native_layers(part, native_kernels)
         self.hop = 1  # output samples per column at the split
         for ratio in ratios:
             self.hop *= ratio
         self.hop //= self.upsampled
-        _bake_weight_norm(encodec)
 
     def __call__(self, codes: torch.Tensor) -> torch.Tensor:
         if not self.pieces:
@@ -98,9 +94,9 @@ class EncodecDecoder:
 class _NarrowConv1d(torch.nn.Module):
     """A convolution to a few channels (EnCodec's last: 64 channels to 1) as one product and shifted sums.
 
-    oneDNN ran that last convolution at about 2 GFLOPS (a third of the whole decode, with the layout
-    copy it makes first); here each tap is one row of a ``(out x taps, in) @ (in, time)`` product and
-    the taps are summed at their offsets: the same sums in another order.
+    oneDNN runs that last convolution far below its peak (with a layout copy first); here each tap is
+    one row of a ``(out x taps, in) @ (in, time)`` product and the taps are summed at their offsets: the
+    same sums in another order.
     """
 
     MAX_OUT = 4
@@ -147,7 +143,7 @@ class _NativeResnetBlock(torch.nn.Module):
     MAX_CHANNELS = 128  # the fp32 kernel's
     MAX_AMX_CHANNELS = 512
 
-    def __init__(self, block: Any, kernels: native.StepKernels) -> None:
+    def __init__(self, block: Any, kernels: native.NativeKernels) -> None:
         super().__init__()
         conv1, conv2 = block.block[1].conv, block.block[3].conv
         self.block, self.kernels = block, kernels
@@ -160,12 +156,12 @@ class _NativeResnetBlock(torch.nn.Module):
         self.b1, self.b2 = (_bias(conv) for conv in (conv1, conv2))
 
     @classmethod
-    def _amx(cls, kernels: native.StepKernels, channels: int, hidden: int) -> bool:
+    def _amx(cls, kernels: native.NativeKernels, channels: int, hidden: int) -> bool:
         fits = native.fits_amx_resblock(channels, hidden)
         return kernels.amx and fits and channels <= cls.MAX_AMX_CHANNELS
 
     @classmethod
-    def fits(cls, block: Any, kernels: native.StepKernels) -> bool:
+    def fits(cls, block: Any, kernels: native.NativeKernels) -> bool:
         layers = list(getattr(block, "block", ()))
         if len(layers) != 4 or not isinstance(getattr(block, "shortcut", None), Identity):
             return False
@@ -206,13 +202,12 @@ class _NativeResnetBlock(torch.nn.Module):
 
 class _NativeUpsample(torch.nn.Module):
     """EnCodec's transposed convolutions (stride S, kernel 2S) by the native kernels, with the ELU before
-    each folded in. oneDNN ran the 128- and 256-channel ones at 56 and 111 GFLOPS (372 and 187 ms for
-    four 5 s tracks). On AVX-512 the stride-4 ones take the fp32 kernel, which keeps sixteen sums of four
-    channels and four phases in registers while the input channels pass once (130-170 GFLOPS); on AMX
+    each folded in. On AVX-512 the stride-4 ones take the fp32 kernel, which keeps sixteen sums of four
+    channels and four phases in registers while the input channels pass once; on AMX
     every stride does, its S phases as two-tap products of three bf16 parts (about 2^-16 of fp32).
     """
 
-    def __init__(self, layer: Any, kernels: native.StepKernels, *, activate: bool) -> None:
+    def __init__(self, layer: Any, kernels: native.NativeKernels, *, activate: bool) -> None:
         super().__init__()
         conv = layer.conv
         self.layer, self.kernels, self.activate = layer, kernels, activate
@@ -227,12 +222,12 @@ class _NativeUpsample(torch.nn.Module):
         self.left = padding - padding // 2  # EnCodec trims the rest at the end
 
     @staticmethod
-    def _amx(conv: ConvTranspose1d, kernels: native.StepKernels) -> bool:
+    def _amx(conv: ConvTranspose1d, kernels: native.NativeKernels) -> bool:
         doubled = conv.kernel_size[0] == 2 * conv.stride[0]
         return kernels.amx and doubled and native.fits_amx_conv(conv.out_channels, conv.in_channels)
 
     @classmethod
-    def fits(cls, layer: Any, kernels: native.StepKernels) -> bool:
+    def fits(cls, layer: Any, kernels: native.NativeKernels) -> bool:
         conv = getattr(layer, "conv", None)
         if not isinstance(conv, ConvTranspose1d):
             return False
@@ -260,11 +255,11 @@ class _NativeUpsample(torch.nn.Module):
 
 class _NativeLastConv(torch.nn.Module):
     """EnCodec's last convolution (to the audio's channel) by the native kernel, with its reflect padding
-    and the ELU before it folded in: one pass over tiles of 64 samples. For four 5 s tracks the padded
-    copy, the ELU and the product took 29 + 100 ms of traffic over 22 MB pieces.
+    and the ELU before it folded in: one pass over tiles of 64 samples, with no padded copy, separate
+    ELU or layout copy passing over the piece.
     """
 
-    def __init__(self, layer: Any, kernels: native.StepKernels, *, activate: bool) -> None:
+    def __init__(self, layer: Any, kernels: native.NativeKernels, *, activate: bool) -> None:
         super().__init__()
         conv = layer.conv
         self.layer, self.kernels, self.activate = layer, kernels, activate
@@ -296,21 +291,7 @@ class _NativeLastConv(torch.nn.Module):
         )
 
 
-@lru_cache(maxsize=1)
-def _keep_freed_blocks() -> None:
-    """Have glibc keep freed blocks of up to 32 MB for reuse instead of unmapping them: a piece's
-    activations are new tensors of tens of MB at every layer, and fresh pages cost a fault and a
-    zeroing each (a four-track decode: 0.83 -> 0.76 s). Process-wide, once; elsewhere nothing."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return
-    mmap_threshold, trim_threshold = -3, -1  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
-    libc.mallopt(mmap_threshold, 32 * 2**20)
-    libc.mallopt(trim_threshold, 256 * 2**20)
-
-
-def _native_layers(layers: list[Any], kernels: native.StepKernels | None) -> None:
+def _native_layers(layers: list[Any], kernels: native.NativeKernels | None) -> None:
     """The layers (in order) that the native kernels or the narrow product can take, swapped for them."""
     for i, layer in enumerate(layers):
         conv = getattr(layer, "conv", None)
@@ -349,10 +330,3 @@ def _bias(conv: Conv1d | ConvTranspose1d) -> torch.Tensor:
     if conv.bias is None:
         return torch.zeros(conv.out_channels, dtype=torch.float32)
     return conv.bias.detach().float().contiguous()
-
-
-def _bake_weight_norm(module: torch.nn.Module) -> None:
-    """Store weight-normed convolution weights as plain weights (the same values, not recomputed per call)."""
-    for sub in module.modules():
-        if parametrize.is_parametrized(sub, "weight"):
-            parametrize.remove_parametrizations(sub, "weight", leave_parametrized=True)

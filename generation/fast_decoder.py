@@ -421,7 +421,7 @@ class _NativeAttention:
     """
 
     def __init__(
-        self, prefix: list[tuple[torch.Tensor, torch.Tensor]], length: int, kernels: native.StepKernels
+        self, prefix: list[tuple[torch.Tensor, torch.Tensor]], length: int, kernels: native.NativeKernels
     ) -> None:
         rows, self.heads, self.filled, head_dim = prefix[0][0].shape
         self.kernels = kernels

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import socket
 from dataclasses import dataclass
@@ -143,10 +144,38 @@ def load_checkpoint(source: str, placement: Placement) -> tuple[Any, Any]:
 
 
 def place_model(model: Any, placement: Placement) -> Any:
-    """Move a model to its device and dtype, EnCodec kept in fp32 (clean audio; native passes are fp32)."""
+    """Move a model to its device and dtype for inference, EnCodec kept in fp32 (clean audio, no measurable
+    cost) with its weight norm folded into plain weights (the same values, not recomputed at every call).
+    On a CPU the process's allocator is set up for EnCodec's decode (``keep_freed_blocks``)."""
     model.to(placement.device, placement.dtype)
     model.audio_encoder.to(torch.float32)
+    _bake_weight_norm(model.audio_encoder)
+    if placement.device.type == "cpu":
+        keep_freed_blocks()
     return model.eval()
+
+
+def _bake_weight_norm(module: torch.nn.Module) -> None:
+    """Store weight-normed convolution weights as plain weights (the same values, not recomputed per call)."""
+    from torch.nn.utils import parametrize
+
+    for sub in module.modules():
+        if parametrize.is_parametrized(sub, "weight"):
+            parametrize.remove_parametrizations(sub, "weight", leave_parametrized=True)
+
+
+@lru_cache(maxsize=1)
+def keep_freed_blocks() -> None:
+    """Have glibc keep freed blocks of up to 32 MB for reuse instead of unmapping them: EnCodec's decode in
+    pieces makes new tensors of tens of MB at every layer, and fresh pages cost a fault and a zeroing
+    each. Process-wide, once per process; without glibc, nothing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    mmap_threshold, trim_threshold = -3, -1  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    libc.mallopt(mmap_threshold, 32 * 2**20)
+    libc.mallopt(trim_threshold, 256 * 2**20)
 
 
 def quiet_transformers() -> None:

@@ -1,18 +1,17 @@
-"""Our own CPU kernels for the decoding step and EnCodec's residual blocks (``kernels/step_kernels.cpp``):
-built on first use, else None.
+"""Our own CPU kernels for the decoding step and EnCodec's convolutions (``kernels/``), built on first
+use, else None.
 
-On a 2-core AVX-512 BF16 CPU a bf16 step is memory-bound, and oneDNN's small-batch products and
-batched attention reach about 60% of the bandwidth a plain read gets. Our weight-product and
-attention kernels close most of that gap, and a fused residual block speeds up EnCodec (see the C++
-file). Where the CPU has AMX tiles the weight products run on them: on a 2-core Xeon a step's
-products took 29 ms at 2 and 31 ms at 8 rows, against 42 and 64 on AVX-512 and 39 and 40 in oneDNN.
-They are compiled here with the system's g++ for this very CPU (``-march=native``) into a per-user
-cache, keyed by the source, the flags and the CPU, and loaded with ctypes. Wherever that cannot
-happen (no compiler, no AVX-512 BF16, not x86-64) ``load()`` returns None and the step runs on
-torch's own kernels, which give the same results to rounding.
+The library is compiled with the system's g++ for this very CPU (``-march=native``) into a per-user cache
+(``$XDG_CACHE_HOME/musicbot/kernels``, by default under ``~/.cache``) that only this user can write,
+under a name keyed by the sources, the generated interface header, the flags, the compiler and the CPU,
+and loaded with ctypes. Its interface is declared once, in ``generation.native_api``: the C++ is compiled
+against the header generated from it, and every call goes through bindings that check their arguments
+against the same declarations. Wherever the library cannot be had (no compiler, no AVX-512 BF16, not
+x86-64, a cache another user could write) ``load()`` returns None and the step runs on torch's own
+kernels, which give the same results to rounding.
 
 The library links the process's OpenMP runtime (torch's libgomp is already loaded under the same
-soname), so its threads are torch's threads, not a second pool fighting them for the two cores.
+soname), so its threads are torch's threads, not a second pool competing with them for the cores.
 """
 
 from __future__ import annotations
@@ -23,101 +22,58 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from generation import native_api
 from generation.loader import cpu_flags
+from generation.native_api import StepLayer, StepModel
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels") / "step_kernels.cpp"
+KERNELS_DIR = Path(__file__).with_name("kernels")
+SOURCES = (KERNELS_DIR / "decoder.cpp", KERNELS_DIR / "encodec.cpp")
+HEADERS = (KERNELS_DIR / "common.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 REQUIRED_CPU = ("avx512f", "avx512bw", "avx512_bf16")
-MAX_HEADS = 64  # self-attention's per-head state lives on the kernel's stack
+MAX_HEADS = native_api.MAX_HEADS
 _build_lock = threading.Lock()
 
 
-_LAYER_TENSORS = (
-    "ln1_w",
-    "ln1_b",
-    "qkv",
-    "out",
-    "ln2_w",
-    "ln2_b",
-    "cross_q",
-    "cross_out",
-    "ln3_w",
-    "ln3_b",
-    "fc1",
-    "fc2",
-)
+class UnsafeCache(OSError):
+    """A cache directory or library that another user could have written: not loaded."""
 
 
-class StepLayer(ctypes.Structure):
-    """One decoder layer for ``decoder_step`` (the C++ struct of the same name)."""
-
-    _fields_ = [
-        *((name, ctypes.c_void_p) for name in _LAYER_TENSORS),
-        *((name, ctypes.c_float) for name in ("eps1", "eps2", "eps3")),
-        *((name, ctypes.c_void_p) for name in ("keys", "values", "cross_keys", "cross_values")),
-    ]
-
-
-class StepModel(ctypes.Structure):
-    """The model-wide part of ``decoder_step``'s arguments (the C++ struct of the same name)."""
-
-    _fields_ = [
-        *((name, ctypes.c_int) for name in ("layers", "hidden", "heads", "ffn", "codebooks", "vocab")),
-        *((name, ctypes.c_int) for name in ("capacity", "text", "amx")),
-        ("embeddings", ctypes.POINTER(ctypes.c_void_p)),
-        *((name, ctypes.c_void_p) for name in ("positions", "final_w", "final_b")),
-        ("final_eps", ctypes.c_float),
-        *((name, ctypes.c_void_p) for name in ("lm_head", "cross_mask")),
-    ]
-
-
-class StepKernels:
-    """Typed entry points of the compiled library. Each checks what the kernel would otherwise read or
-    write out of bounds (dtype, contiguity, sizes): a few attribute reads against a memory-bound call."""
+class NativeKernels:
+    """The compiled library's kernels as operations on tensors. Each call crosses through
+    ``native_api``'s bindings, which check every tensor against the kernel's declaration; the checks here
+    add what the declaration cannot know (which dimension is which)."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
         self.path = path
-        p, i = ctypes.c_void_p, ctypes.c_int
-
-        def bind(name: str, args: list[Any], result: Any = None) -> Any:
-            function = getattr(lib, name)
-            function.argtypes, function.restype = args, result
-            return function
-
-        self._pack = bind("pack_linear_weight", [p, p, i, i])
-        self._linear_avx512 = bind("linear_bf16", [p, p, p, p, i, i, i, i, i])
-        self._linear_amx = bind("linear_amx_bf16", [p, p, p, p, i, i, i, i, i])
+        self.calls = native_api.bind(lib)  # every entry point, each call checked against its declaration
+        c = self.calls
+        self._pack, self._pack_amx = c["pack_linear_weight"], c["pack_amx_conv"]
+        self._linear_avx512, self._linear_amx = c["linear_bf16"], c["linear_amx_bf16"]
         # AMX tiles where the CPU has them and Linux grants them to this process: the products then
-        # cost the weight stream alone at any batch (see the C++ file). Tests may turn this off.
-        self.amx = {"amx_tile", "amx_bf16"} <= cpu_flags() and bind("amx_enable", [], i)() == 1
-        self._attend = bind("attend_bf16", [p, p, p, p, p, i, i, i, i, i, i])
-        self._attend_scratch = bind("attend_scratch", [i, i, i], i)
-        self._cross = bind("cross_attend_bf16", [p, p, p, p, p, p, i, i, i, i, i])
-        self._resblock = bind("resblock_f32", [p, p, p, p, p, p, p, i, i, i, i, i])
-        self._resblock_scratch = bind("resblock_scratch", [i, i], i)
-        self._upsample = bind("upsample4_f32", [p, p, p, p, p, i, i, i, i, i, i, i])
-        self._upsample_scratch = bind("upsample_scratch", [i], i)
-        self._narrow = bind("narrow_conv_f32", [p, p, p, p, p, i, i, i, i, i, i, i, i])
-        self._narrow_scratch = bind("narrow_scratch", [i], i)
-        self._pack_amx = bind("pack_amx_conv", [p, p, p, i, i, i])
-        self._resblock_amx = bind("resblock_amx", [p, p, p, p, p, p, p, p, p, i, i, i, i, i])
-        self._resblock_amx_scratch = bind("resblock_amx_scratch", [i, i], i)
-        self._upsample_amx = bind("upsample_amx", [p, p, p, p, p, p, i, i, i, i, i, i, i, i])
-        self._upsample_amx_scratch = bind("upsample_amx_scratch", [i, i, i], i)
-        model, layers = ctypes.POINTER(StepModel), ctypes.POINTER(StepLayer)
-        self._step = bind("decoder_step", [model, layers, p, p, p, p, p, i, i, i, i])
-        self._step_work = bind("step_work", [i, i, i], i)
+        # cost the weight stream alone at any batch. Tests may turn this off.
+        self.amx = {"amx_tile", "amx_bf16"} <= cpu_flags() and c["amx_enable"]() == 1
+        self._attend, self._cross = c["attend_bf16"], c["cross_attend_bf16"]
+        self._attend_scratch = c["attend_scratch"]
+        self._resblock, self._resblock_scratch = c["resblock_f32"], c["resblock_scratch"]
+        self._upsample, self._upsample_scratch = c["upsample4_f32"], c["upsample_scratch"]
+        self._narrow, self._narrow_scratch = c["narrow_conv_f32"], c["narrow_scratch"]
+        self._resblock_amx, self._resblock_amx_scratch = c["resblock_amx"], c["resblock_amx_scratch"]
+        self._upsample_amx, self._upsample_amx_scratch = c["upsample_amx"], c["upsample_amx_scratch"]
+        self._step, self._step_work = c["decoder_step"], c["step_work"]
 
     @staticmethod
     def _threads_scratch(floats_per_thread: int) -> tuple[int, torch.Tensor]:
@@ -132,7 +88,7 @@ class StepKernels:
         if not fits_linear(rows, cols):
             raise ValueError(f"weight {tuple(weight.shape)} does not fit the kernel's blocks")
         packed = torch.empty_like(weight)
-        self._pack(weight.data_ptr(), packed.data_ptr(), rows, cols)
+        self._pack(weight, packed, rows, cols)
         return packed
 
     def linear(
@@ -151,10 +107,10 @@ class StepKernels:
             _require(residual, residual.shape == y.shape, "residual")
         kernel = self._linear_amx if self.amx and cols % 32 == 0 else self._linear_avx512
         kernel(
-            packed.data_ptr(),
-            x.data_ptr(),
-            None if residual is None else residual.data_ptr(),
-            y.data_ptr(),
+            packed,
+            x,
+            residual,
+            y,
             x.numel() // cols,
             rows_out,
             cols,
@@ -184,11 +140,11 @@ class StepKernels:
         threads = torch.get_num_threads()
         scratch = self._fit_scratch(scratch, threads * self._attend_scratch(heads, head_dim, capacity))
         self._attend(
-            qkv.data_ptr(),
-            keys.data_ptr(),
-            values.data_ptr(),
-            out.data_ptr(),
-            scratch.data_ptr(),
+            qkv,
+            keys,
+            values,
+            out,
+            scratch,
             rows,
             heads,
             head_dim,
@@ -235,12 +191,12 @@ class StepKernels:
         threads = torch.get_num_threads()
         scratch = self._fit_scratch(scratch, threads * self._attend_scratch(heads, head_dim, n))
         self._cross(
-            q.data_ptr(),
-            keys.data_ptr(),
-            values.data_ptr(),
-            None if mask is None else mask.data_ptr(),
-            out.data_ptr(),
-            scratch.data_ptr(),
+            q,
+            keys,
+            values,
+            mask,
+            out,
+            scratch,
             rows,
             heads,
             head_dim,
@@ -273,13 +229,13 @@ class StepKernels:
         threads, scratch = self._threads_scratch(self._resblock_scratch(channels, hidden))
         y = torch.empty_like(x)
         self._resblock(
-            x.data_ptr(),
-            y.data_ptr(),
-            w1.data_ptr(),
-            b1.data_ptr(),
-            w2.data_ptr(),
-            b2.data_ptr(),
-            scratch.data_ptr(),
+            x,
+            y,
+            w1,
+            b1,
+            w2,
+            b2,
+            scratch,
             rows,
             channels,
             hidden,
@@ -297,7 +253,7 @@ class StepKernels:
             raise ValueError(f"weights {tuple(taps.shape)} do not fit the AMX tiles")
         hi = torch.empty(taps.shape, dtype=torch.bfloat16)
         lo = torch.empty_like(hi)
-        self._pack_amx(taps.data_ptr(), hi.data_ptr(), lo.data_ptr(), count, rows, cols)
+        self._pack_amx(taps, hi, lo, count, rows, cols)
         return hi, lo
 
     def resblock_amx(
@@ -323,8 +279,8 @@ class StepKernels:
         threads, scratch = self._threads_scratch(self._resblock_amx_scratch(channels, hidden))
         y = torch.empty_like(x)
         self._resblock_amx(
-            x.data_ptr(), y.data_ptr(), w1[0].data_ptr(), w1[1].data_ptr(), b1.data_ptr(),
-            w2[0].data_ptr(), w2[1].data_ptr(), b2.data_ptr(), scratch.data_ptr(),
+            x, y, w1[0], w1[1], b1,
+            w2[0], w2[1], b2, scratch,
             rows, channels, hidden, length, threads,
         )  # fmt: skip
         return y
@@ -353,7 +309,7 @@ class StepKernels:
         threads, scratch = self._threads_scratch(self._upsample_amx_scratch(cin, cout, stride))
         y = torch.empty((rows, cout, stride * length), dtype=fp32)
         self._upsample_amx(
-            x.data_ptr(), y.data_ptr(), w[0].data_ptr(), w[1].data_ptr(), b.data_ptr(), scratch.data_ptr(),
+            x, y, w[0], w[1], b, scratch,
             rows, cin, cout, length, stride, left, int(activate), threads,
         )  # fmt: skip
         return y
@@ -386,7 +342,7 @@ class StepKernels:
         threads, scratch = self._threads_scratch(self._upsample_scratch(cin))
         y = torch.empty((rows, cout, 4 * length), dtype=fp32)
         self._upsample(
-            x.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), scratch.data_ptr(),
+            x, y, w, b, scratch,
             rows, cin, cout, length, left, int(activate), threads,
         )  # fmt: skip
         return y
@@ -407,7 +363,7 @@ class StepKernels:
         threads, scratch = self._threads_scratch(self._narrow_scratch(channels))
         y = torch.empty((rows, outs, length), dtype=fp32)
         self._narrow(
-            x.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), scratch.data_ptr(),
+            x, y, w, b, scratch,
             rows, channels, outs, taps, length, left, int(activate), threads,
         )  # fmt: skip
         return y
@@ -425,7 +381,7 @@ class NativeStep:
 
     def __init__(
         self,
-        kernels: StepKernels,
+        kernels: NativeKernels,
         *,
         heads: int,
         embeddings: list[torch.Tensor],
@@ -531,8 +487,8 @@ class NativeStep:
             raise RuntimeError("torch's thread count changed during a decoding pass")
         logits = torch.empty((self.rows, self.codebooks * self.vocab), dtype=torch.bfloat16)
         self.kernels._step(
-            ctypes.byref(self.model), self.layers, tokens.data_ptr(), self.x.data_ptr(), logits.data_ptr(),
-            self.work.data_ptr(), self.scratch.data_ptr(), self.rows, self.cross_rows, position, self.threads,
+            self.model, self.layers, tokens, self.x, logits,
+            self.work, self.scratch, self.rows, self.cross_rows, position, self.threads,
         )  # fmt: skip
         return logits.view(self.rows, self.codebooks, self.vocab)
 
@@ -587,65 +543,125 @@ def fits_attention(head_dim: int) -> bool:
 
 
 @lru_cache(maxsize=1)
-def load() -> StepKernels | None:
+def load() -> NativeKernels | None:
     """The kernels for this CPU, compiled once per source and CPU; None where they cannot be had."""
     missing = [f for f in REQUIRED_CPU if f not in cpu_flags()]
     if platform.machine() not in ("x86_64", "AMD64") or missing:
-        log.info("step kernels not used: the CPU lacks %s", ", ".join(missing) or "x86-64")
+        log.info("native kernels not used: the CPU lacks %s", ", ".join(missing) or "x86-64")
         return None
     # g++ and its libgomp: torch's OpenMP runtime is GNU's, so the kernels share its threads (clang's
-    # libomp would start a second pool spinning on the same two cores)
+    # libomp would start a second pool spinning on the same cores)
     compiler = shutil.which("g++")
     if compiler is None:
-        log.warning("step kernels not used: no g++ found (with g++, bf16 steps run about 2x faster)")
+        log.warning("native kernels not used: no g++ found to build them")
         return None
     try:
-        path = _build(compiler)
+        directory = private_cache_dir()
+        path = _build(compiler, directory)
         try:
-            lib = ctypes.CDLL(str(path))
+            lib = _load_trusted(path)
+        except UnsafeCache:
+            raise
         except OSError:  # a cached build this system can no longer load (e.g. an older libstdc++): once more
             path.unlink(missing_ok=True)
-            path = _build(compiler)
-            lib = ctypes.CDLL(str(path))
-        return StepKernels(lib, path)
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:  # RuntimeError: no home directory
-        log.warning("step kernels not used: building them failed: %s", exc)
+            path = _build(compiler, directory)
+            lib = _load_trusted(path)
+        return NativeKernels(lib, path)
+    except UnsafeCache as exc:
+        log.warning("native kernels not used: %s; torch's kernels run instead", exc)
+        return None
+    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as exc:
+        # RuntimeError: no home directory; AttributeError: a declared entry point the library lacks
+        log.warning("native kernels not used: building them failed: %s", exc)
         return None
 
 
-def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
-    version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30).stdout
-    key = hashlib.sha256(
-        b"\0".join(
-            [
-                source,
-                " ".join(FLAGS).encode(),
-                compiler.encode(),
-                version,
-                " ".join(sorted(cpu_flags())).encode(),
-            ]
+def cache_root() -> Path:
+    """``$XDG_CACHE_HOME`` where set to an absolute path (the XDG base directory rule), else ``~/.cache``."""
+    configured = os.environ.get("XDG_CACHE_HOME", "")
+    return Path(configured) if os.path.isabs(configured) else Path.home() / ".cache"
+
+
+def private_cache_dir() -> Path:
+    """``musicbot/kernels`` under the cache root, created 0700: raises UnsafeCache where it, or the
+    ``musicbot`` directory holding it, is not this user's own or is writable by group or others."""
+    base = cache_root()
+    base.mkdir(parents=True, exist_ok=True)
+    directory = base
+    for part in ("musicbot", "kernels"):
+        directory = directory / part
+        directory.mkdir(mode=0o700, exist_ok=True)
+        _check_private(directory, "directory")
+    return directory
+
+
+def _check_private(path: Path, what: str) -> None:
+    """Raises UnsafeCache unless ``path`` is owned by this user and not writable by group or others."""
+    info = path.stat()
+    kind_ok = stat.S_ISDIR(info.st_mode) if what == "directory" else stat.S_ISREG(info.st_mode)
+    if not kind_ok:
+        raise UnsafeCache(f"{path} is not a {what}")
+    if info.st_uid != os.getuid():
+        raise UnsafeCache(f"{what} {path} belongs to uid {info.st_uid}, not to this user ({os.getuid()})")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeCache(
+            f"{what} {path} is writable by its group or others (mode {stat.S_IMODE(info.st_mode):o})"
         )
-    ).hexdigest()[:16]
-    cache = Path.home() / ".cache" / "musicbot" / "kernels"
-    target = cache / f"step_kernels-{key}.so"
+
+
+def _load_trusted(path: Path) -> ctypes.CDLL:
+    _check_private(path.parent, "directory")
+    _check_private(path, "library")
+    return ctypes.CDLL(str(path))
+
+
+def library_path(compiler: str, directory: Path) -> Path:
+    """Where the library for these sources, flags, compiler and CPU lives in ``directory``."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30).stdout
+    parts = [
+        *(f"{p.name}\0".encode() + p.read_bytes() for p in (*SOURCES, *HEADERS)),
+        native_api.render_header().encode(),
+        " ".join(FLAGS).encode(),
+        compiler.encode(),
+        version,
+        " ".join(sorted(cpu_flags())).encode(),
+    ]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    return directory / f"kernels-{key}.so"
+
+
+def _build(compiler: str, directory: Path) -> Path:
+    """The library for these sources in ``directory`` (a private one), built there if missing."""
+    target = library_path(compiler, directory)
     with _build_lock:
         if target.exists():
             return target
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, partial = tempfile.mkstemp(suffix=".so", dir=cache)
-        os.close(fd)
+        compile_library(compiler, FLAGS, target)
+        log.info("built the native kernels for this CPU: %s", target)
+        return target
+
+
+def compile_library(
+    compiler: str, flags: Sequence[str], target: Path, sources: Sequence[Path] | None = None
+) -> None:
+    """Compile ``sources`` against the generated interface header into ``target``, atomically: built in a
+    private directory beside it, then renamed into place, so a reader sees all of it or none."""
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
+    try:
+        (work / "interface.h").write_text(native_api.render_header())
+        partial = work / target.name
         try:
             subprocess.run(
-                [compiler, *FLAGS, str(SOURCE), "-o", partial],
+                [compiler, *flags, f"-I{work}", *map(str, sources or SOURCES), "-o", str(partial)],
                 check=True,
                 capture_output=True,
-                timeout=120,
+                timeout=300,
             )
-            os.replace(partial, target)  # atomic: another process sees all of it or none
         except subprocess.CalledProcessError as exc:
-            raise OSError(exc.stderr.decode(errors="replace").strip()[-500:]) from exc
-        finally:
-            Path(partial).unlink(missing_ok=True)
-        log.info("built the step kernels for this CPU: %s", target)
-        return target
+            output = exc.stderr.decode(errors="replace").strip()
+            errors = [line for line in output.splitlines() if "error" in line][:5]
+            raise OSError("\n".join(errors) or output[-500:]) from exc
+        partial.chmod(0o700)  # whatever the umask: writable by this user alone
+        os.replace(partial, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

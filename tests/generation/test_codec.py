@@ -192,3 +192,26 @@ def test_a_wider_codec_decodes_in_pieces_on_amx_to_the_same_audio() -> None:
         pieces = decoder(codes)
     assert pieces.shape == whole.shape == (4, 1, 37 * 640)
     assert (pieces - whole).abs().max().item() <= 1e-5 * whole.abs().max().item()
+
+
+def test_building_a_decoder_leaves_the_shared_model_as_it_was(tiny_model_dir) -> None:
+    from torch.nn.utils import parametrize
+    from transformers import MusicgenForConditionalGeneration
+
+    encodec = MusicgenForConditionalGeneration.from_pretrained(str(tiny_model_dir)).audio_encoder.eval()
+    layers = list(encodec.decoder.layers)
+    normed = [m for m in encodec.modules() if parametrize.is_parametrized(m, "weight")]
+    state = {k: v.clone() for k, v in encodec.state_dict().items()}
+    assert normed  # the checkpoint's convolutions are weight-normed
+    EncodecDecoder(encodec, torch.device("cpu"))
+    assert list(encodec.decoder.layers) == layers
+    assert all(parametrize.is_parametrized(m, "weight") for m in normed)
+    assert all(torch.equal(v, encodec.state_dict()[k]) for k, v in state.items())
+
+
+def test_a_placed_model_has_its_weight_norm_folded_into_plain_weights(tiny_engine: MusicGenEngine) -> None:
+    from torch.nn.utils import parametrize
+
+    assert not any(
+        parametrize.is_parametrized(m, "weight") for m in tiny_engine.model.audio_encoder.modules()
+    )

@@ -1,8 +1,10 @@
-"""The native step kernels: built for this CPU, equal to the plain computation to bf16 rounding."""
+"""The native kernels: built for this CPU, equal to the plain computation to bf16 rounding; called only
+through checked bindings; loaded only from a private cache."""
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,7 @@ CAN_BUILD = all(f in cpu_flags() for f in native.REQUIRED_CPU) and shutil.which(
 
 
 @pytest.fixture(scope="module")
-def kernels() -> native.StepKernels:
+def kernels() -> native.NativeKernels:
     built = native.load()
     if built is None:
         pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
@@ -41,7 +43,7 @@ HAS_AMX = {"amx_tile", "amx_bf16"} <= cpu_flags()
 @pytest.fixture(
     params=["avx512", pytest.param("amx", marks=pytest.mark.skipif(not HAS_AMX, reason="no AMX"))]
 )
-def products(request: pytest.FixtureRequest, kernels: native.StepKernels) -> Iterator[native.StepKernels]:
+def products(request: pytest.FixtureRequest, kernels: native.NativeKernels) -> Iterator[native.NativeKernels]:
     """The kernels with their products on AVX-512 dot products, then (where the CPU has them) on AMX."""
     before = kernels.amx
     kernels.amx = request.param == "amx"
@@ -49,7 +51,7 @@ def products(request: pytest.FixtureRequest, kernels: native.StepKernels) -> Ite
     kernels.amx = before
 
 
-def test_amx_is_used_where_the_cpu_has_it(kernels: native.StepKernels) -> None:
+def test_amx_is_used_where_the_cpu_has_it(kernels: native.NativeKernels) -> None:
     assert kernels.amx == HAS_AMX
 
 
@@ -59,7 +61,7 @@ def test_amx_is_used_where_the_cpu_has_it(kernels: native.StepKernels) -> None:
     ("rows", "cols"), [(1, 64), (2, 64), (3, 64), (8, 64), (9, 64), (19, 64), (35, 96), (3, 48)]
 )
 def test_linear_equals_the_fp32_product_to_bf16_rounding(
-    products: native.StepKernels, rows: int, cols: int
+    products: native.NativeKernels, rows: int, cols: int
 ) -> None:
     kernels = products
     g = torch.Generator().manual_seed(rows)
@@ -79,7 +81,7 @@ def test_linear_equals_the_fp32_product_to_bf16_rounding(
         assert torch.all((got.float() - want).abs() <= want.abs() * 2**-8 + 1e-6)
 
 
-def test_linear_with_gelu_equals_torchs_exact_gelu(products: native.StepKernels) -> None:
+def test_linear_with_gelu_equals_torchs_exact_gelu(products: native.NativeKernels) -> None:
     kernels = products
     g = torch.Generator().manual_seed(7)
     weight, x, residual = (
@@ -92,7 +94,7 @@ def test_linear_with_gelu_equals_torchs_exact_gelu(products: native.StepKernels)
     assert torch.all((got - want).abs() <= want.abs() * 2**-8 + 1e-5)
 
 
-def test_pack_refuses_shapes_outside_the_panels(kernels: native.StepKernels) -> None:
+def test_pack_refuses_shapes_outside_the_panels(kernels: native.NativeKernels) -> None:
     with pytest.raises(ValueError, match="does not fit"):
         kernels.pack(torch.zeros(40, 64, dtype=torch.bfloat16))
 
@@ -101,7 +103,7 @@ def test_pack_refuses_shapes_outside_the_panels(kernels: native.StepKernels) -> 
 # them (a row's heads are then shared out), and whole rows per thread
 @pytest.mark.parametrize(("position", "rows"), [(0, 3), (1, 1), (15, 2), (16, 3), (17, 1), (70, 3), (70, 4)])
 def test_attention_writes_the_new_key_and_attends_over_the_filled_positions(
-    kernels: native.StepKernels, position: int, rows: int
+    kernels: native.NativeKernels, position: int, rows: int
 ) -> None:
     g = torch.Generator().manual_seed(position)
     heads, dim, capacity = 4, 64, 80
@@ -125,7 +127,7 @@ def test_attention_writes_the_new_key_and_attends_over_the_filled_positions(
 
 @pytest.mark.parametrize(("threads", "rows", "heads"), [(1, 2, 3), (3, 1, 5), (3, 2, 4), (3, 4, 3)])
 def test_attention_shares_heads_out_unevenly_and_still_attends_right(
-    kernels: native.StepKernels, threads: int, rows: int, heads: int
+    kernels: native.NativeKernels, threads: int, rows: int, heads: int
 ) -> None:
     g = torch.Generator().manual_seed(threads * 10 + rows)
     dim, capacity, position = 32, 40, 33
@@ -148,7 +150,7 @@ def test_attention_shares_heads_out_unevenly_and_still_attends_right(
     assert torch.allclose(out.float(), want, atol=2e-2, rtol=2**-7)
 
 
-def test_self_attention_with_a_nan_key_is_nan_for_that_head_alone(kernels: native.StepKernels) -> None:
+def test_self_attention_with_a_nan_key_is_nan_for_that_head_alone(kernels: native.NativeKernels) -> None:
     g = torch.Generator().manual_seed(9)
     rows, heads, dim, capacity = 2, 4, 32, 20
     qkv = _bf16(rows, 1, 3 * heads * dim, generator=g)
@@ -182,16 +184,16 @@ def test_without_a_compiler_the_step_falls_back_to_torch(
 def test_a_failed_build_names_the_compiler_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(native, "SOURCE", broken)
-    monkeypatch.setattr(native.Path, "home", lambda: tmp_path)
+    monkeypatch.setattr(native, "SOURCES", (broken,))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     with pytest.raises(OSError, match="error"):
-        native._build(shutil.which("g++") or "g++")
-    assert not list((tmp_path / ".cache" / "musicbot" / "kernels").glob("*.so"))  # nothing half-written kept
+        native._build(shutil.which("g++") or "g++", native.private_cache_dir())
+    assert not list((tmp_path / "musicbot" / "kernels").iterdir())  # nothing half-written kept
 
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_cross_attention_matches_softmax_attention_with_its_mask(
-    kernels: native.StepKernels, masked: bool
+    kernels: native.NativeKernels, masked: bool
 ) -> None:
     g = torch.Generator().manual_seed(3)
     rows, heads, dim, text = 3, 2, 32, 19  # 3 rows: one is shared out between the two threads by heads
@@ -213,7 +215,9 @@ def test_cross_attention_matches_softmax_attention_with_its_mask(
     assert torch.allclose(got, want.reshape(rows, heads * dim), atol=2e-2, rtol=2**-7)
 
 
-def test_native_engine_repeats_a_seed_bit_for_bit(kernels: native.StepKernels, tiny_model_dir: Path) -> None:
+def test_native_engine_repeats_a_seed_bit_for_bit(
+    kernels: native.NativeKernels, tiny_model_dir: Path
+) -> None:
     from generation import GenerationRequest
     from generation.engine import load_engine
 
@@ -227,7 +231,7 @@ def test_native_engine_repeats_a_seed_bit_for_bit(kernels: native.StepKernels, t
         assert torch.equal(torch.from_numpy(first.audio), torch.from_numpy(second.audio))
 
 
-def test_kernel_calls_refuse_tensors_they_would_read_out_of_bounds(kernels: native.StepKernels) -> None:
+def test_kernel_calls_refuse_tensors_they_would_read_out_of_bounds(kernels: native.NativeKernels) -> None:
     packed = kernels.pack(torch.zeros(32, 64, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match=r"x: torch\.float32"):
         kernels.linear(torch.zeros(2, 1, 64), packed)
@@ -247,7 +251,7 @@ def test_kernel_calls_refuse_tensors_they_would_read_out_of_bounds(kernels: nati
         kernels.attend(qkv[..., :96], keys, keys.clone(), 2, 0)
 
 
-def test_cross_attention_with_a_nan_key_is_nan_for_that_head_alone(kernels: native.StepKernels) -> None:
+def test_cross_attention_with_a_nan_key_is_nan_for_that_head_alone(kernels: native.NativeKernels) -> None:
     g = torch.Generator().manual_seed(6)
     q = _bf16(2, 1, 64, generator=g)
     keys, values = _bf16(2, 5, 64, generator=g), _bf16(2, 5, 64, generator=g)
@@ -258,7 +262,7 @@ def test_cross_attention_with_a_nan_key_is_nan_for_that_head_alone(kernels: nati
     assert not out.isnan().any()
 
 
-def test_attention_over_nothing_but_minus_infinity_is_nan_as_in_torch(kernels: native.StepKernels) -> None:
+def test_attention_over_nothing_but_minus_infinity_is_nan_as_in_torch(kernels: native.NativeKernels) -> None:
     g = torch.Generator().manual_seed(5)
     q = _bf16(1, 1, 64, generator=g)
     keys, values = _bf16(1, 4, 64, generator=g), _bf16(1, 4, 64, generator=g)
@@ -272,8 +276,8 @@ def test_attention_over_nothing_but_minus_infinity_is_nan_as_in_torch(kernels: n
 def test_a_cached_library_that_no_longer_loads_is_built_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(native.Path, "home", lambda: tmp_path)
-    path = native._build(shutil.which("g++") or "g++")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = native._build(shutil.which("g++") or "g++", native.private_cache_dir())
     path.write_bytes(b"not a shared library")
     native.load.cache_clear()
     try:
@@ -297,7 +301,7 @@ def _resnet_block(channels: int, seed: int) -> torch.nn.Module:
     return block
 
 
-def _native_block(block: torch.nn.Module, kernels: native.StepKernels) -> torch.nn.Module:
+def _native_block(block: torch.nn.Module, kernels: native.NativeKernels) -> torch.nn.Module:
     from generation.codec import _NativeResnetBlock
 
     assert _NativeResnetBlock.fits(block, kernels)
@@ -310,7 +314,7 @@ def _native_block(block: torch.nn.Module, kernels: native.StepKernels) -> torch.
     ("channels", "length"), [(8, 2), (8, 3), (32, 63), (64, 2), (64, 64), (64, 65), (64, 300), (256, 70)]
 )
 def test_residual_block_equals_encodecs_to_fp32_rounding(
-    products: native.StepKernels, channels: int, length: int
+    products: native.NativeKernels, channels: int, length: int
 ) -> None:
     from generation.codec import _NativeResnetBlock
 
@@ -330,7 +334,9 @@ def test_residual_block_equals_encodecs_to_fp32_rounding(
 
 
 @pytest.mark.parametrize("channels", [16, 64])  # 64: on AMX where the CPU has it
-def test_residual_block_keeps_nan_where_encodecs_has_it(products: native.StepKernels, channels: int) -> None:
+def test_residual_block_keeps_nan_where_encodecs_has_it(
+    products: native.NativeKernels, channels: int
+) -> None:
     block = _resnet_block(channels, seed=1)
     x = torch.randn(2, channels, 200)
     x[1, 5, 100] = float("nan")
@@ -340,7 +346,7 @@ def test_residual_block_keeps_nan_where_encodecs_has_it(products: native.StepKer
     assert want.isnan().any()
 
 
-def test_residual_block_call_refuses_what_it_would_read_out_of_bounds(kernels: native.StepKernels) -> None:
+def test_residual_block_call_refuses_what_it_would_read_out_of_bounds(kernels: native.NativeKernels) -> None:
     block = _resnet_block(16, seed=2)
     fused = _native_block(block, kernels)
     weights = (fused.w1, fused.b1, fused.w2, fused.b2)
@@ -359,7 +365,7 @@ def test_residual_block_call_refuses_what_it_would_read_out_of_bounds(kernels: n
 
 
 def test_only_encodecs_plain_residual_blocks_up_to_128_channels_take_the_kernel(
-    products: native.StepKernels,
+    products: native.NativeKernels,
 ) -> None:
     from transformers import EncodecConfig
     from transformers.models.encodec.modeling_encodec import EncodecResnetBlock
@@ -386,7 +392,7 @@ def test_only_encodecs_plain_residual_blocks_up_to_128_channels_take_the_kernel(
 @pytest.mark.skipif(not HAS_AMX, reason="no AMX")
 @pytest.mark.parametrize(("stride", "length"), [(4, 1), (4, 63), (4, 64), (5, 30), (8, 7), (2, 100)])
 def test_amx_upsampling_equals_torchs_transposed_convolution(
-    kernels: native.StepKernels, stride: int, length: int
+    kernels: native.NativeKernels, stride: int, length: int
 ) -> None:
     g = torch.Generator().manual_seed(stride * 100 + length)
     x = torch.randn(2, 64, length, generator=g)
@@ -405,7 +411,7 @@ def test_amx_upsampling_equals_torchs_transposed_convolution(
 
 
 @pytest.mark.skipif(not HAS_AMX, reason="no AMX")
-def test_amx_convolutions_refuse_what_their_tiles_cannot_take(kernels: native.StepKernels) -> None:
+def test_amx_convolutions_refuse_what_their_tiles_cannot_take(kernels: native.NativeKernels) -> None:
     with pytest.raises(ValueError, match="do not fit"):
         kernels.pack_amx_conv(torch.zeros(3, 16, 16))  # inputs not in 32s
     with pytest.raises(ValueError, match="do not fit"):
@@ -423,15 +429,12 @@ def test_amx_convolutions_refuse_what_their_tiles_cannot_take(kernels: native.St
         kernels.amx = True
 
 
-def _build_with(tmp_path: Path, *extra: str) -> native.StepKernels:
+def _build_with(tmp_path: Path, *extra: str) -> native.NativeKernels:
     import ctypes
-    import subprocess
 
     target = tmp_path / "kernels.so"
-    subprocess.run(
-        ["g++", *native.FLAGS, *extra, str(native.SOURCE), "-o", str(target)], check=True, capture_output=True
-    )
-    return native.StepKernels(ctypes.CDLL(str(target)), target)
+    native.compile_library("g++", (*native.FLAGS, *extra), target)
+    return native.NativeKernels(ctypes.CDLL(str(target)), target)
 
 
 @pytest.mark.skipif(not CAN_BUILD, reason="no AVX-512 BF16 CPU or no g++ here")
@@ -458,7 +461,7 @@ def test_a_compiler_without_amx_gives_entry_points_that_amx_enable_never_lets_ru
 
 @pytest.mark.skipif(not HAS_AMX, reason="no AMX")
 def test_amx_residual_block_refuses_a_hidden_width_its_second_convolution_cannot_take(
-    kernels: native.StepKernels,
+    kernels: native.NativeKernels,
 ) -> None:
     w1 = kernels.pack_amx_conv(
         torch.zeros(3, 48, 32)
@@ -466,3 +469,218 @@ def test_amx_residual_block_refuses_a_hidden_width_its_second_convolution_cannot
     w2 = (torch.zeros(1, 32, 48, dtype=torch.bfloat16),) * 2
     with pytest.raises(ValueError, match="does not fit"):
         kernels.resblock_amx(torch.zeros(1, 32, 10), w1, torch.zeros(48), w2, torch.zeros(32))
+
+
+# --- the declared interface: each call checked at the one binding layer ---
+
+HAS_GXX = shutil.which("g++") is not None and native.platform.machine() in ("x86_64", "AMD64")
+
+
+@pytest.fixture(scope="module")
+def bound(tmp_path_factory: pytest.TempPathFactory) -> native.NativeKernels:
+    """The kernels for this CPU, or where it lacks the instructions a build for an AVX-512 BF16 CPU that
+    is loaded but never run: the refusals below happen before any call crosses into the library."""
+    import ctypes
+
+    if CAN_BUILD:
+        built = native.load()
+        assert built is not None
+        return built
+    if not HAS_GXX:
+        pytest.skip("no g++ for x86-64 here")
+    target = tmp_path_factory.mktemp("kernels") / "kernels.so"
+    flags = [f for f in native.FLAGS if f != "-march=native"]
+    native.compile_library("g++", (*flags, "-march=cooperlake"), target)
+    return native.NativeKernels(ctypes.CDLL(str(target)), target)
+
+
+def test_a_kernel_called_with_the_wrong_dtype_names_the_argument(bound: native.NativeKernels) -> None:
+    packed, y = torch.zeros(32, 64, dtype=torch.bfloat16), torch.zeros(2, 32, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"^linear_bf16: x: torch\.float32 .* contiguous bf16"):
+        bound.calls["linear_bf16"](packed, torch.zeros(2, 64), None, y, 2, 32, 64, 0, 1)
+    with pytest.raises(ValueError, match=r"^linear_bf16: y: .* contiguous bf16"):
+        bound.calls["linear_bf16"](
+            packed, y.new_zeros(2, 64), None, torch.zeros(32, 2).bfloat16().t(), 2, 32, 64, 0, 1
+        )
+
+
+def test_a_kernel_called_with_a_tensor_smaller_than_its_sizes_names_the_argument(
+    bound: native.NativeKernels,
+) -> None:
+    packed, y = torch.zeros(32, 64, dtype=torch.bfloat16), torch.zeros(2, 32, dtype=torch.bfloat16)
+    short = torch.zeros(2, 62, dtype=torch.bfloat16)
+    with pytest.raises(
+        ValueError, match=r"^linear_bf16: x: \(2, 62\) holds 124 values, the call's M \* K is 128"
+    ):
+        bound.calls["linear_bf16"](packed, short, None, y, 2, 32, 64, 0, 1)
+    with pytest.raises(ValueError, match=r"^linear_bf16: residual: "):
+        bound.calls["linear_bf16"](packed, short.new_zeros(2, 64), y[:1], y, 2, 32, 64, 0, 1)
+    with pytest.raises(ValueError, match=r"^resblock_f32: scratch: .* at least"):
+        x = torch.zeros(1, 4, 8)
+        bound.calls["resblock_f32"](
+            x, torch.empty_like(x), torch.zeros(48), torch.zeros(4), torch.zeros(16), torch.zeros(4),
+            torch.zeros(1), 1, 4, 4, 8, 1,
+        )  # fmt: skip
+
+
+def test_a_kernel_called_with_more_heads_than_it_holds_names_the_limit(bound: native.NativeKernels) -> None:
+    heads, dim = native.MAX_HEADS + 1, 32
+    hidden = heads * dim
+    keys = torch.zeros(1, 2, hidden, dtype=torch.bfloat16)
+    qkv, out = torch.zeros(1, 3 * hidden, dtype=torch.bfloat16), torch.zeros(1, hidden, dtype=torch.bfloat16)
+    with pytest.raises(
+        ValueError, match=rf"^attend_bf16: needs 0 < heads <= MAX_HEADS \(heads = {heads}, MAX"
+    ):
+        bound.calls["attend_bf16"](qkv, keys, keys.clone(), out, torch.zeros(10**6), 1, heads, dim, 2, 0, 1)
+    with pytest.raises(ValueError, match="keys"):  # and the method refuses them before that
+        bound.attend(qkv, keys, keys.clone(), heads, 0)
+
+
+def test_a_step_call_refuses_a_position_past_its_caches_and_a_short_layer_array(
+    bound: native.NativeKernels,
+) -> None:
+    import ctypes
+
+    model = native.StepModel(layers=2, hidden=64, heads=2, ffn=64, codebooks=2, vocab=16, capacity=4)
+    layers = (native.StepLayer * 1)()
+    step = bound.calls["decoder_step"]
+    tokens, x = torch.zeros(1, 2, dtype=torch.int64), torch.zeros(1, 64, dtype=torch.bfloat16)
+    logits, work = torch.zeros(1, 32, dtype=torch.bfloat16), torch.zeros(10**4, dtype=torch.bfloat16)
+    scratch = torch.zeros(10**4)
+    with pytest.raises(ValueError, match=r"^decoder_step: layers: not an array of m\.layers = 2 StepLayer"):
+        step(model, layers, tokens, x, logits, work, scratch, 1, 0, 0, 1)
+    with pytest.raises(ValueError, match=r"^decoder_step: needs 0 <= position < m\.capacity"):
+        step(model, (native.StepLayer * 2)(), tokens, x, logits, work, scratch, 1, 0, 4, 1)
+    with pytest.raises(ValueError, match=r"^decoder_step: m: "):
+        step(ctypes.c_int(3), layers, tokens, x, logits, work, scratch, 1, 0, 0, 1)
+
+
+@pytest.mark.skipif(not HAS_GXX, reason="no g++ for x86-64 here")
+def test_a_definition_that_disagrees_with_its_declaration_does_not_compile(tmp_path: Path) -> None:
+    wrong = tmp_path / "wrong.cpp"  # K as a float: the generated header says int
+    wrong.write_text(
+        '#include "interface.h"\n'
+        'extern "C" void pack_linear_weight(const uint16_t*, uint16_t*, int, float) {}\n'
+    )
+    with pytest.raises(OSError, match="conflicting declaration"):
+        native.compile_library("g++", ("-shared", "-fPIC"), tmp_path / "wrong.so", (wrong,))
+
+
+def test_the_header_declares_every_kernel_and_the_shared_constants() -> None:
+    from generation import native_api
+
+    header = native_api.render_header()
+    assert f"#define MUSICBOT_MAX_HEADS {native.MAX_HEADS}" in header
+    for kernel in native_api.KERNELS:
+        assert kernel.declaration() in header
+    assert "struct StepLayer {" in header and "struct StepModel {" in header
+
+
+# --- the cache: loaded only from a directory and a file that this user alone can write ---
+
+
+GXX = "/usr/bin/g++"
+
+
+@pytest.fixture
+def cpu_that_builds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """A CPU the kernels are for and a compiler (as far as load() asks), the cache root in tmp_path."""
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset(native.REQUIRED_CPU))
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(native.shutil, "which", lambda _name: GXX)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native.load.cache_clear()
+    yield tmp_path / "musicbot" / "kernels"
+    native.load.cache_clear()
+
+
+def _refused(caplog: pytest.LogCaptureFixture) -> str:
+    with caplog.at_level(logging.WARNING, logger="generation.native"):
+        assert native.load() is None
+    return caplog.text
+
+
+def test_a_cache_directory_others_can_write_is_refused_and_torch_runs(
+    cpu_that_builds: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cpu_that_builds.mkdir(parents=True)
+    cpu_that_builds.chmod(0o777)
+    text = _refused(caplog)
+    assert f"directory {cpu_that_builds} is writable by its group or others (mode 777)" in text
+    assert "torch's kernels run instead" in text
+    assert not list(cpu_that_builds.iterdir())  # nothing built into it
+
+
+def test_the_cache_directory_is_created_private(cpu_that_builds: Path) -> None:
+    assert native.private_cache_dir() == cpu_that_builds
+    for directory in (cpu_that_builds, cpu_that_builds.parent):
+        assert directory.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.skipif(not os.access(GXX, os.X_OK), reason=f"no {GXX} here")
+def test_a_library_others_can_write_is_refused(
+    cpu_that_builds: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    library = native.library_path(GXX, native.private_cache_dir())  # where load() looks for it
+    library.write_bytes(b"\x7fELF planted")
+    library.chmod(0o664)
+    text = _refused(caplog)
+    assert f"library {library} is writable by its group or others (mode 664)" in text
+
+
+def test_a_cache_directory_of_another_user_is_refused(
+    cpu_that_builds: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cpu_that_builds.mkdir(parents=True, mode=0o700)
+    other = os.getuid() + 1000
+    if os.getuid() == 0:  # root can give it away for real
+        os.chown(cpu_that_builds, other, -1)
+    else:  # the same check, seen from another user's side
+        monkeypatch.setattr(native.os, "getuid", lambda: other)
+    text = _refused(caplog)
+    assert "belongs to uid" in text and "not to this user" in text
+
+
+# --- a sanitized build running every entry point ---
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="no AVX-512 BF16 CPU or no g++ here")
+def test_every_entry_point_runs_clean_under_address_and_undefined_behaviour_sanitizers(
+    tmp_path: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    asan = subprocess.run(
+        ["g++", "-print-file-name=libasan.so"], capture_output=True, text=True
+    ).stdout.strip()
+    if not os.path.isabs(asan):
+        pytest.skip("this g++ has no AddressSanitizer runtime")
+    target = tmp_path / "sanitized.so"
+    flags = [f for f in native.FLAGS if f != "-O3"]
+    sanitize = (
+        "-O1",
+        "-g",
+        "-fsanitize=address,undefined",
+        "-fno-omit-frame-pointer",
+        "-fno-sanitize-recover",
+    )
+    native.compile_library("g++", (*flags, *sanitize), target)
+    env = {
+        **os.environ,
+        "LD_PRELOAD": asan,
+        "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",  # python itself leaks by design
+        "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+    }
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.generation.native_sanitized", str(target)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    report = run.stderr[-4000:]
+    assert run.returncode == 0, report
+    assert "AddressSanitizer" not in run.stderr and "runtime error" not in run.stderr, report
+    assert run.stdout.strip().endswith("ok")

@@ -1,0 +1,76 @@
+// What the decoder's and EnCodec's kernels share: bf16 conversions, lane masks, exp, and AMX's tile
+// configuration. Every entry point and struct is declared in interface.h, generated at build time from
+// generation/native_api.py (the one declaration of the interface; a definition that disagrees with it
+// does not compile). Built by generation/native.py with g++ -O3 -march=native -fopenmp; the calls are
+// checked against the declarations before they cross from Python.
+#pragma once
+
+#include <immintrin.h>
+#include <omp.h>
+#include <cmath>
+#include <stdint.h>
+#include <string.h>
+
+#include "interface.h"
+
+// The AMX code is compiled for AMX whatever -march says (so the library builds on every AVX-512 BF16 CPU,
+// AMX or not) and runs only where amx_enable() gets the tiles from Linux. A compiler without AMX (g++
+// before 11, or -DMUSICBOT_NO_AMX) gets entry points that amx_enable() never lets run.
+#if defined(__has_include) && !defined(MUSICBOT_NO_AMX)
+#if __has_include(<amxtileintrin.h>)
+#define MUSICBOT_AMX 1
+#endif
+#endif
+
+namespace {
+
+constexpr int kMaxHeads = MUSICBOT_MAX_HEADS;  // self-attention's per-head state lives on the stack
+
+inline __m512 bf16_to_f32(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Lanes 0 .. left - 1 of sixteen (all for left >= 16, none for left <= 0): a tile's tail.
+inline __mmask16 first_lanes(int left) {
+    return left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : (__mmask16)0;
+}
+
+// exp for x <= 0 (softmax after subtracting the max): 2^(x log2 e), split into 2^i * 2^f, f in [-0.5, 0.5]
+inline __m512 exp_neg(__m512 x) {
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 t = _mm512_mul_ps(x, log2e);
+    __m512 i = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(t, i);
+    // 2^f on [-0.5, 0.5], degree-6 polynomial (relative error < 2e-7)
+    __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, i);
+}
+
+inline uint16_t to_bf16(float f) {
+    return (uint16_t)_mm_cvtsi128_si32((__m128i)_mm_cvtneps_pbh(_mm_set1_ps(f)));
+}
+
+inline float from_bf16(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+#ifdef MUSICBOT_AMX
+// AMX's tile configuration (palette 1): per tile its rows and bytes a row.
+struct TileConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t bytes[16] = {};
+    uint8_t rows[16] = {};
+};
+#endif  // MUSICBOT_AMX
+
+}  // namespace

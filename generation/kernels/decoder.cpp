@@ -1,0 +1,424 @@
+// The decoder's kernels: weight products, self- and cross-attention, layer norms, and one whole
+// decoding step in one call.
+//
+// - linear: y = x @ W.T for a few rows of bf16 activations. A step streams every weight once, so its
+//   speed is memory bandwidth. Weights are packed once into panels of 32 output columns that each thread
+//   reads as one sequential stream, and every row of x (up to 8 at once) is computed per panel load, each
+//   x pair broadcast into the dot product: the inner loop has nothing but loads and dot products.
+//   GELU and the residual add are applied to the sums before they are rounded to bf16. Where the CPU has
+//   AMX the same panels feed tile products instead, which cost the weight stream alone at up to 16 rows.
+// - attend: each row's query heads against its cache of keys and values, the new key and value written
+//   first. Reads each cache once, with no copies and no mask. The caches are position-major (all heads
+//   of a position side by side), so a row's keys are one stream. The same for cross-attention over the
+//   text, with its mask.
+// - decoder_step: embeddings, every layer and the LM heads on the kernels above, in the same operations,
+//   order and precision as the step in Python: bf16 activations, fp32 sums, the embedding sum and layer
+//   norms rounded to bf16 where torch rounds them.
+
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "common.h"
+
+namespace {
+
+constexpr int kPanel = 32;  // output columns per packed panel: two 16-lane accumulators a row
+constexpr int kChunk = 32;  // bf16 values per 64-byte load
+// Positions ahead that attention asks for, into L2 (not L1: the caches are streamed once).
+constexpr int kAttendAhead = 8;
+
+// scores[p] <- exp(scores[p] - best) for p < n; returns 1 / their sum. NaN when best is not finite (a
+// NaN score, or nothing but -inf / +inf): the caller then writes NaN, as torch's softmax gives.
+inline float softmax_weights(float* scores, int n, float best) {
+    if (!std::isfinite(best)) return NAN;
+    const __m512 vbest = _mm512_set1_ps(best);
+    __m512 vsum = _mm512_setzero_ps();
+    int p = 0;
+    for (; p + 16 <= n; p += 16) {
+        __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(scores + p), vbest));
+        _mm512_storeu_ps(scores + p, e);
+        vsum = _mm512_add_ps(vsum, e);
+    }
+    if (p < n) {
+        __mmask16 tail = (__mmask16)((1u << (n - p)) - 1u);
+        __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, scores + p), vbest));
+        e = _mm512_maskz_mov_ps(tail, e);
+        _mm512_mask_storeu_ps(scores + p, tail, e);
+        vsum = _mm512_add_ps(vsum, e);
+    }
+    return 1.0f / _mm512_reduce_add_ps(vsum);
+}
+
+// softmax(q . K[p] (+ mask[p]), p < n) . V for heads h0 .. h1 - 1 of one row, scores in fp32, the
+// result rounded to bf16. The caches are position-major: position p's keys for all heads are
+// kc[p * stride ...], head h at offset h * D. Positions are the outer loop, so each cache is read as one
+// stream rather than as per-head slices.
+// scores: (h1 - h0) * n floats; acc: (h1 - h0) * D floats.
+inline void attend_heads(const uint16_t* q, const uint16_t* kc, const uint16_t* vc, int n, int stride, int h0,
+                         int h1, int D, const float* mask, uint16_t* o, float* scores, float* acc) {
+    const int nh = h1 - h0;
+    float best[kMaxHeads];
+    for (int h = 0; h < nh; h++) best[h] = -INFINITY;
+    for (int p = 0; p < n; p++) {
+        const uint16_t* kp = kc + (size_t)p * stride;
+        const char* kahead = (const char*)(kp + (size_t)kAttendAhead * stride);
+        for (int h = 0; h < nh; h++) {
+            const int at = (h0 + h) * D;
+            for (int line = 0; line < D * 2; line += 64) _mm_prefetch(kahead + at * 2 + line, _MM_HINT_T1);
+            __m512 a = _mm512_setzero_ps();
+            for (int d = 0; d < D; d += kChunk)
+                a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(q + at + d), (__m512bh)_mm512_loadu_si512(kp + at + d));
+            const float sc = _mm512_reduce_add_ps(a) + (mask ? mask[p] : 0.0f);
+            scores[(size_t)h * n + p] = sc;
+            if (!(sc <= best[h]) && best[h] == best[h]) best[h] = sc;  // a NaN score makes best NaN, for good
+        }
+    }
+    float inv[kMaxHeads];
+    for (int h = 0; h < nh; h++) inv[h] = softmax_weights(scores + (size_t)h * n, n, best[h]);
+    const int lanes = D / 16;
+    for (int i = 0; i < nh * lanes; i++) _mm512_storeu_ps(acc + 16 * i, _mm512_setzero_ps());
+    for (int p = 0; p < n; p++) {
+        const uint16_t* vp = vc + (size_t)p * stride + (size_t)h0 * D;
+        const char* vahead = (const char*)(vp + (size_t)kAttendAhead * stride);
+        for (int h = 0; h < nh; h++) {
+            for (int line = 0; line < D * 2; line += 64) _mm_prefetch(vahead + h * D * 2 + line, _MM_HINT_T1);
+            const __m512 w = _mm512_set1_ps(scores[(size_t)h * n + p]);
+            float* ah = acc + (size_t)h * D;
+            for (int i = 0; i < lanes; i++) {
+                const __m512 v = bf16_to_f32(_mm256_loadu_si256((const __m256i*)(vp + h * D + 16 * i)));
+                _mm512_storeu_ps(ah + 16 * i, _mm512_fmadd_ps(w, v, _mm512_loadu_ps(ah + 16 * i)));
+            }
+        }
+    }
+    for (int h = 0; h < nh; h++) {
+        uint16_t* oh = o + (size_t)(h0 + h) * D;
+        if (std::isnan(inv[h])) {
+            for (int d = 0; d < D; d++) oh[d] = 0x7fc0;
+            continue;
+        }
+        const __m512 vinv = _mm512_set1_ps(inv[h]);
+        for (int i = 0; i < lanes; i++)
+            _mm256_storeu_si256((__m256i*)(oh + 16 * i),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + (size_t)h * D + 16 * i), vinv)));
+    }
+}
+
+// Exact GELU, x * (1 + erf(x / sqrt 2)) / 2, with erf by Abramowitz & Stegun 7.1.26: absolute error
+// below 1.5e-7, far below the bf16 rounding that follows for all but tiny results (x < -4.5, where
+// GELU itself is under 1e-5 and comes out as about 0).
+inline __m512 gelu(__m512 x) {
+    const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f));
+    const __m512 a = _mm512_abs_ps(z);
+    const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f)));
+    __m512 poly = _mm512_set1_ps(1.061405429f);
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-1.453152027f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(1.421413741f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(0.254829592f));
+    poly = _mm512_mul_ps(poly, t);
+    const __m512 e = exp_neg(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a)));
+    __m512 erf_abs = _mm512_fnmadd_ps(poly, e, _mm512_set1_ps(1.0f));  // 1 - poly * e
+    // erf is odd: take the sign of z
+    const __m512 sign = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(z), _mm512_set1_epi32(0x80000000)));
+    const __m512 erf_z = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(erf_abs), _mm512_castps_si512(sign)));
+    return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(_mm512_set1_ps(1.0f), erf_z));
+}
+
+// Sixteen finished fp32 sums: [GELU], [+ residual], rounded to bf16 into y at `at`.
+inline void finish16(__m512 v, const uint16_t* residual, uint16_t* y, size_t at, int act) {
+    if (act == 1) v = gelu(v);
+    if (residual) v = _mm512_add_ps(v, bf16_to_f32(_mm256_loadu_si256((const __m256i*)(residual + at))));
+    _mm256_storeu_si256((__m256i*)(y + at), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// One panel of kPanel output columns for MB rows of x: acc[m][h] holds columns h*16 .. h*16+15.
+// Each pair of x's bf16 values (k, k+1) is broadcast into the dot product's operand.
+template <int MB>
+inline void panel_rows(const uint16_t* panel, const uint16_t* x, const uint16_t* residual, uint16_t* y,
+                       int m0, int N, int K, int n0, int act) {
+    __m512 acc[MB][2];
+    for (int m = 0; m < MB; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    const int pairs = K / 2;
+    const uint16_t* xm = x + (size_t)m0 * K;
+    for (int kk = 0; kk < pairs; kk++) {
+        const uint16_t* p = panel + (size_t)kk * 2 * kPanel;
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(p);
+        const __m512bh w1 = (__m512bh)_mm512_loadu_si512(p + 32);
+        for (int m = 0; m < MB; m++) {
+            int32_t pair;
+            memcpy(&pair, xm + (size_t)m * K + 2 * kk, sizeof pair);
+            const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+            acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, xb);
+            acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, xb);
+        }
+    }
+    for (int m = 0; m < MB; m++)
+        for (int h = 0; h < 2; h++) finish16(acc[m][h], residual, y, (size_t)(m0 + m) * N + n0 + 16 * h, act);
+}
+
+#ifdef MUSICBOT_AMX
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-bf16")
+
+// AMX (Sapphire Rapids and later): one tile product takes 16 rows x 32 k x 16 columns, so at up to 16
+// rows a panel costs two products per 2 kB of weights and the step is bound by the weight stream alone
+// (the AVX-512 loop above is bound by its dot products at a few rows). The packed panels are already the
+// tiles' pair-interleaved layout:
+// columns 0-15 and 16-31 of a panel are two B tiles, 64 bytes a k pair at a stride of 128.
+// Tiles: 0 and 1 the sums of a panel's two halves, 2 the rows of x, 3 and 4 the weights.
+constexpr int kAmxRows = 16;        // rows of x per tile
+constexpr int kPrefetchBytes = 1024;  // how far ahead in its panel stream a thread asks for weights
+
+inline void amx_configure(int rows) {
+    TileConfig config;
+    for (int t = 0; t < 5; t++) {
+        config.rows[t] = t < 3 ? rows : 16;
+        config.bytes[t] = 64;
+    }
+    _tile_loadconfig(&config);
+}
+
+// rows m0 .. m0 + MC - 1 of x (MC <= 16, the tiles configured for MC rows) against one panel; K % 32 == 0.
+inline void panel_rows_amx(const uint16_t* panel, const uint16_t* x, const uint16_t* residual, uint16_t* y,
+                           int m0, int MC, int N, int K, int n0, int act, float* sums) {
+    _tile_zero(0);
+    _tile_zero(1);
+    const uint16_t* xm = x + (size_t)m0 * K;
+    for (int k0 = 0; k0 < K; k0 += 32) {
+        const uint16_t* p = panel + (size_t)k0 * kPanel;  // 16 k pairs x 32 columns x 2
+        const char* ahead = (const char*)p + kPrefetchBytes;
+        for (int line = 0; line < 32 * kPanel * 2; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+        _tile_loadd(2, xm + k0, K * 2);
+        _tile_loadd(3, p, kPanel * 4);
+        _tile_loadd(4, p + 32, kPanel * 4);
+        _tile_dpbf16ps(0, 2, 3);
+        _tile_dpbf16ps(1, 2, 4);
+    }
+    _tile_stored(0, sums, kPanel * 4);
+    _tile_stored(1, sums + 16, kPanel * 4);
+    for (int m = 0; m < MC; m++)
+        for (int h = 0; h < 2; h++)
+            finish16(_mm512_loadu_ps(sums + m * kPanel + 16 * h), residual, y, (size_t)(m0 + m) * N + n0 + 16 * h, act);
+}
+
+#pragma GCC pop_options
+#endif  // MUSICBOT_AMX
+
+// Tasks per row: a row's heads, or a share of them when the rows are fewer than a multiple of the
+// threads (one request without guidance: one row, two threads).
+inline int head_groups(int rows, int heads, int threads) {
+    int a = rows, b = threads;
+    while (b) {
+        const int t = a % b;
+        a = b;
+        b = t;
+    }
+    const int groups = threads / a;
+    return groups > heads ? heads : groups;
+}
+
+inline int attention_scratch(int heads, int D, int capacity) { return heads * (capacity + D); }
+
+// rows x heads queries q (row r at q + r * q_stride) over position-major caches (rows, capacity, heads * D),
+// attending positions 0 .. n - 1. With `fresh` (self-attention) position n - 1 is first written from it:
+// keys at fresh + r * q_stride, values heads * D further. Work is shared out as head_groups says.
+void attend_rows(const uint16_t* q, size_t q_stride, const uint16_t* fresh, uint16_t* keys, uint16_t* values,
+                 const float* mask, uint16_t* out, float* scratch, int rows, int heads, int D, int capacity,
+                 int n, int threads) {
+    const int hidden = heads * D, groups = head_groups(rows, heads, threads);
+#pragma omp parallel num_threads(threads)
+    {
+        float* scores = scratch + (size_t)omp_get_thread_num() * attention_scratch(heads, D, capacity);
+        float* acc = scores + (size_t)heads * capacity;
+#pragma omp for schedule(static)
+        for (int task = 0; task < rows * groups; task++) {
+            const int r = task / groups, g = task % groups;
+            const int h0 = g * heads / groups, h1 = (g + 1) * heads / groups;
+            uint16_t* kc = keys + (size_t)r * capacity * hidden;
+            uint16_t* vc = values + (size_t)r * capacity * hidden;
+            if (fresh) {
+                const uint16_t* k = fresh + (size_t)r * q_stride + (size_t)h0 * D;
+                const size_t at = (size_t)(n - 1) * hidden + (size_t)h0 * D, count = (size_t)(h1 - h0) * D;
+                memcpy(kc + at, k, count * sizeof(uint16_t));
+                memcpy(vc + at, k + hidden, count * sizeof(uint16_t));
+            }
+            attend_heads(q + (size_t)r * q_stride, kc, vc, n, hidden, h0, h1, D, mask ? mask + (size_t)r * n : nullptr,
+                         out + (size_t)r * hidden, scores, acc);
+        }
+    }
+}
+
+// torch's layer norm of bf16 rows: mean and variance in fp32 (biased), y = (x - mean) * rstd * w + b
+// rounded to bf16 once.
+void layer_norm(const uint16_t* x, uint16_t* y, const uint16_t* w, const uint16_t* b, float eps, int rows,
+                       int n) {
+    for (int r = 0; r < rows; r++) {
+        const uint16_t* xr = x + (size_t)r * n;
+        uint16_t* yr = y + (size_t)r * n;
+        __m512 sum = _mm512_setzero_ps();
+        for (int i = 0; i < n; i += 16) sum = _mm512_add_ps(sum, bf16_to_f32(_mm256_loadu_si256((const __m256i*)(xr + i))));
+        const float mean = _mm512_reduce_add_ps(sum) / n;
+        const __m512 vmean = _mm512_set1_ps(mean);
+        __m512 sq = _mm512_setzero_ps();
+        for (int i = 0; i < n; i += 16) {
+            const __m512 d = _mm512_sub_ps(bf16_to_f32(_mm256_loadu_si256((const __m256i*)(xr + i))), vmean);
+            sq = _mm512_fmadd_ps(d, d, sq);
+        }
+        const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(sq) / n + eps));
+        for (int i = 0; i < n; i += 16) {
+            const __m512 d = _mm512_sub_ps(bf16_to_f32(_mm256_loadu_si256((const __m256i*)(xr + i))), vmean);
+            const __m512 wv = bf16_to_f32(_mm256_loadu_si256((const __m256i*)(w + i)));
+            const __m512 bv = bf16_to_f32(_mm256_loadu_si256((const __m256i*)(b + i)));
+            _mm256_storeu_si256((__m256i*)(yr + i), (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(_mm512_mul_ps(d, rstd), wv, bv)));
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// W (N, K) bf16 row-major -> packed panels [N/32][K/2][32][2]: for each pair of k, the 32 columns of a
+// panel side by side, so a panel is one sequential stream and each 64-byte load is 16 columns x 2 k.
+// N % 32 == 0, K % 2 == 0.
+void pack_linear_weight(const uint16_t* W, uint16_t* packed, int N, int K) {
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++)
+            packed[(((size_t)(n / kPanel) * (K / 2) + k / 2) * kPanel + n % kPanel) * 2 + k % 2] =
+                W[(size_t)n * K + k];
+}
+
+// y (M, N) = act(x (M, K) @ W.T) [+ residual (M, N)], all bf16, fp32 sums; act 0: none, 1: exact GELU.
+// W packed by pack_linear_weight.
+void linear_bf16(const uint16_t* packed, const uint16_t* x, const uint16_t* residual, uint16_t* y, int M,
+                 int N, int K, int act, int threads) {
+    const int panels = N / kPanel;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int b = 0; b < panels; b++) {
+        const uint16_t* panel = packed + (size_t)b * K * kPanel;
+        const int n0 = b * kPanel;
+        int m0 = 0;
+        for (; m0 + 8 <= M; m0 += 8) panel_rows<8>(panel, x, residual, y, m0, N, K, n0, act);
+        switch (M - m0) {
+            case 7: panel_rows<7>(panel, x, residual, y, m0, N, K, n0, act); break;
+            case 6: panel_rows<6>(panel, x, residual, y, m0, N, K, n0, act); break;
+            case 5: panel_rows<5>(panel, x, residual, y, m0, N, K, n0, act); break;
+            case 4: panel_rows<4>(panel, x, residual, y, m0, N, K, n0, act); break;
+            case 3: panel_rows<3>(panel, x, residual, y, m0, N, K, n0, act); break;
+            case 2: panel_rows<2>(panel, x, residual, y, m0, N, K, n0, act); break;
+            case 1: panel_rows<1>(panel, x, residual, y, m0, N, K, n0, act); break;
+            default: break;
+        }
+    }
+}
+
+// One decoding step of self-attention for rows x heads query rows, head size D (D % 32 == 0),
+// heads <= MUSICBOT_MAX_HEADS.
+// qkv (rows, 3 * heads * D) bf16: the fused projection, q already scaled by 1/sqrt(D).
+// keys / values (rows, capacity, heads * D) bf16, position-major: position `pos` is written from qkv,
+// then each query attends over positions 0..pos. out (rows, heads * D) bf16.
+// scratch: threads * attend_scratch(heads, D, capacity) floats.
+int attend_scratch(int heads, int D, int capacity) { return attention_scratch(heads, D, capacity); }
+
+void attend_bf16(const uint16_t* qkv, uint16_t* keys, uint16_t* values, uint16_t* out, float* scratch, int rows,
+                 int heads, int D, int capacity, int pos, int threads) {
+    const size_t hidden = (size_t)heads * D;
+    attend_rows(qkv, 3 * hidden, qkv + hidden, keys, values, nullptr, out, scratch, rows, heads, D, capacity,
+                pos + 1, threads);
+}
+
+// Cross-attention of one step: q (rows, heads * D) bf16 (scaled), keys / values (rows, n, heads * D) bf16,
+// position-major as above, mask (rows, n) fp32 added to the scores, or null. out (rows, heads * D) bf16.
+// scratch: threads * attend_scratch(heads, D, n) floats.
+void cross_attend_bf16(const uint16_t* q, const uint16_t* keys, const uint16_t* values, const float* mask,
+                       uint16_t* out, float* scratch, int rows, int heads, int D, int n, int threads) {
+    // read only: without `fresh` nothing is written to the caches
+    attend_rows(q, (size_t)heads * D, nullptr, const_cast<uint16_t*>(keys), const_cast<uint16_t*>(values), mask,
+                out, scratch, rows, heads, D, n, n, threads);
+}
+
+#ifdef MUSICBOT_AMX
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-bf16")
+
+// Asks the kernel for the AMX tile state (Linux gives it to a process only on request); 1 if granted.
+int amx_enable() {
+    const long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0 ? 1 : 0;
+}
+
+// linear_bf16 on AMX tiles: the same arguments and results, K % 32 == 0, after amx_enable() gave 1.
+void linear_amx_bf16(const uint16_t* packed, const uint16_t* x, const uint16_t* residual, uint16_t* y, int M,
+                     int N, int K, int act, int threads) {
+    const int panels = N / kPanel;
+#pragma omp parallel num_threads(threads)
+    {
+        alignas(64) float sums[kAmxRows * kPanel];
+        for (int m0 = 0; m0 < M; m0 += kAmxRows) {
+            const int rows = M - m0 < kAmxRows ? M - m0 : kAmxRows;
+            amx_configure(rows);  // per thread: tile state is the thread's own
+#pragma omp for schedule(static)
+            for (int b = 0; b < panels; b++)
+                panel_rows_amx(packed + (size_t)b * K * kPanel, x, residual, y, m0, rows, N, K, b * kPanel, act, sums);
+        }
+        _tile_release();  // leave no tile state behind for the OS to save at every switch
+    }
+}
+
+#pragma GCC pop_options
+#else  // no AMX in this compiler: entry points that amx_enable() never lets run
+
+int amx_enable() { return 0; }
+void linear_amx_bf16(const uint16_t*, const uint16_t*, const uint16_t*, uint16_t*, int, int, int, int, int) {}
+
+#endif  // MUSICBOT_AMX
+
+int step_work(int rows, int hidden, int ffn) { return rows * (hidden + 3 * hidden + hidden + ffn); }  // bf16s
+
+// x (rows, hidden) bf16 is overwritten by the step's hidden states; logits (rows, codebooks * vocab) bf16.
+// tokens (rows, codebooks) int64: this column's codes; position: its index in the caches.
+// work: step_work(rows, hidden, ffn) bf16; scratch: threads * attend_scratch(heads, D, capacity) floats,
+// enough for cross-attention over the text too (text <= capacity).
+void decoder_step(const StepModel* m, const StepLayer* layers, const int64_t* tokens, uint16_t* x, uint16_t* logits,
+                  uint16_t* work, float* scratch, int rows, int cross_rows, int position, int threads) {
+    const int H = m->hidden, D = H / m->heads;
+    auto linear = [&](const uint16_t* w, const uint16_t* in, const uint16_t* residual, uint16_t* y, int M, int N, int K,
+                      int act) {
+        if (m->amx && K % 32 == 0)
+            linear_amx_bf16(w, in, residual, y, M, N, K, act, threads);
+        else
+            linear_bf16(w, in, residual, y, M, N, K, act, threads);
+    };
+    // the column's embeddings summed (bf16 after each add, as torch's bf16 sum), then its position
+    for (int r = 0; r < rows; r++) {
+        uint16_t* xr = x + (size_t)r * H;
+        for (int i = 0; i < H; i++) {
+            float v = from_bf16(m->embeddings[0][(size_t)tokens[(size_t)r * m->codebooks] * H + i]);
+            for (int k = 1; k < m->codebooks; k++)
+                v = from_bf16(to_bf16(v + from_bf16(m->embeddings[k][(size_t)tokens[(size_t)r * m->codebooks + k] * H + i])));
+            xr[i] = to_bf16(v + from_bf16(m->positions[(size_t)position * H + i]));
+        }
+    }
+    uint16_t *h = work, *qkv = h + (size_t)rows * H, *attn = qkv + (size_t)rows * 3 * H, *inner = attn + (size_t)rows * H;
+    for (int l = 0; l < m->layers; l++) {
+        const StepLayer& L = layers[l];
+        layer_norm(x, h, L.ln1_w, L.ln1_b, L.eps1, rows, H);
+        linear(L.qkv, h, nullptr, qkv, rows, 3 * H, H, 0);
+        attend_rows(qkv, 3 * (size_t)H, qkv + H, L.keys, L.values, nullptr, attn, scratch, rows, m->heads, D, m->capacity,
+                    position + 1, threads);
+        linear(L.out, attn, x, x, rows, H, H, 0);  // residual in place: each sum reads its own element first
+        if (L.cross_keys && cross_rows > 0) {
+            layer_norm(x, h, L.ln2_w, L.ln2_b, L.eps2, cross_rows, H);
+            linear(L.cross_q, h, nullptr, qkv, cross_rows, H, H, 0);
+            attend_rows(qkv, (size_t)H, nullptr, const_cast<uint16_t*>(L.cross_keys), const_cast<uint16_t*>(L.cross_values),
+                        m->cross_mask, attn, scratch, cross_rows, m->heads, D, m->text, m->text, threads);
+            linear(L.cross_out, attn, x, x, cross_rows, H, H, 0);
+        }
+        layer_norm(x, h, L.ln3_w, L.ln3_b, L.eps3, rows, H);
+        linear(L.fc1, h, nullptr, inner, rows, m->ffn, H, 1);
+        linear(L.fc2, inner, x, x, rows, H, m->ffn, 0);
+    }
+    layer_norm(x, h, m->final_w, m->final_b, m->final_eps, rows, H);
+    linear(m->lm_head, h, nullptr, logits, rows, m->codebooks * m->vocab, H, 0);
+}
+}  // extern "C"

@@ -1,0 +1,130 @@
+"""Every native entry point on small shapes and at the edges of its blocks, for a sanitized build.
+
+Run by test_native.py in a subprocess with the sanitizer runtime preloaded: ``python -m
+tests.generation.native_sanitized LIBRARY``. Exits 0 after printing ``ok`` (a sanitizer report aborts it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from pathlib import Path
+
+import torch
+
+from generation import native
+
+
+def _bf16(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape).to(torch.bfloat16)
+
+
+def products(kernels: native.NativeKernels) -> None:
+    for rows in (1, 7, 8, 9, 16, 17):
+        for cols in (32, 48, 64):
+            packed = kernels.pack(_bf16(64, cols))
+            x = _bf16(rows, 1, cols)
+            kernels.linear(x, packed, _bf16(rows, 1, 64), gelu=True)
+            kernels.linear(x, packed)
+
+
+def attention(kernels: native.NativeKernels) -> None:
+    for rows, heads, dim, capacity in (
+        (1, 1, 32, 1),
+        (3, 2, 64, 5),
+        (2, native.MAX_HEADS, 32, 3),
+        (1, 2, 256, 2),
+    ):
+        hidden = heads * dim
+        keys, values = _bf16(rows, capacity, hidden), _bf16(rows, capacity, hidden)
+        for position in range(capacity):  # from one position to the cache full
+            kernels.attend(_bf16(rows, 1, 3 * hidden), keys, values, heads, position)
+        for n in (1, capacity):
+            k, v = _bf16(rows, n, hidden), _bf16(rows, n, hidden)
+            kernels.cross_attend(_bf16(rows, 1, hidden), k, v, None, heads)
+            kernels.cross_attend(_bf16(rows, 1, hidden), k, v, torch.zeros(rows, n), heads)
+
+
+def convolutions(kernels: native.NativeKernels) -> None:
+    for channels, hidden in ((4, 4), (8, 4), (16, 8)):
+        conv1, conv2 = torch.randn(hidden, channels, 3), torch.randn(channels, hidden, 1)
+        w1, w2 = kernels.pack_resblock(conv1, conv2)
+        for length in (2, 63, 64, 65, 129):
+            kernels.resblock(
+                torch.randn(2, channels, length), w1, torch.randn(hidden), w2, torch.randn(channels)
+            )
+    for cin, cout in ((1, 4), (5, 8)):
+        w = kernels.pack_upsample(torch.randn(cin, cout, 8))
+        for length in (1, 15, 16, 17):
+            for left in (0, 2, 4):
+                kernels.upsample4(torch.randn(2, cin, length), w, torch.randn(cout), left, activate=left == 2)
+    for outs, taps, left, length in ((1, 1, 0, 1), (1, 7, 3, 4), (4, 17, 8, 9), (2, 3, 1, 64), (1, 7, 3, 65)):
+        w = torch.randn(outs, 6, taps)
+        kernels.narrow_conv(torch.randn(2, 6, length), w, torch.randn(outs), left, activate=True)
+
+
+def amx_convolutions(kernels: native.NativeKernels) -> None:
+    if not kernels.amx:
+        return
+    for channels, hidden in ((32, 32), (64, 32)):
+        w1 = kernels.pack_amx_conv(torch.randn(hidden, channels, 3).permute(2, 0, 1))
+        w2 = kernels.pack_amx_conv(torch.randn(channels, hidden, 1).permute(2, 0, 1))
+        for length in (2, 63, 64, 65):
+            kernels.resblock_amx(
+                torch.randn(2, channels, length), w1, torch.randn(hidden), w2, torch.randn(channels)
+            )
+    for stride, length in ((4, 1), (4, 64), (4, 65), (5, 3), (2, 17)):
+        w = kernels.pack_upsample_amx(torch.randn(32, 16, 2 * stride))
+        for left in (0, stride):
+            kernels.upsample_amx(torch.randn(2, 32, length), w, torch.randn(16), stride, left, activate=True)
+
+
+def decoder_step(kernels: native.NativeKernels) -> None:
+    hidden, heads, ffn, codebooks, vocab, capacity, text = 64, 2, 96, 2, 16, 4, 3
+    for rows, cross_rows in ((1, 1), (4, 2), (2, 0)):
+        layers = []
+        for _ in range(2):
+            ln = (_bf16(hidden), _bf16(hidden), 1e-5)
+            pack = kernels.pack
+            square = {name: pack(_bf16(hidden, hidden)) for name in ("out", "cross_q", "cross_out")}
+            layers.append(
+                {
+                    "ln1": ln, "ln2": ln, "ln3": ln, **square, "qkv": pack(_bf16(3 * hidden, hidden)),
+                    "fc1": pack(_bf16(ffn, hidden)), "fc2": pack(_bf16(hidden, ffn)),
+                    "keys": _bf16(rows, capacity, hidden), "values": _bf16(rows, capacity, hidden),
+                    "cross_keys": _bf16(cross_rows, text, hidden),
+                    "cross_values": _bf16(cross_rows, text, hidden),
+                }
+            )  # fmt: skip
+        step = native.NativeStep(
+            kernels,
+            heads=heads,
+            embeddings=[_bf16(vocab + 1, hidden) for _ in range(codebooks)],
+            positions=_bf16(capacity, hidden),
+            final_ln=(_bf16(hidden), _bf16(hidden), 1e-5),
+            lm_head=kernels.pack(_bf16(codebooks * vocab, hidden)),
+            layers=layers,
+            rows=rows,
+            cross_rows=cross_rows,
+            cross_mask=torch.zeros(cross_rows, text),
+        )
+        for position in range(capacity):  # to the cache full
+            step(torch.randint(0, vocab + 1, (rows, codebooks)), position)
+
+
+def main(library: str) -> None:
+    torch.manual_seed(0)
+    path = Path(library)
+    kernels = native.NativeKernels(ctypes.CDLL(str(path)), path)
+    for amx in sorted({False, kernels.amx}):
+        kernels.amx = amx
+        products(kernels)
+        decoder_step(kernels)
+    attention(kernels)
+    convolutions(kernels)
+    amx_convolutions(kernels)
+    print("ok")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
