@@ -1,15 +1,12 @@
 """A decoding step of our own over the MusicGen decoder's weights: the hot loop, without the framework.
 
-transformers' decoder spends a third of a bf16 step in Python and dispatch (cache objects, mask
-builders, kwargs plumbing) and grows its KV cache with ``torch.cat``. Here the weights are gathered
-once (Q/K/V fused into one matrix, the four LM heads into one), and attention over one query row is
-a plain matmul-softmax-matmul, which beats the default CPU SDPA kernel for a single row. Keys and
-values never grow by ``torch.cat`` per step: the exact (fp32 reference) path writes them into buffers
-allocated once; the fast CPU path keeps them contiguous so oneDNN never copies them (see
-``_ContiguousAttention``). On a CPU with AVX-512 BF16 a bf16 step runs on our own kernels instead
-(``generation.native``: weight products at about 1.3x oneDNN's speed, attention at memory speed,
-2-3x the batched products it replaces), with torch's kernels as the fallback. The prefill still
-runs through transformers (once).
+Here the weights are gathered once (Q/K/V fused into one matrix, the LM heads into one), attention
+over one query row is a plain matmul-softmax-matmul, and keys and values never grow by ``torch.cat``:
+the exact (fp32 reference) path writes them into buffers allocated once; the fast CPU path keeps them
+contiguous so oneDNN never copies them (see ``_ContiguousAttention``). On a CPU with AVX-512 BF16 a
+bf16 step runs on our own kernels instead (``generation.native``), with torch's kernels as the
+fallback. The prefill still runs through transformers (once). On CUDA the engine uses the steps of
+``generation.static_step`` instead. Measured speeds: docs/engine.md.
 """
 
 from __future__ import annotations
@@ -42,13 +39,12 @@ class _Linears:
     """``x @ W.T`` for the step's weights, in one of four forms chosen once per model.
 
     - ``plain``: ``F.linear`` with transformers' order of operations, so fp32 codes match it exactly.
-    - ``native``: bf16 weights packed for our own kernel (``generation.native``), which streams them at
-      about 1.3x oneDNN's speed for a few rows; GELU and the residual add are fused into the product.
-    - ``onednn``: bf16 weights prepacked in oneDNN's blocked layout (about 1.4x on the weight products,
-      which are most of a step), with GELU and the residual add fused into the products. Used where the
-      native kernels cannot be built.
+    - ``native``: bf16 weights packed for our own kernel (``generation.native``); GELU and the residual
+      add are fused into the product.
+    - ``onednn``: bf16 weights prepacked in oneDNN's blocked layout, with GELU and the residual add fused
+      into the products. Used where the native kernels cannot be built and oneDNN runs bf16.
     - ``int8``: per-channel int8 weights through fbgemm's dynamic-quantized linear (activations are
-      quantized per call): half the bytes of bf16 to stream each step, about 3x faster products.
+      quantized per call): half the bytes of bf16 to stream each step.
     """
 
     def __init__(self, sample: torch.Tensor, int8: bool = False, kernels: bool = True) -> None:
@@ -142,7 +138,7 @@ class FastDecoderWeights:
         self.linear = _Linears(heads[0].weight, int8=int8, kernels=kernels and fits)
         self.dtype = self.linear.activation_dtype or heads[0].weight.dtype
         # Attention reads the whole cache every step: keep it in the model's dtype (bf16 halves its
-        # bytes when int8 products need fp32 activations: at 8 rows, 17 against 11 ms a step).
+        # bytes when int8 products need fp32 activations).
         self.cache_dtype = heads[0].weight.dtype
         self.embeddings = [self._small(e.weight) for e in model.embed_tokens]
         self.positions = self._small(model.embed_positions.weights)
@@ -210,13 +206,13 @@ class FastDecoderState:
             cross_layers = [(layer.keys, layer.values) for layer in cache.cross_attention_cache.layers]
         # Guidance's unconditional rows come last and attend over the text of no prompt: values that are
         # all zero (the projections have no biases), so their cross-attention adds exactly zero. Only
-        # the rows before them take part (at four requests, half the cross-attention's work).
+        # the rows before them take part.
         self.cross_rows = self.rows
         while self.cross_rows > 0 and all(not v[self.cross_rows - 1].any() for _, v in cross_layers):
             self.cross_rows -= 1
-        # One fused SDPA kernel is fastest over the few text positions for one request's two rows; from
-        # four rows on, matmul-softmax-matmul in fp32 is (8 rows: 2.6 against 3.6 ms a step), and the
-        # exact path always uses matmuls. Keys are stored the way each product wants them.
+        # One fused SDPA kernel is the faster over the few text positions for one request's two rows;
+        # from four rows on, matmul-softmax-matmul in fp32 is, and the exact path always uses matmuls.
+        # Keys are stored the way each product wants them.
         # The native kernel takes the text's keys/values position-major, (rows, text, heads * head_dim).
         self.cross_native = weights.linear.kernels is not None
         self.cross_fused = weights.fast_math and self.cross_rows <= 2 and not self.cross_native
