@@ -82,8 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--arch",
         choices=MODEL_SIZES,
-        default="small",
-        help="real architecture to build with random weights (default small)",
+        nargs="+",
+        default=None,
+        help="real architectures to build with random weights, one table each (default small;"
+        " with --device cuda: small medium large stereo-small)",
     )
     bench.add_argument("--seconds", type=float, default=5.0, help="seconds of audio per run (default 5)")
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -249,15 +251,21 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.repeat < 1:
         return _fail("--repeat must be at least 1")
-    run_bench(
-        arch=args.arch,
-        seconds=args.seconds,
-        device=args.device,
-        classic=not args.no_classic,
-        repeat=args.repeat,
-        out=args.output,
-    )
+    archs = args.arch or (CUDA_BENCH if args.device.startswith("cuda") else ["small"])
+    for arch in archs:
+        out = args.output if len(archs) == 1 else args.output.with_stem(f"{args.output.stem}-{arch}")
+        run_bench(
+            arch=arch,
+            seconds=args.seconds,
+            device=args.device,
+            classic=not args.no_classic,
+            repeat=args.repeat,
+            out=out,
+        )
     return 0
+
+
+CUDA_BENCH = ["small", "medium", "large", "stereo-small"]  # the shapes a GPU bench covers by default
 
 
 def _generate(args: argparse.Namespace, settings: Settings) -> int:

@@ -233,21 +233,28 @@ def run_bench(
         classic_run(1, fast_dtype, f"transformers generate, {_name(fast_dtype)}")
     place_model(net, Placement(placement.device, fast_dtype))
     net.decoder.set_attn_implementation("eager" if placement.device.type == "cpu" else "sdpa")
-    setups = [placement]
+    # (placement, CUDA graphs): on CUDA, the device steps with and without their graphs
+    setups = [(placement, placement.device.type == "cuda")]
+    if placement.device.type == "cuda":
+        setups.append((placement, False))
     if placement.device.type == "cpu" and fast_dtype == torch.bfloat16 and native.load() is not None:
         # what the native kernels buy: the same steps on torch's kernels (what a host without g++ gets)
-        setups.append(replace(placement, kernels=False))
+        setups.append((replace(placement, kernels=False), False))
     if placement.device.type == "cpu" and int8_supported():
-        setups.append(Placement(placement.device, fast_dtype, int8_steps=True))
+        setups.append((Placement(placement.device, fast_dtype, int8_steps=True), False))
     engine = None
-    for setup in setups:
+    for setup, graphs in setups:
         engine = MusicGenEngine(net, tokenizer, name=arch, source="random weights", placement=setup)
-        _ours(engine, 1, 1.0)  # warm-up: weights gathered, kernels chosen
+        if engine.graphs and not graphs:
+            engine.graphs = False
+        elif engine.graphs and not engine.check_graphs():
+            print("CUDA graphs failed their check: the graph rows run eager device steps", flush=True)
+        _ours(engine, 1, 1.0)  # warm-up: weights gathered, kernels chosen, graphs captured
         runs: list[tuple[str, int, Callable[[], int]]] = [
-            (_label(setup), batch, partial(_ours, engine, batch, seconds)) for batch in (1, 4)
+            (_label(setup, engine), batch, partial(_ours, engine, batch, seconds)) for batch in (1, 4)
         ]
         rows.extend(_timed_together(runs, seconds, memory, repeat))
-        if setup is not setups[-1]:
+        if (setup, graphs) != setups[-1]:
             engine.close_steps()
     assert engine is not None
     read_speed.append(_read_speed(placement.device))
@@ -327,7 +334,9 @@ def _read_speed(device: torch.device) -> float | None:
     return data.numel() * data.element_size() / best / 1e9
 
 
-def _label(setup: Placement) -> str:
+def _label(setup: Placement, engine: MusicGenEngine) -> str:
+    if setup.device.type == "cuda":
+        return f"ours, {setup.label}, " + ("CUDA graphs" if engine.graphs else "eager device steps")
     return f"ours, {setup.label}" + ("" if setup.kernels else " (torch kernels)")
 
 
