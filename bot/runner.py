@@ -229,6 +229,13 @@ async def _login(bot: MusicBot, token: str) -> None:
             "Discord rejected DISCORD_TOKEN (401 Unauthorized): reset the token on your application's Bot"
             " page in the Discord developer portal and put the new one in .env"
         ) from None
+    except discord.Forbidden as exc:  # the command sync in setup_hook: not in that server, or no scope
+        guild = bot.settings.guild_id
+        where = f"server {guild} (MUSICBOT_GUILD_ID)" if guild is not None else "this application"
+        raise StartupError(
+            f"Discord refused the command sync for {where} (403 {exc.text or 'Forbidden'}): invite the"
+            " bot to that server with the bot and applications.commands scopes, or fix MUSICBOT_GUILD_ID"
+        ) from None
     except (aiohttp.ClientError, OSError) as exc:
         raise StartupError(f"cannot reach Discord to log in: {exc}") from None
 

@@ -24,7 +24,7 @@ from generation import audio as audio_ops
 from generation.codec import EncodecDecoder
 from generation.errors import GenerationCancelled, InvalidRequest, ModelLoadError, OutOfMemory
 from generation.fast_decoder import FastDecoderState, FastDecoderWeights, cross_attention_mask
-from generation.loader import Placement, choose_placement, load_checkpoint
+from generation.loader import Placement, choose_placement, dtype_advice, load_checkpoint
 from generation.request import (
     GenerationRequest,
     GenerationResult,
@@ -691,6 +691,9 @@ def load_engine(
     ``kernels=False`` keeps bf16 CPU steps and EnCodec on torch's kernels instead of the native ones.
     """
     placement = replace(choose_placement(device, dtype), kernels=kernels)
+    advice = dtype_advice(device, dtype, placement)
+    if advice is not None:
+        log.warning("%s", advice)
     started = time.perf_counter()
     model, tokenizer = load_checkpoint(source, placement)
     log.info(

@@ -140,7 +140,37 @@ def load_checkpoint(source: str, placement: Placement) -> tuple[Any, Any]:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as exc:
         raise _load_error(source, exc) from None
-    return place_model(model, placement), tokenizer
+    try:
+        return place_model(model, placement), tokenizer
+    except torch.OutOfMemoryError:
+        del model
+        raise ModelLoadError(source, _does_not_fit(source, placement.device)) from None
+
+
+def _does_not_fit(source: str, device: torch.device) -> str:
+    where = "the machine's memory"
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(device)
+        where = f"{device}'s memory ({free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB)"
+    return (
+        f"{source} does not fit in {where}: choose a smaller size (README's model table gives each"
+        " one's memory), use another GPU (cuda:N), or free this one"
+    )
+
+
+def dtype_advice(device: str, dtype: str, placement: Placement) -> str | None:
+    """What to tell an owner whose ``auto`` choice runs slowly on this machine (None: nothing)."""
+    if placement.device.type != "cpu" or dtype != "auto" or placement.dtype != torch.float32:
+        return None
+    gpu = "no CUDA GPU found; " if device == "auto" else ""
+    if not int8_supported():
+        return f"{gpu}running on the CPU in float32"
+    return (
+        f"{gpu}this CPU has no native bf16, so the model runs in float32; int8 decoding steps"
+        " (MUSICBOT_DTYPE=int8, or --dtype int8) are several times faster here, with logits"
+        " within about 3% of float32's"
+    )
 
 
 def place_model(model: Any, placement: Placement) -> Any:

@@ -87,6 +87,28 @@ async def test_run_with_a_rejected_token_says_so_without_showing_it(
     assert emu.calls[-1].path == "/users/@me" and emu.calls[-1].status == 401
 
 
+async def test_run_in_a_server_the_bot_is_not_in_says_what_to_do(
+    emu: DiscordEmulator, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    other = emu.guild_id + 1
+    env = _env(
+        tmp_path,
+        DISCORD_TOKEN=emu.token,
+        MUSICBOT_GUILD_ID=str(other),
+        MUSICBOT_MODEL_SMALL=str(tiny_model_dir),
+        MUSICBOT_DEVICE="cpu",
+    )
+    async with musicbot_run(emu, env, tmp_path) as process:
+        _, err = await asyncio.wait_for(process.communicate(), 90)
+
+    assert process.returncode == 2
+    assert (
+        f"musicbot: Discord refused the command sync for server {other} (MUSICBOT_GUILD_ID) (403 Missing"
+        " Access): invite the bot to that server with the bot and applications.commands scopes"
+    ) in err.decode()
+    assert "Traceback" not in err.decode() and emu.token not in err.decode()
+
+
 async def test_run_syncs_to_the_guild_and_makes_music(
     emu: DiscordEmulator, tmp_path: Path, tiny_model_dir: Path
 ) -> None:

@@ -15,6 +15,7 @@ from generation import (
     GenerationCancelled,
     GenerationRequest,
     InvalidRequest,
+    ModelLoadError,
     ModelUnavailable,
 )
 from generation.audio import encode_audio
@@ -177,3 +178,28 @@ def test_auto_placement_on_this_machine_is_cpu() -> None:
     assert placement.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     if placement.device.type == "cpu":
         assert placement.dtype == (torch.bfloat16 if cpu_supports_bf16() else torch.float32)
+
+
+def test_a_model_too_big_for_the_device_says_what_to_do(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from generation import loader
+
+    def out_of_memory(model: object, placement: object) -> object:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loader, "place_model", out_of_memory)
+    with pytest.raises(ModelLoadError, match="does not fit in the machine's memory: choose a smaller size"):
+        load_engine(str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+def test_a_slow_automatic_choice_comes_with_advice() -> None:
+    from generation.loader import Placement, dtype_advice, int8_supported
+
+    fp32 = Placement(torch.device("cpu"), torch.float32)
+    advice = dtype_advice("auto", "auto", fp32)
+    assert advice is not None and advice.startswith("no CUDA GPU found; ")
+    if int8_supported():
+        assert "MUSICBOT_DTYPE=int8" in advice
+    assert dtype_advice("cpu", "float32", fp32) is None  # asked for: nothing to say
+    assert dtype_advice("auto", "auto", Placement(torch.device("cpu"), torch.bfloat16)) is None
