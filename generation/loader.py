@@ -6,7 +6,7 @@ import ctypes
 import logging
 import socket
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -128,7 +128,7 @@ def load_checkpoint(source: str, placement: Placement) -> tuple[Any, Any]:
         raise ModelLoadError(source, f"{source} cannot be served: {cause}") from None
     if config.model_type not in MODEL_TYPES:
         raise ModelLoadError(source, f"{source} is a {config.model_type!r} model, not MusicGen")
-    cls = (
+    cls = _codec_in_fp32(
         MusicgenMelodyForConditionalGeneration
         if config.model_type == "musicgen_melody"
         else MusicgenForConditionalGeneration
@@ -173,12 +173,20 @@ def dtype_advice(device: str, dtype: str, placement: Placement) -> str | None:
     )
 
 
+@cache
+def _codec_in_fp32(cls: type) -> type:
+    """``cls`` loading EnCodec's weights in fp32 straight from the checkpoint whatever the model's dtype
+    (a bf16 load would round them first, and EnCodec runs in fp32 for clean audio)."""
+    return type(cls.__name__, (cls,), {"_keep_in_fp32_modules_strict": ["audio_encoder"]})
+
+
 def place_model(model: Any, placement: Placement) -> Any:
     """Move a model to its device and dtype for inference, EnCodec kept in fp32 (clean audio, no measurable
     cost) with its weight norm folded into plain weights (the same values, not recomputed at every call).
     On a CPU the process's allocator is set up for EnCodec's decode (``keep_freed_blocks``)."""
-    model.to(placement.device, placement.dtype)
-    model.audio_encoder.to(torch.float32)
+    model.to(placement.device)
+    for name, part in model.named_children():  # EnCodec stays as loaded: fp32 (see _codec_in_fp32)
+        part.to(torch.float32 if name == "audio_encoder" else placement.dtype)
     _bake_weight_norm(model.audio_encoder)
     if placement.device.type == "cpu":
         keep_freed_blocks()

@@ -203,3 +203,12 @@ def test_a_slow_automatic_choice_comes_with_advice() -> None:
         assert "MUSICBOT_DTYPE=int8" in advice
     assert dtype_advice("cpu", "float32", fp32) is None  # asked for: nothing to say
     assert dtype_advice("auto", "auto", Placement(torch.device("cpu"), torch.bfloat16)) is None
+
+
+def test_a_bf16_load_keeps_encodecs_weights_exactly_as_stored(tiny_model_dir: Path) -> None:
+    fp32 = load_engine(str(tiny_model_dir), device="cpu", dtype="float32").model.audio_encoder
+    bf16 = load_engine(str(tiny_model_dir), device="cpu", dtype="bfloat16").model
+    assert next(bf16.decoder.parameters()).dtype == torch.bfloat16
+    stored = dict(fp32.named_parameters())
+    for name, weight in bf16.audio_encoder.named_parameters():
+        assert weight.dtype == torch.float32 and torch.equal(weight, stored[name]), name
