@@ -71,23 +71,29 @@ def test_kernels_off_keeps_bf16_steps_on_torchs_kernels(tiny_model_dir: Path) ->
     assert engine._fast_weights().linear.kind in ("onednn", "plain")
 
 
+@pytest.mark.parametrize("model", ["tiny_model_dir", "tiny_stereo_dir"])
 @pytest.mark.parametrize("requests", [1, 2])
-def test_bf16_native_step_stays_close_to_transformers(tiny_model_dir: Path, requests: int) -> None:
+def test_bf16_native_step_stays_close_to_transformers(
+    model: str, requests: int, request: pytest.FixtureRequest
+) -> None:
     from generation import native
 
     if native.load() is None:
         pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
-    ours, theirs = _logits_both_ways(tiny_model_dir, "bfloat16", steps=80, requests=requests)
+    directory = request.getfixturevalue(model)  # stereo: 8 codebooks' embeddings and LM heads
+    ours, theirs = _logits_both_ways(directory, "bfloat16", steps=80, requests=requests)
     assert _worst_step_error(ours, theirs) < 0.02
 
 
-def test_int8_step_stays_close_to_fp32(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("model", ["tiny_model_dir", "tiny_stereo_dir"])
+def test_int8_step_stays_close_to_fp32(model: str, request: pytest.FixtureRequest) -> None:
     from generation.loader import int8_supported
 
     if not int8_supported():
         pytest.skip("fbgemm is needed for int8 steps")
-    ours, _ = _logits_both_ways(tiny_model_dir, "int8", steps=80)
-    reference, _ = _logits_both_ways(tiny_model_dir, "float32", steps=80)
+    directory = request.getfixturevalue(model)
+    ours, _ = _logits_both_ways(directory, "int8", steps=80)
+    reference, _ = _logits_both_ways(directory, "float32", steps=80)
     assert _worst_step_error(ours, reference) < 0.05
 
 
