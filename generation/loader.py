@@ -174,7 +174,7 @@ def dtype_advice(device: str, dtype: str, placement: Placement) -> str | None:
 
 
 @cache
-def _codec_in_fp32(cls: type) -> type:
+def _codec_in_fp32(cls: type) -> Any:
     """``cls`` loading EnCodec's weights in fp32 straight from the checkpoint whatever the model's dtype
     (a bf16 load would round them first, and EnCodec runs in fp32 for clean audio)."""
     return type(cls.__name__, (cls,), {"_keep_in_fp32_modules_strict": ["audio_encoder"]})
