@@ -421,7 +421,7 @@ class MusicGenEngine:
         """Capture the step of a short guided pass and compare it with the eager step on the same inputs
         (``capture`` makes the stepper to check: a CUDA graph by default). If they differ, or capturing
         fails, graphs stay off with a log line and every step runs eagerly on the device."""
-        from generation.static_step import GraphedSteps, StaticSteps, agree, pass_uniforms
+        from generation.static_step import GraphedSteps, agree, pass_uniforms
 
         capture = capture or GraphedSteps
         request = GenerationRequest("a check of the captured decoding step", duration=1.0, seed=0)
@@ -434,15 +434,8 @@ class MusicGenEngine:
                 pattern = self._delay_pattern(rows, length, None)
                 logits, cache = conditioning.run_prefill(pattern[..., :1])
                 text = conditioning.text_length()
-                steps = StaticSteps(
-                    self._fast_weights(),
-                    rows=rows,
-                    guided=conditioning.guided,
-                    capacity=MIN_STATIC_CAPACITY,
-                    text=text,
-                    params=request.sampling,
-                    device=self.placement.device,
-                    layers=len(self._fast_weights().layers),
+                steps = self._new_static(
+                    rows, conditioning.guided, MIN_STATIC_CAPACITY, text, request.sampling
                 )
                 steps.load(
                     cache,
@@ -462,11 +455,26 @@ class MusicGenEngine:
             log.warning("CUDA graphs off for %s: %s; every step runs eagerly", self.info.name, reason)
         return same
 
+    def _new_static(
+        self, rows: int, guided: bool, capacity: int, text: int, params: SamplingParams
+    ) -> StaticSteps:
+        from generation.static_step import StaticSteps
+
+        return StaticSteps(
+            self._fast_weights(),
+            rows=rows,
+            guided=guided,
+            capacity=capacity,
+            text=text,
+            params=params,
+            device=self.placement.device,
+        )
+
     def _static_for(
         self, rows: int, guided: bool, capacity: int, text: int, params: SamplingParams
     ) -> StaticSteps:
         """The buffers (and on CUDA the graph) of this batch shape, made on first use; a few are kept."""
-        from generation.static_step import GraphedSteps, StaticSteps
+        from generation.static_step import GraphedSteps
 
         key = (rows, guided, capacity, text, params)
         steps = self._static.pop(key, None)
@@ -475,16 +483,7 @@ class MusicGenEngine:
                 oldest = next(iter(self._static))
                 del self._static[oldest]
                 self._graphs.pop(oldest, None)
-            steps = StaticSteps(
-                self._fast_weights(),
-                rows=rows,
-                guided=guided,
-                capacity=capacity,
-                text=text,
-                params=params,
-                device=self.placement.device,
-                layers=len(self._fast_weights().layers),
-            )
+            steps = self._new_static(rows, guided, capacity, text, params)
             if self.graphs:
                 self._graphs[key] = GraphedSteps(steps)
         self._static[key] = steps  # most recently used last

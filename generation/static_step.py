@@ -78,11 +78,10 @@ class StaticSteps:
         text: int,
         params: SamplingParams,
         device: torch.device,
-        layers: int,
     ) -> None:
         self.w = weights
         self.rows, self.guided, self.capacity, self.text, self.params = rows, guided, capacity, text, params
-        decoder_rows = 2 * rows if guided else rows
+        decoder_rows, layers = 2 * rows if guided else rows, len(weights.layers)
         heads, head_dim, dtype = weights.heads, weights.head_dim, weights.dtype
         shape = (decoder_rows, heads, capacity, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]

@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -73,6 +74,20 @@ async def test_run_without_a_token_says_how_to_get_one_and_exits(tmp_path: Path)
     assert out == b"" and not (tmp_path / "bot.sqlite3").exists()
 
 
+async def _music_once(
+    emu: DiscordEmulator, process: asyncio.subprocess.Process, options: dict[str, object]
+) -> tuple[Any, str]:
+    """Wait for the bot to connect, ask for music once, stop it with SIGINT: the result and stderr."""
+    await emu.wait_for(lambda: emu.identify_count >= 1 or process.returncode is not None, timeout=90)
+    if process.returncode is not None:
+        _, err = await process.communicate()
+        raise AssertionError(f"musicbot run ended ({process.returncode}): {err.decode()[-3000:]}")
+    result = await wait_result(emu, await emu.invoke_command("music", options), timeout=60)
+    process.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    return result, err.decode()
+
+
 async def test_run_with_a_rejected_token_says_so_without_showing_it(
     emu: DiscordEmulator, tmp_path: Path
 ) -> None:
@@ -121,18 +136,11 @@ async def test_run_syncs_to_the_guild_and_makes_music(
         MUSICBOT_DTYPE="float32",
     )
     async with musicbot_run(emu, env, tmp_path) as process:
-        await emu.wait_for(lambda: emu.identify_count >= 1 or process.returncode is not None, timeout=90)
-        if process.returncode is not None:
-            _, err = await process.communicate()
-            raise AssertionError(f"musicbot run ended ({process.returncode}): {err.decode()[-3000:]}")
-        interaction = await emu.invoke_command("music", {"prompt": "startup check", "duration": 1.0})
-        result = await wait_result(emu, interaction, timeout=60)
-        process.send_signal(signal.SIGINT)
-        _, err = await asyncio.wait_for(process.communicate(), 30)
+        result, err = await _music_once(emu, process, {"prompt": "startup check", "duration": 1.0})
 
     assert audio_of(result)[0].shape == (32000, 1) and "small · 1 s" in result.content
     assert [scope for scope, _ in emu.command_syncs] == [emu.guild_id]
-    assert emu.token not in err.decode()
+    assert emu.token not in err
     assert process.returncode in (0, 130) and emu.violations == []
 
 
@@ -149,14 +157,7 @@ async def test_run_serves_a_stereo_checkpoint_in_stereo(
         MUSICBOT_DTYPE="float32",
     )
     async with musicbot_run(emu, env, tmp_path) as process:
-        await emu.wait_for(lambda: emu.identify_count >= 1 or process.returncode is not None, timeout=90)
-        if process.returncode is not None:
-            _, err = await process.communicate()
-            raise AssertionError(f"musicbot run ended ({process.returncode}): {err.decode()[-3000:]}")
-        interaction = await emu.invoke_command("music", {"prompt": "wide pads", "duration": 2.5})
-        result = await wait_result(emu, interaction, timeout=60)
-        process.send_signal(signal.SIGINT)
-        await asyncio.wait_for(process.communicate(), 30)
+        result, _ = await _music_once(emu, process, {"prompt": "wide pads", "duration": 2.5})
 
     audio, rate = audio_of(result)
     assert (audio.shape, rate) == ((80000, 2), 32000) and "stereo-small · 2.5 s" in result.content

@@ -22,21 +22,21 @@ def _seam_starts(engine: MusicGenEngine, request: GenerationRequest, start: floa
     return starts
 
 
-class _TonalCodec:
+class TonalCodec:
     """Stands in for EnCodec's decoder: every window becomes a 220 Hz tone with a phase of its own.
 
     The tiny model's random EnCodec makes noise, in which a hard cut cannot be seen; a tone shows any
     step at a seam (a cut between two phases jumps by up to the full amplitude).
     """
 
-    def __init__(self, hop: int) -> None:
-        self.hop = hop
+    def __init__(self, hop: int, channels: int = 1) -> None:
+        self.hop, self.channels = hop, channels
         self.rng = np.random.default_rng(0)
 
     def __call__(self, codes: torch.Tensor) -> np.ndarray:
         rows, _, frames = codes.shape
         t = np.arange(frames * self.hop) / 32000
-        phases = self.rng.uniform(0, 2 * np.pi, size=(rows, 1, 1))
+        phases = self.rng.uniform(0, 2 * np.pi, size=(rows, self.channels, 1))  # one per row and channel
         return (0.5 * np.sin(2 * np.pi * 220.0 * t + phases)).astype(np.float32)
 
 
@@ -58,7 +58,7 @@ def test_long_track_is_exact_with_one_progress_bar(tiny_engine: MusicGenEngine, 
 def test_long_track_seams_are_cross_faded(
     tiny_engine: MusicGenEngine, seconds: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(tiny_engine, "codes_to_audio", _TonalCodec(tiny_engine.hop))
+    monkeypatch.setattr(tiny_engine, "codes_to_audio", TonalCodec(tiny_engine.hop))
     request = GenerationRequest("slow ambient pad", duration=seconds, seed=11)
     [result] = tiny_engine.generate([request])
     audio = result.tracks[0].audio[0]
@@ -91,7 +91,7 @@ def test_extension_keeps_the_original_and_adds_the_seconds(tiny_engine: MusicGen
 def test_loop_is_exact_and_wraps_around_smoothly(
     tiny_engine: MusicGenEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(tiny_engine, "codes_to_audio", _TonalCodec(tiny_engine.hop))
+    monkeypatch.setattr(tiny_engine, "codes_to_audio", TonalCodec(tiny_engine.hop))
     [result] = tiny_engine.generate([GenerationRequest("game loop", duration=4.01, seed=3, loop=True)])
     audio = result.tracks[0].audio[0]
     assert audio.shape[-1] == round(4.01 * 32000)

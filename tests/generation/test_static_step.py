@@ -22,24 +22,24 @@ from tests.generation.codes import codes_from_generate, our_codes
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def _on_static_steps(engine: MusicGenEngine) -> Iterator[MusicGenEngine]:
+    """The shared session engine on device steps for one test, back on its own steps after it."""
+    engine.static_steps = True
+    try:
+        yield engine
+    finally:
+        engine.static_steps = False
+        engine.close_steps()
+
+
 @pytest.fixture
 def static_engine(tiny_engine: MusicGenEngine) -> Iterator[MusicGenEngine]:
-    tiny_engine.static_steps = True
-    try:
-        yield tiny_engine
-    finally:
-        tiny_engine.static_steps = False
-        tiny_engine.close_steps()
+    yield from _on_static_steps(tiny_engine)
 
 
 @pytest.fixture
 def static_stereo(tiny_stereo_engine: MusicGenEngine) -> Iterator[MusicGenEngine]:
-    tiny_stereo_engine.static_steps = True
-    try:
-        yield tiny_stereo_engine
-    finally:
-        tiny_stereo_engine.static_steps = False
-        tiny_stereo_engine.close_steps()
+    yield from _on_static_steps(tiny_stereo_engine)
 
 
 # --- sampling on the device ---

@@ -17,6 +17,7 @@ from generation.audio import TRUE_PEAK_CEILING_DB, db_to_gain, encode_audio, lou
 from generation.engine import SEAM_SECONDS, MusicGenEngine, load_engine
 from generation.random_models import save_model, tiny_architecture
 from tests.generation.codes import codes_from_generate, our_codes
+from tests.generation.test_long_tracks import MAX_TONE_STEP, TonalCodec
 
 
 @pytest.fixture(scope="module")
@@ -143,24 +144,10 @@ def test_a_stereo_original_given_to_a_mono_model_is_mixed_down(tiny_engine: Musi
     assert extended.notes == ("the stereo original was mixed down to mono: the tiny model makes mono",)
 
 
-class _StereoTone:
-    """Stands in for EnCodec: each window a 220 Hz tone, a phase of its own per row and channel."""
-
-    def __init__(self, hop: int) -> None:
-        self.hop = hop
-        self.rng = np.random.default_rng(0)
-
-    def __call__(self, codes: torch.Tensor) -> np.ndarray:
-        rows, _, frames = codes.shape
-        t = np.arange(frames * self.hop) / 32000
-        phases = self.rng.uniform(0, 2 * np.pi, size=(rows, 2, 1))
-        return (0.5 * np.sin(2 * np.pi * 220.0 * t + phases)).astype(np.float32)
-
-
 def test_a_stereo_loop_wraps_around_smoothly_on_both_channels(
     tiny_stereo_engine: MusicGenEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(tiny_stereo_engine, "codes_to_audio", _StereoTone(tiny_stereo_engine.hop))
+    monkeypatch.setattr(tiny_stereo_engine, "codes_to_audio", TonalCodec(tiny_stereo_engine.hop, channels=2))
     [result] = tiny_stereo_engine.generate([GenerationRequest("loop", duration=4.01, seed=3, loop=True)])
     audio = result.tracks[0].audio
     assert audio.shape == (2, round(4.01 * 32000))
@@ -172,13 +159,12 @@ def test_a_stereo_loop_wraps_around_smoothly_on_both_channels(
 def test_stereo_long_track_seams_are_cross_faded_on_both_channels(
     tiny_stereo_engine: MusicGenEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(tiny_stereo_engine, "codes_to_audio", _StereoTone(tiny_stereo_engine.hop))
+    monkeypatch.setattr(tiny_stereo_engine, "codes_to_audio", TonalCodec(tiny_stereo_engine.hop, channels=2))
     [result] = tiny_stereo_engine.generate([GenerationRequest("pad", duration=35, seed=11)])
     audio = result.tracks[0].audio
-    step = 2 * np.pi * 220.0 / 32000
     for channel in audio:
         level = np.abs(channel[32000:-32000]).max()
-        assert np.abs(np.diff(channel))[32000:-32000].max() <= 1.2 * step * level
+        assert np.abs(np.diff(channel))[32000:-32000].max() <= 1.2 * MAX_TONE_STEP * level
 
 
 def test_stereo_finishing_meets_loudness_and_each_channels_true_peak(
