@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from tests.databases import fresh_postgres, query
-from tests.discord_emulator import DiscordEmulator
+from tests.discord_emulator import DiscordEmulator, StoredMessage
 from tests.fleet.harness import Fleet
 from tests.reliability.harness import answered
 
@@ -123,6 +123,11 @@ async def test_a_worker_killed_mid_batch_and_a_bot_killed_mid_delivery_lose_and_
     assert violations == []
 
 
+def _showed_progress(message: StoredMessage) -> bool:
+    """Whether the message says, or once said, how far its generation had come."""
+    return any(" %" in str(version.get("content")) for version in [*message.versions, message.data])
+
+
 async def _retaken(url: str, worker_id: str, since: float) -> float:
     """Seconds from ``since`` until no job runs under ``worker_id`` any more (its lease ran out)."""
     running = "SELECT id FROM jobs WHERE worker_id = ? AND state = 'running'"
@@ -136,7 +141,8 @@ async def _retaken(url: str, worker_id: str, since: float) -> float:
 
 async def test_cancel_and_progress_cross_processes_and_a_restart_takes_no_running_job(tmp_path: Path) -> None:
     async with fresh_postgres() as url, DiscordEmulator(max_lifetime=120) as emu:
-        fleet = Fleet(emu, url, tmp_path, steps=40, step_seconds=0.1)  # 4 s a batch
+        # 8 s a batch: "kept" still runs while a second worker and a second bot start on a slow machine.
+        fleet = Fleet(emu, url, tmp_path, steps=80, step_seconds=0.1)
         other = emu.add_user("other")
         try:
             async with fleet.bot(0):
@@ -146,7 +152,7 @@ async def test_cancel_and_progress_cross_processes_and_a_restart_takes_no_runnin
                 # Another worker and another bot start while "kept" runs: neither takes it.
                 await fleet.start_worker("late worker")
                 async with fleet.bot(1):
-                    progress = await answered(emu, kept, lambda m: "▓" in m.content or "%" in m.content)
+                    progress = await answered(emu, kept, _showed_progress)
                     doomed = await emu.invoke_command(
                         "music", {"prompt": "doomed", "duration": 3.0}, user=other, shard=0
                     )
