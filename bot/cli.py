@@ -8,11 +8,14 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bot.logs import configure_logging
 from bot.settings import MODEL_SIZES, Settings, SettingsError
+
+BENCH_SECONDS = 5.0
+_STARTED = time.perf_counter()  # as the command line module is imported: the start of a command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -76,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="default: MUSICBOT_DTYPE",
     )
+    gen.add_argument(
+        "--timings",
+        action="store_true",
+        help="print where the time went: start-up, loading, preparing, first step, generating, writing",
+    )
     gen.set_defaults(handler=_generate)
 
     bench = commands.add_parser("bench", help="the speed table: ours against the classic transformers recipe")
@@ -87,7 +95,9 @@ def _parser() -> argparse.ArgumentParser:
         help="real architectures to build with random weights, one table each (default small;"
         " with --device cuda: small medium large stereo-small)",
     )
-    bench.add_argument("--seconds", type=float, default=5.0, help="seconds of audio per run (default 5)")
+    bench.add_argument(
+        "--seconds", type=float, default=BENCH_SECONDS, help="seconds of audio per run (default 5)"
+    )
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     bench.add_argument("--no-classic", action="store_true", help="skip the slow fp32 generate baseline")
     bench.add_argument(
@@ -97,8 +107,39 @@ def _parser() -> argparse.ArgumentParser:
         "-o",
         "--output",
         type=Path,
-        default=Path("bench-results.json"),
-        help="where to write the figures as JSON (default bench-results.json)",
+        default=None,
+        help="where to write the figures as JSON (default bench-results.json, cold-results.json or"
+        " quality-results.json)",
+    )
+    bench.add_argument(
+        "--quality",
+        action="store_true",
+        help="the quality guard instead: logits of each dtype against fp32, greedy codes against bf16"
+        " (CPU; --arch's first size)",
+    )
+    bench.add_argument(
+        "--cold",
+        action="store_true",
+        help="whole processes from the start instead: the classic recipe as a script against"
+        " `musicbot generate`, each stage timed (CPU; default --seconds 4)",
+    )
+    bench.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="with --cold: a checkpoint directory to use (default: a random one of --arch, saved first)",
+    )
+    bench.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["auto", "int8"],
+        choices=("auto", "float32", "bfloat16", "int8"),
+        help="with --cold: the dtypes of our runs (default auto int8)",
+    )
+    bench.add_argument(
+        "--drop-caches",
+        action="store_true",
+        help="with --cold: empty the page cache before each run, as after a reboot (root only)",
     )
     bench.set_defaults(handler=_bench)
 
@@ -251,9 +292,19 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.repeat < 1:
         return _fail("--repeat must be at least 1")
+    if args.cold and args.quality:
+        return _fail("--cold and --quality are separate runs: choose one")
+    if args.cold:
+        return _cold_bench(args, args.output or Path("cold-results.json"))
+    if args.quality:
+        from generation.quality import run_quality
+
+        run_quality(arch=(args.arch or ["small"])[0], out=args.output or Path("quality-results.json"))
+        return 0
+    output = args.output or Path("bench-results.json")
     archs = args.arch or (CUDA_BENCH if args.device.startswith("cuda") else ["small"])
     for arch in archs:
-        out = args.output if len(archs) == 1 else args.output.with_stem(f"{args.output.stem}-{arch}")
+        out = output if len(archs) == 1 else output.with_stem(f"{output.stem}-{arch}")
         run_bench(
             arch=arch,
             seconds=args.seconds,
@@ -265,10 +316,33 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cold_bench(args: argparse.Namespace, output: Path) -> int:
+    import tempfile
+
+    from generation.cold_bench import run_cold_bench
+    from generation.random_models import architecture, save_model
+
+    seconds = args.seconds if args.seconds != BENCH_SECONDS else 4.0
+    if args.model is not None:
+        if not (args.model / "config.json").is_file():
+            return _fail(
+                f"no checkpoint at {args.model}: the directory must hold config.json and the weights"
+            )
+        run_cold_bench(args.model, seconds, args.dtypes, args.repeat, args.drop_caches, output)
+        return 0
+    arch = (args.arch or ["small"])[0]
+    with tempfile.TemporaryDirectory() as scratch:
+        print(f"saving a random-weight {arch} checkpoint to run from...", file=sys.stderr)
+        directory = save_model(architecture(arch), Path(scratch) / arch)
+        run_cold_bench(directory, seconds, args.dtypes, args.repeat, args.drop_caches, output)
+    return 0
+
+
 CUDA_BENCH = ["small", "medium", "large", "stereo-small"]  # the shapes a GPU bench covers by default
 
 
 def _generate(args: argparse.Namespace, settings: Settings) -> int:
+    timings = _Timings()
     from generation import AudioInputError, GenerationError, GenerationRequest, SamplingParams
     from generation.audio import decode_audio, encode_audio
 
@@ -306,6 +380,7 @@ def _generate(args: argparse.Namespace, settings: Settings) -> int:
     try:
         from generation.engine import load_engine
 
+        timings.lap("start-up")
         engine = load_engine(
             source,
             name=size,
@@ -313,9 +388,11 @@ def _generate(args: argparse.Namespace, settings: Settings) -> int:
             dtype=args.dtype or settings.dtype,
             kernels=settings.kernels != "off",
         )
+        timings.add(engine.timings)
         started = time.perf_counter()
-        with _ProgressBar() as bar:
+        with _ProgressBar(timings.first_step) as bar:
             [result] = engine.generate([request], progress=bar.update)
+        timings.lap("generation")
     except AudioInputError as exc:
         return _fail(str(exc))
     except GenerationError as exc:
@@ -325,6 +402,7 @@ def _generate(args: argparse.Namespace, settings: Settings) -> int:
     paths = _output_paths(args.output, len(result.tracks))
     for path, track in zip(paths, result.tracks, strict=True):
         path.write_bytes(encode_audio(track.audio, result.sample_rate, fmt))
+    timings.lap("write")
     seeds = ", ".join(str(t.seed) for t in result.tracks)
     channels = "stereo" if result.channels == 2 else "mono"
     print(
@@ -334,7 +412,35 @@ def _generate(args: argparse.Namespace, settings: Settings) -> int:
     )
     for note in result.notes:
         print(f"note: {note}")
+    if args.timings:
+        print(timings.line(), file=sys.stderr)
     return 0
+
+
+class _Timings:
+    """Seconds spent in each stage of ``musicbot generate``, from the command's start (the interpreter's
+    own start-up before it is not seen here)."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, float] = {}
+        self._last = _STARTED
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.stages[stage] = now - self._last
+        self._last = now
+
+    def add(self, stages: dict[str, float]) -> None:
+        """Stages measured elsewhere, ending now."""
+        self.stages.update(stages)
+        self._last = time.perf_counter()
+
+    def first_step(self) -> None:
+        """Up to the first decoding step: conditioning on the prompt and the prefill."""
+        self.lap("first step")
+
+    def line(self) -> str:
+        return "timings: " + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in self.stages.items())
 
 
 def quiet_model_stack(verbose: bool) -> None:
@@ -364,7 +470,11 @@ def _fail(message: str) -> int:
 
 
 class _ProgressBar:
-    """A tqdm bar on stderr, fed by the engine's per-step progress callback."""
+    """A tqdm bar on stderr, fed by the engine's per-step progress callback; ``on_first`` is called at the
+    first step."""
+
+    def __init__(self, on_first: Callable[[], None] | None = None) -> None:
+        self._on_first = on_first
 
     def __enter__(self) -> _ProgressBar:
         from tqdm import tqdm
@@ -373,6 +483,9 @@ class _ProgressBar:
         return self
 
     def update(self, done: int, total: int) -> None:
+        if self._on_first is not None:
+            self._on_first()
+            self._on_first = None
         if self._bar.total != total:
             self._bar.total = total
         self._bar.update(done - self._bar.n)

@@ -24,7 +24,14 @@ from generation import audio as audio_ops
 from generation.codec import EncodecDecoder
 from generation.errors import GenerationCancelled, InvalidRequest, ModelLoadError, OutOfMemory
 from generation.fast_decoder import FastDecoderState, FastDecoderWeights, cross_attention_mask
-from generation.loader import Placement, choose_placement, dtype_advice, load_checkpoint
+from generation.loader import (
+    Placement,
+    checkpoint_fingerprint,
+    choose_placement,
+    dtype_advice,
+    import_model_stack,
+    load_checkpoint,
+)
 from generation.request import (
     GenerationRequest,
     GenerationResult,
@@ -64,6 +71,8 @@ class MusicGenEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.placement = placement
+        self.source = source
+        self.timings: dict[str, float] = {}  # seconds each stage of load_engine took
         self._weights: FastDecoderWeights | None = None
         self._decoder: EncodecDecoder | None = None
         # On CUDA every decoding step runs on the device over static buffers, captured as CUDA graphs
@@ -129,6 +138,13 @@ class MusicGenEngine:
         elapsed = time.perf_counter() - started
         return self._results(requests, audio, cancelled, elapsed)
 
+    def prepare(self) -> None:
+        """Make now what the first request would otherwise wait for: the step weights (packed, or
+        quantized and cached) and EnCodec's decoder."""
+        if not self.static_steps:
+            self._fast_weights()
+        self._codec_decoder()
+
     def close(self) -> None:
         """Drop the model and give its memory back."""
         self.model = None
@@ -144,14 +160,11 @@ class MusicGenEngine:
 
         Each channel's codebooks are decoded as a row of their own, all channels in one call.
         """
-        if self._decoder is None:
-            self._decoder = EncodecDecoder(
-                self.model.audio_encoder, self.placement.device, kernels=self.placement.kernels
-            )
+        decoder = self._codec_decoder()
         rows, _, frames = codes.shape
         per_channel = codes.reshape(rows, self.channel_codebooks, self.channels, frames).transpose(1, 2)
         with torch.inference_mode():
-            audio = self._decoder(
+            audio = decoder(
                 per_channel.reshape(rows * self.channels, self.channel_codebooks, frames).to(
                     self.placement.device
                 )
@@ -556,9 +569,19 @@ class MusicGenEngine:
     def _fast_weights(self) -> FastDecoderWeights:
         if self._weights is None:
             self._weights = FastDecoderWeights(
-                self.model.decoder, int8=self.placement.int8_steps, kernels=self.placement.kernels
+                self.model.decoder,
+                int8=self.placement.int8_steps,
+                kernels=self.placement.kernels,
+                checkpoint=checkpoint_fingerprint(self.source) if self.placement.int8_steps else None,
             )
         return self._weights
+
+    def _codec_decoder(self) -> EncodecDecoder:
+        if self._decoder is None:
+            self._decoder = EncodecDecoder(
+                self.model.audio_encoder, self.placement.device, kernels=self.placement.kernels
+            )
+        return self._decoder
 
     def _free_memory(self) -> None:
         gc.collect()
@@ -693,20 +716,32 @@ def load_engine(
     advice = dtype_advice(device, dtype, placement)
     if advice is not None:
         log.warning("%s", advice)
+    imported = time.perf_counter()
+    import_model_stack()
     started = time.perf_counter()
     model, tokenizer = load_checkpoint(source, placement)
-    log.info(
-        "loaded %s on %s in %s in %.1f s",
-        source,
-        placement.device,
-        placement.dtype,
-        time.perf_counter() - started,
-    )
+    loaded = time.perf_counter()
     if placement.device.type == "cpu" and placement.dtype == torch.bfloat16 and placement.kernels:
         from generation import native
 
         native.load()  # built (or found wanting) while loading, not under the first progress bar
     engine = MusicGenEngine(model, tokenizer, name=name or source, source=source, placement=placement)
+    engine.prepare()
+    prepared = time.perf_counter()
     if engine.graphs:
         engine.check_graphs()
+    engine.timings = {
+        "imports": started - imported,
+        "load": loaded - started,
+        "prepare": prepared - loaded,
+    }
+    log.info(
+        "loaded %s on %s in %s: ready in %.1f s (weights %.1f s, preparing the steps %.1f s)",
+        source,
+        placement.device,
+        placement.label,
+        time.perf_counter() - started,
+        loaded - started,
+        prepared - loaded,
+    )
     return engine

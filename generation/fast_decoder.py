@@ -12,14 +12,19 @@ fallback. The prefill still runs through transformers (once). On CUDA the engine
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from generation import native
+from generation import native, weight_cache
 from generation.loader import cpu_has_vnni
+
+# How int8 weights are derived from a checkpoint (``int8_quantize`` of ``FastDecoderWeights._matrix``);
+# part of their cache key: change it when either changes.
+INT8_FORMAT = "int8 per-channel symmetric, q scaled, v1"
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,7 @@ class _Linears:
         if self.kind == "onednn":
             return torch.ops.mkldnn._reorder_linear_weight(weight)
         if self.kind == "int8":
-            return _int8_pack(weight)
+            return int8_prepack(**int8_quantize(weight))
         return weight
 
     def __call__(self, x: torch.Tensor, weight: Any) -> torch.Tensor:
@@ -100,23 +105,37 @@ def onednn_bf16_supported() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def _int8_pack(weight: torch.Tensor) -> Any:
-    """Symmetric per-output-channel int8 weights, prepacked for fbgemm."""
+def int8_quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Symmetric per-output-channel int8 weights: ``ints`` (rows, cols) and fp32 ``scales`` (rows,)."""
     weight = weight.float()
-    scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
-    zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
+    scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    ints = (weight / scales[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    return {"ints": ints, "scales": scales}
+
+
+def int8_shapes(rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """What ``int8_quantize`` makes of a (rows, cols) matrix."""
+    return {"ints": ((rows, cols), torch.int8), "scales": ((rows,), torch.float32)}
+
+
+def int8_prepack(ints: torch.Tensor, scales: torch.Tensor) -> Any:
+    """Quantized weights in fbgemm's packed layout (made in each process: it is not portable)."""
+    zero_points = torch.zeros(ints.shape[0], dtype=torch.long)
     with warnings.catch_warnings():
-        warnings.simplefilter(
-            "ignore", UserWarning
-        )  # quantized tensors are marked deprecated; the kernels are not
-        quantized = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
+        # quantized tensors are marked deprecated; the kernels are not
+        warnings.simplefilter("ignore", UserWarning)
+        quantized = torch._make_per_channel_quantized_tensor(ints, scales.double(), zero_points, 0)
         return torch.ops.quantized.linear_prepack(quantized, None)
 
 
 class FastDecoderWeights:
     """The decoder's weights rearranged for single-row steps; built once per loaded model."""
 
-    def __init__(self, causal_lm: Any, *, int8: bool = False, kernels: bool = True) -> None:
+    def __init__(
+        self, causal_lm: Any, *, int8: bool = False, kernels: bool = True, checkpoint: str | None = None
+    ) -> None:
+        """``checkpoint``: the checkpoint's fingerprint (``loader.checkpoint_fingerprint``), under which
+        int8 weights are cached between runs; None: made afresh."""
         model = causal_lm.model.decoder
         config = causal_lm.config
         self.heads: int = config.num_attention_heads
@@ -148,25 +167,73 @@ class FastDecoderWeights:
         # plain path keeps transformers' exact order of operations (so fp32 codes match it exactly).
         self.fast_math = self.linear.kind != "plain"
         self.gelu = self.activation == "gelu"
-        self.lm_head = self.linear.prepare(torch.cat([h.weight for h in heads]))
-        self.layers = [self._layer(layer) for layer in model.layers]
+        self._heads = list(heads)
+        self._decoder_layers = list(model.layers)
+        packed = self._prepare_all(checkpoint)
+        self.lm_head = packed["lm_head"]
+        self.layers = [self._layer(i, layer, packed) for i, layer in enumerate(model.layers)]
+        del self._heads, self._decoder_layers
 
-    def _layer(self, layer: Any) -> _Layer:
-        attn = layer.self_attn
-        cross = getattr(layer, "encoder_attn", None)
-        pack = self.linear.prepare
-        q_scale = self.scale if self.fast_math else 1.0
+    def _layer(self, index: int, layer: Any, packed: dict[str, Any]) -> _Layer:
+        cross = getattr(layer, "encoder_attn", None) is not None
         return _Layer(
             ln1=self._ln(layer.self_attn_layer_norm),
-            qkv=pack(torch.cat([attn.q_proj.weight * q_scale, attn.k_proj.weight, attn.v_proj.weight])),
-            out=pack(attn.out_proj.weight),
-            ln2=self._ln(layer.encoder_attn_layer_norm) if cross is not None else None,
-            cross_q=pack(cross.q_proj.weight * q_scale) if cross is not None else None,
-            cross_out=pack(cross.out_proj.weight) if cross is not None else None,
+            qkv=packed[f"{index}.qkv"],
+            out=packed[f"{index}.out"],
+            ln2=self._ln(layer.encoder_attn_layer_norm) if cross else None,
+            cross_q=packed[f"{index}.cross_q"] if cross else None,
+            cross_out=packed[f"{index}.cross_out"] if cross else None,
             ln3=self._ln(layer.final_layer_norm),
-            fc1=pack(layer.fc1.weight),
-            fc2=pack(layer.fc2.weight),
+            fc1=packed[f"{index}.fc1"],
+            fc2=packed[f"{index}.fc2"],
         )
+
+    def _matrix_names(self) -> list[str]:
+        names = ["lm_head"]
+        for index, layer in enumerate(self._decoder_layers):
+            cross = ["cross_q", "cross_out"] if getattr(layer, "encoder_attn", None) is not None else []
+            names += [f"{index}.{kind}" for kind in ("qkv", "out", *cross, "fc1", "fc2")]
+        return names
+
+    def _parts(self, name: str) -> list[tuple[torch.Tensor, float]]:
+        """The weights matrix ``name`` stacks, each with the factor it is scaled by."""
+        if name == "lm_head":
+            return [(head.weight, 1.0) for head in self._heads]
+        index, kind = name.split(".")
+        layer = self._decoder_layers[int(index)]
+        attn, cross = layer.self_attn, getattr(layer, "encoder_attn", None)
+        q_scale = self.scale if self.fast_math else 1.0
+        match kind:
+            case "qkv":
+                return [(attn.q_proj.weight, q_scale), (attn.k_proj.weight, 1.0), (attn.v_proj.weight, 1.0)]
+            case "out":
+                return [(attn.out_proj.weight, 1.0)]
+            case "cross_q":
+                return [(cross.q_proj.weight, q_scale)]
+            case "cross_out":
+                return [(cross.out_proj.weight, 1.0)]
+        return [(getattr(layer, kind).weight, 1.0)]  # fc1, fc2
+
+    def _matrix(self, name: str) -> torch.Tensor:
+        parts = [weight * factor if factor != 1.0 else weight for weight, factor in self._parts(name)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _prepare_all(self, checkpoint: str | None) -> dict[str, Any]:
+        """Every step matrix in the form ``self.linear`` computes with. int8 weights are quantized once per
+        checkpoint (kept in ``generation.weight_cache``) and packed for fbgemm on all threads."""
+        names = self._matrix_names()
+        if self.linear.kind != "int8":
+            return {name: self.linear.prepare(self._matrix(name)) for name in names}
+        shapes = {}
+        for name in names:
+            parts = self._parts(name)
+            shapes[name] = int8_shapes(sum(w.shape[0] for w, _ in parts), parts[0][0].shape[1])
+        source_dtype = str(self._heads[0].weight.dtype)
+        key = None if checkpoint is None else f"{INT8_FORMAT}\n{source_dtype}\n{checkpoint}"
+        quantized = weight_cache.cached(key, shapes, lambda name: int8_quantize(self._matrix(name).detach()))
+        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+            packed = pool.map(lambda name: int8_prepack(**quantized[name]), names)
+            return dict(zip(names, packed, strict=True))
 
     def feed_forward(self, h: torch.Tensor, layer: _Layer, residual: torch.Tensor) -> torch.Tensor:
         if self.gelu:

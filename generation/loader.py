@@ -108,6 +108,16 @@ def _cuda_index(device: str) -> int | None:
     return int(number) if prefix == "cuda" and number.isdigit() else None
 
 
+def import_model_stack() -> None:
+    """Import transformers' MusicGen classes (seconds of imports: done once, and timed on its own)."""
+    from transformers import (  # noqa: F401
+        AutoConfig,
+        AutoTokenizer,
+        MusicgenForConditionalGeneration,
+        MusicgenMelodyForConditionalGeneration,
+    )
+
+
 def load_checkpoint(source: str, placement: Placement) -> tuple[Any, Any]:
     """``(model, tokenizer)`` from a hub id or directory; the checkpoint's ``model_type`` picks the class."""
     from huggingface_hub.errors import StrictDataclassError
@@ -145,6 +155,32 @@ def load_checkpoint(source: str, placement: Placement) -> tuple[Any, Any]:
     except torch.OutOfMemoryError:
         del model
         raise ModelLoadError(source, _does_not_fit(source, placement.device)) from None
+
+
+def checkpoint_fingerprint(source: str) -> str | None:
+    """A text that changes whenever the checkpoint's files do (names, sizes, modification times, and for
+    a hub snapshot the content-addressed blobs they point to); None where the files cannot be found."""
+    if _is_local(source):
+        directory = Path(source).expanduser()
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            config = try_to_load_from_cache(source, "config.json")
+        except ValueError:  # not a hub id either (e.g. a model built in memory, named in words)
+            return None
+        if not isinstance(config, str):
+            return None
+        directory = Path(config).parent
+    try:
+        files = sorted(p for p in directory.iterdir() if p.suffix in (".json", ".safetensors", ".bin"))
+        parts = [str(directory.resolve())]
+        for path in files:
+            info = path.stat()
+            parts.append(f"{path.name}:{path.resolve().name}:{info.st_size}:{info.st_mtime_ns}")
+    except OSError:
+        return None
+    return "\n".join(parts)
 
 
 def _does_not_fit(source: str, device: torch.device) -> str:

@@ -22,7 +22,6 @@ import logging
 import os
 import platform
 import shutil
-import stat
 import subprocess
 import tempfile
 import threading
@@ -36,6 +35,7 @@ import torch
 from generation import native_api
 from generation.loader import cpu_flags
 from generation.native_api import StepLayer, StepModel
+from generation.private_cache import UnsafeCache, check_private, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,6 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 REQUIRED_CPU = ("avx512f", "avx512bw", "avx512_bf16")
 MAX_HEADS = native_api.MAX_HEADS
 _build_lock = threading.Lock()
-
-
-class UnsafeCache(OSError):
-    """A cache directory or library that another user could have written: not loaded."""
 
 
 class NativeKernels:
@@ -576,42 +572,14 @@ def load() -> NativeKernels | None:
         return None
 
 
-def cache_root() -> Path:
-    """``$XDG_CACHE_HOME`` where set to an absolute path (the XDG base directory rule), else ``~/.cache``."""
-    configured = os.environ.get("XDG_CACHE_HOME", "")
-    return Path(configured) if os.path.isabs(configured) else Path.home() / ".cache"
-
-
 def private_cache_dir() -> Path:
-    """``musicbot/kernels`` under the cache root, created 0700: raises UnsafeCache where it, or the
-    ``musicbot`` directory holding it, is not this user's own or is writable by group or others."""
-    base = cache_root()
-    base.mkdir(parents=True, exist_ok=True)
-    directory = base
-    for part in ("musicbot", "kernels"):
-        directory = directory / part
-        directory.mkdir(mode=0o700, exist_ok=True)
-        _check_private(directory, "directory")
-    return directory
-
-
-def _check_private(path: Path, what: str) -> None:
-    """Raises UnsafeCache unless ``path`` is owned by this user and not writable by group or others."""
-    info = path.stat()
-    kind_ok = stat.S_ISDIR(info.st_mode) if what == "directory" else stat.S_ISREG(info.st_mode)
-    if not kind_ok:
-        raise UnsafeCache(f"{path} is not a {what}")
-    if info.st_uid != os.getuid():
-        raise UnsafeCache(f"{what} {path} belongs to uid {info.st_uid}, not to this user ({os.getuid()})")
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise UnsafeCache(
-            f"{what} {path} is writable by its group or others (mode {stat.S_IMODE(info.st_mode):o})"
-        )
+    """``musicbot/kernels`` under the cache root, created 0700 (see ``generation.private_cache``)."""
+    return private_dir("kernels")
 
 
 def _load_trusted(path: Path) -> ctypes.CDLL:
-    _check_private(path.parent, "directory")
-    _check_private(path, "library")
+    check_private(path.parent, "directory")
+    check_private(path, "library")
     return ctypes.CDLL(str(path))
 
 

@@ -40,6 +40,20 @@ def test_generate_writes_wav_of_requested_length(tiny_model_dir: Path, tmp_path:
     assert "seed 42" in done.stdout
     assert "2.50 s" in done.stdout
     assert "generating" in done.stderr  # the progress bar
+    assert "timings:" not in done.stderr  # only when asked for
+
+
+def test_generate_timings_say_where_the_time_went(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from generation.cold_bench import parse_timings
+
+    done = _musicbot(
+        "generate", "drums", "--duration", "1", "--model", str(tiny_model_dir), "--timings",
+        "-o", str(tmp_path / "take.wav"), cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    stages = parse_timings(done.stderr)
+    assert list(stages) == ["start-up", "imports", "load", "prepare", "first step", "generation", "write"]
+    assert all(seconds >= 0 for seconds in stages.values())
 
 
 def test_generate_variations_write_numbered_files(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -1,0 +1,124 @@
+"""Prepared decoder weights kept between runs, keyed by the checkpoint, so that a restart, a ``/model``
+switch or a second ``musicbot generate`` skips the quantization of every matrix.
+
+The cache lives in ``$XDG_CACHE_HOME/musicbot/weights`` (see ``generation.private_cache``): one
+safetensors file per checkpoint and preparation, written atomically, 0600. A file that does not hold what
+its name promises (another format, a missing matrix, a wrong shape, a truncated write) is ignored and
+made again; a directory or file another user could have written is refused and nothing is cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from generation.private_cache import UnsafeCache, check_private, private_dir
+
+log = logging.getLogger(__name__)
+
+KEEP = 3  # files kept: the models one owner switches between; each is about a quarter of its fp32 size
+Tensors = dict[str, torch.Tensor]
+_writers: list[threading.Thread] = []
+Shapes = Mapping[str, Mapping[str, tuple[tuple[int, ...], torch.dtype]]]
+
+
+def cached(
+    key: str | None,
+    shapes: Shapes,
+    make: Callable[[str], Tensors],
+) -> dict[str, Tensors]:
+    """``{name: make(name)}`` for every matrix name in ``shapes``, read from the cache when a file for
+    ``key`` holds exactly the expected tensors (``shapes[name][part] = (size, dtype)``), else made and
+    stored. ``key=None`` (a checkpoint whose files cannot be identified) makes everything, stores nothing."""
+    path = _path(key)
+    if path is not None:
+        found = _read(path, key, shapes)
+        if found is not None:
+            log.info("prepared weights read from %s", path)
+            return found
+    made = {name: make(name) for name in shapes}
+    if path is not None:  # written while the model starts its work; the process waits for it at exit
+        writer = threading.Thread(target=_write, args=(path, key, made), name="weight-cache-write")
+        _writers.append(writer)
+        writer.start()
+    return made
+
+
+def flush() -> None:
+    """Wait until every cache file started so far is written."""
+    while _writers:
+        _writers.pop().join()
+
+
+def _path(key: str | None) -> Path | None:
+    if key is None:
+        return None
+    try:
+        directory = private_dir("weights")
+    except UnsafeCache as exc:
+        log.warning("prepared weights not cached: %s", exc)
+        return None
+    except OSError as exc:  # no home directory, a read-only file system
+        log.info("prepared weights not cached: %s", exc)
+        return None
+    return directory / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+
+
+def _read(path: Path, key: str, shapes: Shapes) -> dict[str, Tensors] | None:
+    try:
+        check_private(path, "file")
+        with safe_open(path, framework="pt") as handle:
+            if (handle.metadata() or {}).get("key") != key:
+                return None  # two keys with one hash: never trusted
+            stored = set(handle.keys())
+            found: dict[str, Tensors] = {}
+            for name, parts in shapes.items():
+                found[name] = {}
+                for part, (size, dtype) in parts.items():
+                    tensor = handle.get_tensor(f"{name}/{part}") if f"{name}/{part}" in stored else None
+                    if tensor is None or tuple(tensor.shape) != tuple(size) or tensor.dtype != dtype:
+                        log.warning("prepared weights in %s do not match the model: made again", path)
+                        return None
+                    found[name][part] = tensor
+    except FileNotFoundError:
+        return None
+    except UnsafeCache as exc:
+        log.warning("prepared weights not read: %s", exc)
+        return None
+    except (OSError, SafetensorError) as exc:
+        log.warning("prepared weights in %s unreadable (%s): made again", path, exc)
+        return None
+    os.utime(path)  # recently used: kept longest
+    return found
+
+
+def _write(path: Path, key: str, made: Mapping[str, Tensors]) -> None:
+    flat = {f"{name}/{part}": t.contiguous() for name, parts in made.items() for part, t in parts.items()}
+    handle, partial = tempfile.mkstemp(prefix=".partial-", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(flat, partial, metadata={"key": key})
+        os.chmod(partial, 0o600)
+        os.replace(partial, path)
+    except OSError as exc:
+        log.warning("prepared weights not cached: %s", exc)
+        Path(partial).unlink(missing_ok=True)
+        return
+    log.info("prepared weights cached in %s", path)
+    _evict(path.parent)
+
+
+def _evict(directory: Path) -> None:
+    """Keep the KEEP most recently used files."""
+    files = sorted(directory.glob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for old in files[KEEP:]:
+        old.unlink(missing_ok=True)
