@@ -201,16 +201,16 @@ class FastDecoderWeights:
             return [(head.weight, 1.0) for head in self._heads]
         index, kind = name.split(".")
         layer = self._decoder_layers[int(index)]
-        attn, cross = layer.self_attn, getattr(layer, "encoder_attn", None)
+        attn, cross = layer.self_attn, getattr(layer, "encoder_attn", None)  # cross: with a cross_* name
         q_scale = self.scale if self.fast_math else 1.0
         match kind:
             case "qkv":
                 return [(attn.q_proj.weight, q_scale), (attn.k_proj.weight, 1.0), (attn.v_proj.weight, 1.0)]
             case "out":
                 return [(attn.out_proj.weight, 1.0)]
-            case "cross_q":
+            case "cross_q" if cross is not None:
                 return [(cross.q_proj.weight, q_scale)]
-            case "cross_out":
+            case "cross_out" if cross is not None:
                 return [(cross.out_proj.weight, 1.0)]
         return [(getattr(layer, kind).weight, 1.0)]  # fc1, fc2
 

@@ -39,14 +39,15 @@ def cached(
     """``{name: make(name)}`` for every matrix name in ``shapes``, read from the cache when a file for
     ``key`` holds exactly the expected tensors (``shapes[name][part] = (size, dtype)``), else made and
     stored. ``key=None`` (a checkpoint whose files cannot be identified) makes everything, stores nothing."""
-    path = _path(key)
+    path = None if key is None else _path(key)
     if path is not None:
         found = _read(path, key, shapes)
         if found is not None:
             log.info("prepared weights read from %s", path)
             return found
     made = {name: make(name) for name in shapes}
-    if path is not None:  # written while the model starts its work; the process waits for it at exit
+    if path is not None and key is not None:
+        # written while the model starts its work; the process waits for it at exit
         writer = threading.Thread(target=_write, args=(path, key, made), name="weight-cache-write")
         _writers.append(writer)
         writer.start()
@@ -59,9 +60,7 @@ def flush() -> None:
         _writers.pop().join()
 
 
-def _path(key: str | None) -> Path | None:
-    if key is None:
-        return None
+def _path(key: str) -> Path | None:
     try:
         directory = private_dir("weights")
     except UnsafeCache as exc:
