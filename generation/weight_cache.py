@@ -40,7 +40,7 @@ def cached(
     ``key`` holds exactly the expected tensors (``shapes[name][part] = (size, dtype)``), else made and
     stored. ``key=None`` (a checkpoint whose files cannot be identified) makes everything, stores nothing."""
     path = None if key is None else _path(key)
-    if path is not None:
+    if path is not None and key is not None:
         found = _read(path, key, shapes)
         if found is not None:
             log.info("prepared weights read from %s", path)
