@@ -23,7 +23,12 @@ import torch
 from generation import audio as audio_ops
 from generation.codec import EncodecDecoder
 from generation.errors import GenerationCancelled, InvalidRequest, ModelLoadError, OutOfMemory
-from generation.fast_decoder import FastDecoderState, FastDecoderWeights, cross_attention_mask
+from generation.fast_decoder import (
+    FastDecoderState,
+    FastDecoderWeights,
+    Int8Packing,
+    cross_attention_mask,
+)
 from generation.loader import (
     Placement,
     checkpoint_fingerprint,
@@ -67,8 +72,19 @@ class _Window:
 class MusicGenEngine:
     """A loaded MusicGen (or MusicGen-Melody) that turns compatible requests into finished tracks."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, name: str, source: str, placement: Placement) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        name: str,
+        source: str,
+        placement: Placement,
+        int8_packing: Int8Packing | None = None,
+    ) -> None:
+        """``int8_packing``: the checkpoint's cached int8 weights, packed while it loaded (int8 steps)."""
         self.model = model
+        self._packing = int8_packing
         self.tokenizer = tokenizer
         self.placement = placement
         self.source = source
@@ -573,7 +589,9 @@ class MusicGenEngine:
                 int8=self.placement.int8_steps,
                 kernels=self.placement.kernels,
                 checkpoint=checkpoint_fingerprint(self.source) if self.placement.int8_steps else None,
+                packing=self._packing,
             )
+            self._packing = None
         return self._weights
 
     def _codec_decoder(self) -> EncodecDecoder:
@@ -719,13 +737,17 @@ def load_engine(
     imported = time.perf_counter()
     import_model_stack()
     started = time.perf_counter()
+    fingerprint = checkpoint_fingerprint(source) if placement.int8_steps else None
+    packing = Int8Packing(fingerprint, placement.dtype) if fingerprint is not None else None
     model, tokenizer = load_checkpoint(source, placement)
     loaded = time.perf_counter()
     if placement.device.type == "cpu" and placement.dtype == torch.bfloat16 and placement.kernels:
         from generation import native
 
         native.load()  # built (or found wanting) while loading, not under the first progress bar
-    engine = MusicGenEngine(model, tokenizer, name=name or source, source=source, placement=placement)
+    engine = MusicGenEngine(
+        model, tokenizer, name=name or source, source=source, placement=placement, int8_packing=packing
+    )
     engine.prepare()
     prepared = time.perf_counter()
     if engine.graphs:

@@ -11,6 +11,8 @@ fallback. The prefill still runs through transformers (once). On CUDA the engine
 
 from __future__ import annotations
 
+import logging
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +23,8 @@ import torch.nn.functional as F
 
 from generation import native, weight_cache
 from generation.loader import cpu_has_vnni
+
+log = logging.getLogger(__name__)
 
 # How int8 weights are derived from a checkpoint (``int8_quantize`` of ``FastDecoderWeights._matrix``);
 # part of their cache key: change it when either changes.
@@ -128,14 +132,61 @@ def int8_prepack(ints: torch.Tensor, scales: torch.Tensor) -> Any:
         return torch.ops.quantized.linear_prepack(quantized, None)
 
 
+def int8_key(checkpoint: str, source_dtype: torch.dtype) -> str:
+    """The cache key of a checkpoint's int8 weights, quantized from its weights in ``source_dtype``."""
+    return f"{INT8_FORMAT}\n{source_dtype}\n{checkpoint}"
+
+
+def int8_prepack_all(quantized: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """``int8_prepack`` of every matrix, on all of torch's threads (fbgemm packs one matrix on one)."""
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        packed = pool.map(lambda parts: int8_prepack(**parts), quantized.values())
+        return dict(zip(quantized, packed, strict=True))
+
+
+class Int8Packing:
+    """A checkpoint's cached int8 weights, read and packed for fbgemm in the background from before the
+    model loads: packing is C++ that lets go of the interpreter, loading is mostly Python, so on two cores
+    the two overlap. ``FastDecoderWeights`` takes the result once it knows the shapes to expect."""
+
+    def __init__(self, checkpoint: str, source_dtype: torch.dtype) -> None:
+        self.key = int8_key(checkpoint, source_dtype)
+        self._result: tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]] | None = None
+        self._thread = threading.Thread(target=self._pack, name="int8-packing", daemon=True)
+        self._thread.start()
+
+    def _pack(self) -> None:
+        try:
+            found = weight_cache.read(self.key)
+            if found is not None:
+                self._result = found, int8_prepack_all(found)
+        except Exception:  # a damaged file fbgemm refuses: the weights are made again instead
+            log.warning("packing the cached int8 weights failed: they are made again", exc_info=True)
+
+    def take(self, shapes: weight_cache.Shapes) -> dict[str, Any] | None:
+        """The packed weights if the cache held exactly ``shapes``' tensors, else None (once)."""
+        self._thread.join()
+        result, self._result = self._result, None
+        if result is None or not weight_cache.matches(result[0], shapes):
+            return None
+        return result[1]
+
+
 class FastDecoderWeights:
     """The decoder's weights rearranged for single-row steps; built once per loaded model."""
 
     def __init__(
-        self, causal_lm: Any, *, int8: bool = False, kernels: bool = True, checkpoint: str | None = None
+        self,
+        causal_lm: Any,
+        *,
+        int8: bool = False,
+        kernels: bool = True,
+        checkpoint: str | None = None,
+        packing: Int8Packing | None = None,
     ) -> None:
         """``checkpoint``: the checkpoint's fingerprint (``loader.checkpoint_fingerprint``), under which
-        int8 weights are cached between runs; None: made afresh."""
+        int8 weights are cached between runs (None: made afresh); ``packing``: those weights, being
+        packed since before the model loaded."""
         model = causal_lm.model.decoder
         config = causal_lm.config
         self.heads: int = config.num_attention_heads
@@ -169,7 +220,7 @@ class FastDecoderWeights:
         self.gelu = self.activation == "gelu"
         self._heads = list(heads)
         self._decoder_layers = list(model.layers)
-        packed = self._prepare_all(checkpoint)
+        packed = self._prepare_all(checkpoint, packing)
         self.lm_head = packed["lm_head"]
         self.layers = [self._layer(i, layer, packed) for i, layer in enumerate(model.layers)]
         del self._heads, self._decoder_layers
@@ -218,9 +269,10 @@ class FastDecoderWeights:
         parts = [weight * factor if factor != 1.0 else weight for weight, factor in self._parts(name)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _prepare_all(self, checkpoint: str | None) -> dict[str, Any]:
+    def _prepare_all(self, checkpoint: str | None, packing: Int8Packing | None) -> dict[str, Any]:
         """Every step matrix in the form ``self.linear`` computes with. int8 weights are quantized once per
-        checkpoint (kept in ``generation.weight_cache``) and packed for fbgemm on all threads."""
+        checkpoint (kept in ``generation.weight_cache``) and packed for fbgemm on all threads, or taken
+        from ``packing`` (packed from the cache while the model loaded)."""
         names = self._matrix_names()
         if self.linear.kind != "int8":
             return {name: self.linear.prepare(self._matrix(name)) for name in names}
@@ -228,12 +280,13 @@ class FastDecoderWeights:
         for name in names:
             parts = self._parts(name)
             shapes[name] = int8_shapes(sum(w.shape[0] for w, _ in parts), parts[0][0].shape[1])
-        source_dtype = str(self._heads[0].weight.dtype)
-        key = None if checkpoint is None else f"{INT8_FORMAT}\n{source_dtype}\n{checkpoint}"
+        key = None if checkpoint is None else int8_key(checkpoint, self._heads[0].weight.dtype)
+        if packing is not None and packing.key == key:
+            packed = packing.take(shapes)
+            if packed is not None:
+                return packed
         quantized = weight_cache.cached(key, shapes, lambda name: int8_quantize(self._matrix(name).detach()))
-        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-            packed = pool.map(lambda name: int8_prepack(**quantized[name]), names)
-            return dict(zip(names, packed, strict=True))
+        return int8_prepack_all(quantized)
 
     def feed_forward(self, h: torch.Tensor, layer: _Layer, residual: torch.Tensor) -> torch.Tensor:
         if self.gelu:

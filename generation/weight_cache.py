@@ -36,22 +36,48 @@ def cached(
     shapes: Shapes,
     make: Callable[[str], Tensors],
 ) -> dict[str, Tensors]:
-    """``{name: make(name)}`` for every matrix name in ``shapes``, read from the cache when a file for
+    """``{name: make(name)}`` for every matrix name in ``shapes``, read from the cache when the file for
     ``key`` holds exactly the expected tensors (``shapes[name][part] = (size, dtype)``), else made and
     stored. ``key=None`` (a checkpoint whose files cannot be identified) makes everything, stores nothing."""
-    path = None if key is None else _path(key)
-    if path is not None and key is not None:
-        found = _read(path, key, shapes)
-        if found is not None:
-            log.info("prepared weights read from %s", path)
+    if key is not None:
+        found = read(key)
+        if found is not None and matches(found, shapes):
             return found
     made = {name: make(name) for name in shapes}
-    if path is not None and key is not None:
-        # written while the model starts its work; the process waits for it at exit
+    if key is not None:
+        store(key, made)
+    return made
+
+
+def read(key: str) -> dict[str, Tensors] | None:
+    """What the cache file for ``key`` holds, ``{name: {part: tensor}}``; None where there is none, or it
+    is unreadable, unsafe or another key's."""
+    path = _path(key)
+    return None if path is None else _read(path, key)
+
+
+def matches(found: Mapping[str, Tensors], shapes: Shapes) -> bool:
+    """Whether ``found`` holds exactly the tensors ``shapes`` expects (logged when it does not)."""
+    same = set(found) == set(shapes) and all(
+        set(found[name]) == set(parts)
+        and all(
+            tuple(found[name][part].shape) == tuple(size) and found[name][part].dtype == dtype
+            for part, (size, dtype) in parts.items()
+        )
+        for name, parts in shapes.items()
+    )
+    if not same:
+        log.warning("prepared weights in the cache do not match the model: made again")
+    return same
+
+
+def store(key: str, made: Mapping[str, Tensors]) -> None:
+    """Write ``made`` as the cache file for ``key``, in the background; the process waits for it at exit."""
+    path = _path(key)
+    if path is not None:
         writer = threading.Thread(target=_write, args=(path, key, made), name="weight-cache-write")
         _writers.append(writer)
         writer.start()
-    return made
 
 
 def flush() -> None:
@@ -72,22 +98,16 @@ def _path(key: str) -> Path | None:
     return directory / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
 
 
-def _read(path: Path, key: str, shapes: Shapes) -> dict[str, Tensors] | None:
+def _read(path: Path, key: str) -> dict[str, Tensors] | None:
     try:
         check_private(path, "file")
         with safe_open(path, framework="pt") as handle:
             if (handle.metadata() or {}).get("key") != key:
                 return None  # two keys with one hash: never trusted
-            stored = set(handle.keys())
             found: dict[str, Tensors] = {}
-            for name, parts in shapes.items():
-                found[name] = {}
-                for part, (size, dtype) in parts.items():
-                    tensor = handle.get_tensor(f"{name}/{part}") if f"{name}/{part}" in stored else None
-                    if tensor is None or tuple(tensor.shape) != tuple(size) or tensor.dtype != dtype:
-                        log.warning("prepared weights in %s do not match the model: made again", path)
-                        return None
-                    found[name][part] = tensor
+            for stored in handle.keys():  # noqa: SIM118 - safe_open has keys(), no iteration
+                name, _, part = stored.rpartition("/")
+                found.setdefault(name, {})[part] = handle.get_tensor(stored)
     except FileNotFoundError:
         return None
     except UnsafeCache as exc:
@@ -97,6 +117,7 @@ def _read(path: Path, key: str, shapes: Shapes) -> dict[str, Tensors] | None:
         log.warning("prepared weights in %s unreadable (%s): made again", path, exc)
         return None
     os.utime(path)  # recently used: kept longest
+    log.info("prepared weights read from %s", path)
     return found
 
 
