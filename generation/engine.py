@@ -652,6 +652,12 @@ class _Conditioning:
 
     def prefill(self, ids: torch.Tensor, length: int) -> torch.Tensor:
         """Run the known columns (and any prefix); keep room for ``length`` columns in all."""
+        if ids.shape[-1] == 1 and self.text_length():
+            # Only the start column, the text across cross-attention: it is our first step, over caches
+            # that hold just the text's projections (transformers' pass would read every decoder weight
+            # for one column; from a cold disk, seconds).
+            self.state = FastDecoderState(self.weights, self._text_cache(), length, self._cross_mask())
+            return self.step(ids[..., 0])
         logits, cache = self.run_prefill(ids)
         room = cache.get_seq_length() - ids.shape[-1] + length
         self.state = FastDecoderState(self.weights, cache, room, self._cross_mask())
@@ -674,6 +680,9 @@ class _Conditioning:
     def text_length(self) -> int:
         """Positions of text the decoder attends to across (0: none, the prefix is in the sequence)."""
         return 0
+
+    def _text_cache(self) -> _TextCache:
+        raise NotImplementedError
 
     def cross_mask(self) -> torch.Tensor | None:
         return self._cross_mask()
@@ -705,6 +714,42 @@ class _CrossAttention(_Conditioning):
 
     def text_length(self) -> int:
         return int(self.hidden.shape[1])
+
+    def _text_cache(self) -> _TextCache:
+        """Empty self-attention caches and each layer's cross-attention keys and values of the text, as
+        transformers' attention computes them."""
+        layers = self.decoder.model.decoder.layers
+        rows, text, _ = self.hidden.shape
+        heads = self.weights.heads
+
+        def split(states: torch.Tensor) -> torch.Tensor:  # (rows, text, hidden) → (rows, heads, text, d)
+            return states.view(rows, text, heads, -1).transpose(1, 2)
+
+        cross = [
+            _KeysValues(*(split(project(self.hidden)) for project in (a.k_proj, a.v_proj)))
+            for a in (layer.encoder_attn for layer in layers)
+        ]
+        empty = self.hidden.new_empty((rows, heads, 0, self.weights.head_dim))
+        return _TextCache(_Layers([_KeysValues(empty, empty) for _ in layers]), _Layers(cross))
+
+
+@dataclass(frozen=True)
+class _KeysValues:
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Layers:
+    layers: list[_KeysValues]
+
+
+@dataclass(frozen=True)
+class _TextCache:
+    """What FastDecoderState reads of transformers' EncoderDecoderCache, before the first column."""
+
+    self_attention_cache: _Layers
+    cross_attention_cache: _Layers
 
 
 class _Prefix(_Conditioning):

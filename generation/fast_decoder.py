@@ -494,9 +494,9 @@ class _ContiguousAttention:
     MIN_ROOM = 16
 
     def __init__(self, prefix: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> None:
-        rows, self.heads, self.filled, _ = prefix[0][0].shape
+        rows, self.heads, self.filled, head_dim = prefix[0][0].shape
         self.batch = rows * self.heads
-        flat = [t.to(dtype).reshape(self.batch, self.filled, -1) for pair in prefix for t in pair]
+        flat = [t.to(dtype).reshape(self.batch, self.filled, head_dim) for pair in prefix for t in pair]
         self.keys, self.values = flat[0::2], flat[1::2]
         self._grow()
 
@@ -545,8 +545,9 @@ class _NativeAttention:
         self.keys = torch.empty(shape, dtype=torch.bfloat16)  # positions are read only once written
         self.values = torch.empty(shape, dtype=torch.bfloat16)
         for i, (keys, values) in enumerate(prefix):  # (rows, heads, filled, head_dim)
-            self.keys[i, :, : self.filled] = keys.transpose(1, 2).reshape(rows, self.filled, -1)
-            self.values[i, :, : self.filled] = values.transpose(1, 2).reshape(rows, self.filled, -1)
+            width = self.heads * head_dim
+            self.keys[i, :, : self.filled] = keys.transpose(1, 2).reshape(rows, self.filled, width)
+            self.values[i, :, : self.filled] = values.transpose(1, 2).reshape(rows, self.filled, width)
         self.scratch = kernels.attention_scratch(self.heads, head_dim, length)
 
     def __call__(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,9 @@ from generation.private_cache import UnsafeCache, check_private, private_dir
 
 log = logging.getLogger(__name__)
 
+# Where the files go: None for ``$XDG_CACHE_HOME/musicbot/weights``; a test suite points it elsewhere so
+# that it neither fills nor empties its user's cache.
+location: Path | None = None
 KEEP = 3  # files kept: the models one owner switches between; each is about a quarter of its fp32 size
 Tensors = dict[str, torch.Tensor]
 _writers: list[threading.Thread] = []
@@ -88,7 +91,7 @@ def flush() -> None:
 
 def _path(key: str) -> Path | None:
     try:
-        directory = private_dir("weights")
+        directory = private_dir("weights") if location is None else _private(location)
     except UnsafeCache as exc:
         log.warning("prepared weights not cached: %s", exc)
         return None
@@ -96,6 +99,12 @@ def _path(key: str) -> Path | None:
         log.info("prepared weights not cached: %s", exc)
         return None
     return directory / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+
+
+def _private(directory: Path) -> Path:
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_private(directory, "directory")
+    return directory
 
 
 def _read(path: Path, key: str) -> dict[str, Tensors] | None:

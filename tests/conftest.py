@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,6 +48,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             callspec is not None and callspec.params.get("database") == "postgresql"
         ):
             item.add_marker(pytest.mark.postgres)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _weight_cache_of_the_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Prepared weights of the tests' models go to a directory of the session, not the user's cache."""
+    from generation import weight_cache
+
+    weight_cache.location = tmp_path_factory.mktemp("weights")
+    yield
+    weight_cache.flush()
+    weight_cache.location = None
 
 
 @pytest.fixture(scope="session")

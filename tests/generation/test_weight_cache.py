@@ -24,6 +24,7 @@ pytestmark = pytest.mark.skipif(not int8_supported(), reason="fbgemm is needed f
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private cache root for this test; returns where the weights go."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(weight_cache, "location", None)  # the real place, under the cache root
     return tmp_path / "cache" / "musicbot" / "weights"
 
 
