@@ -638,7 +638,8 @@ def check_servable(model: Any, source: str) -> None:
 
 
 class _Conditioning:
-    """How the decoder sees the prompt: prefill once through transformers, then our own fast steps."""
+    """How the decoder sees the prompt: the known columns (and any prefix) once through transformers, or,
+    for the start column alone over cross-attended text, our first step; then our own fast steps."""
 
     def __init__(self, decoder: Any, weights: FastDecoderWeights, guided: bool) -> None:
         self.decoder, self.weights, self.guided = decoder, weights, guided

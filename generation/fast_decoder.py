@@ -5,7 +5,8 @@ over one query row is a plain matmul-softmax-matmul, and keys and values never g
 the exact (fp32 reference) path writes them into buffers allocated once; the fast CPU path keeps them
 contiguous so oneDNN never copies them (see ``_ContiguousAttention``). On a CPU with AVX-512 BF16 a
 bf16 step runs on our own kernels instead (``generation.native``), with torch's kernels as the
-fallback. The prefill still runs through transformers (once). On CUDA the engine uses the steps of
+fallback. A text-only pass starts with one of these steps; known columns (an audio prompt) and the
+melody model's prefix are prefilled through transformers (once). On CUDA the engine uses the steps of
 ``generation.static_step`` instead. Measured speeds: docs/engine.md.
 """
 
