@@ -323,18 +323,19 @@ def _cold_bench(args: argparse.Namespace, output: Path) -> int:
     from generation.random_models import architecture, save_model
 
     seconds = args.seconds if args.seconds != BENCH_SECONDS else 4.0
-    if args.model is not None:
-        if not (args.model / "config.json").is_file():
-            return _fail(
-                f"no checkpoint at {args.model}: the directory must hold config.json and the weights"
-            )
-        run_cold_bench(args.model, seconds, args.dtypes, args.repeat, args.drop_caches, output)
-        return 0
-    arch = (args.arch or ["small"])[0]
-    with tempfile.TemporaryDirectory() as scratch:
-        print(f"saving a random-weight {arch} checkpoint to run from...", file=sys.stderr)
-        directory = save_model(architecture(arch), Path(scratch) / arch)
-        run_cold_bench(directory, seconds, args.dtypes, args.repeat, args.drop_caches, output)
+    if args.model is not None and not (args.model / "config.json").is_file():
+        return _fail(f"no checkpoint at {args.model}: the directory must hold config.json and the weights")
+    try:
+        if args.model is not None:
+            run_cold_bench(args.model, seconds, args.dtypes, args.repeat, args.drop_caches, output)
+            return 0
+        arch = (args.arch or ["small"])[0]
+        with tempfile.TemporaryDirectory() as scratch:
+            print(f"saving a random-weight {arch} checkpoint to run from...", file=sys.stderr)
+            directory = save_model(architecture(arch), Path(scratch) / arch)
+            run_cold_bench(directory, seconds, args.dtypes, args.repeat, args.drop_caches, output)
+    except RuntimeError as exc:  # a run that failed (its own message), or a page cache we may not drop
+        return _fail(str(exc))
     return 0
 
 

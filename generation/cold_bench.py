@@ -109,7 +109,8 @@ def _timed_process(
     done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
     wall = time.perf_counter() - started
     if done.returncode != 0:
-        raise RuntimeError(f"{label} failed ({done.returncode}): {done.stderr.strip()[-800:]}")
+        last = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["(no output)"]
+        raise RuntimeError(f"{label} failed ({done.returncode}): {last[0].strip()}")
     return ProcessRun(label, wall, parse_timings(done.stderr + done.stdout))
 
 

@@ -162,3 +162,14 @@ def test_missing_model_gets_a_clear_message(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "facebook/musicgen-large is not in the local cache" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_cold_bench_run_that_fails_says_which_and_why(tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")  # a checkpoint neither recipe can load
+    done = _musicbot("bench", "--cold", "--model", str(broken), "-o", str(tmp_path / "c.json"), cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.startswith("musicbot: classic: transformers generate, fp32 failed (1): ")
+    assert len(done.stderr.strip().splitlines()) == 1  # the child's own last line, no traceback
+    assert not (tmp_path / "c.json").exists()
