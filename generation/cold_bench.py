@@ -84,7 +84,7 @@ def run_cold_bench(
             {
                 "audio_seconds": seconds,
                 "page_cache_dropped": drop_caches,
-                "cpu": _cpu_name(),
+                "cpu": cpu_name(),
                 "runs": [{**asdict(r), "interpreter": r.interpreter} for r in runs],
             },
             indent=2,
@@ -130,7 +130,7 @@ def format_cold_table(runs: list[ProcessRun], seconds: float, drop_caches: bool)
     base = runs[0].wall_seconds
     cache = "page cache dropped before each run" if drop_caches else "page cache warm"
     lines = [
-        f"Whole process for {seconds:g} s of audio, {_cpu_name()}, {cache} (seconds):",
+        f"Whole process for {seconds:g} s of audio, {cpu_name()}, {cache} (seconds):",
         "",
         "| setup | whole process | interpreter | " + " | ".join(stages) + " | speed-up |",
         "|---" * (len(stages) + 4) + "|",
@@ -157,11 +157,12 @@ def _drop_page_cache() -> None:
         raise RuntimeError(f"cannot drop the page cache (it needs root): {exc}") from None
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, for a figure's caption (this module imports no torch)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return "this CPU"
+    return "unknown CPU"

@@ -27,7 +27,7 @@ from generation.loader import cpu_has_vnni
 
 log = logging.getLogger(__name__)
 
-# How int8 weights are derived from a checkpoint (``int8_quantize`` of ``FastDecoderWeights._matrix``);
+# How int8 weights are derived from a checkpoint (``int8_quantize`` of ``_Matrices.matrix``);
 # part of their cache key: change it when either changes.
 INT8_FORMAT = "int8 per-channel symmetric, q scaled, v1"
 
@@ -173,6 +173,47 @@ class Int8Packing:
         return result[1]
 
 
+class _Matrices:
+    """The step's matrices by name (``lm_head``, ``<layer>.qkv``, ``.out``, ``.cross_q``, ``.cross_out``,
+    ``.fc1``, ``.fc2``), stacked from the decoder's weights on demand, queries scaled by ``q_scale``."""
+
+    def __init__(self, heads: Any, layers: Any, q_scale: float) -> None:
+        self.heads, self.layers, self.q_scale = list(heads), list(layers), q_scale
+        self.dtype: torch.dtype = self.heads[0].weight.dtype
+        self.names = ["lm_head"]
+        for index, layer in enumerate(self.layers):
+            cross = ["cross_q", "cross_out"] if getattr(layer, "encoder_attn", None) is not None else []
+            self.names += [f"{index}.{kind}" for kind in ("qkv", "out", *cross, "fc1", "fc2")]
+
+    def parts(self, name: str) -> list[tuple[torch.Tensor, float]]:
+        """The weights matrix ``name`` stacks, each with the factor it is scaled by."""
+        if name == "lm_head":
+            return [(head.weight, 1.0) for head in self.heads]
+        index, kind = name.split(".")
+        layer = self.layers[int(index)]
+        attn, cross = layer.self_attn, getattr(layer, "encoder_attn", None)  # cross: with a cross_* name
+        match kind:
+            case "qkv":
+                q, k, v = attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight
+                return [(q, self.q_scale), (k, 1.0), (v, 1.0)]
+            case "out":
+                return [(attn.out_proj.weight, 1.0)]
+            case "cross_q" if cross is not None:
+                return [(cross.q_proj.weight, self.q_scale)]
+            case "cross_out" if cross is not None:
+                return [(cross.out_proj.weight, 1.0)]
+        return [(getattr(layer, kind).weight, 1.0)]  # fc1, fc2
+
+    def shape(self, name: str) -> tuple[int, int]:
+        """``(rows, cols)`` of matrix ``name``, without stacking it."""
+        parts = self.parts(name)
+        return sum(weight.shape[0] for weight, _ in parts), parts[0][0].shape[1]
+
+    def matrix(self, name: str) -> torch.Tensor:
+        parts = [weight * factor if factor != 1.0 else weight for weight, factor in self.parts(name)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 class FastDecoderWeights:
     """The decoder's weights rearranged for single-row steps; built once per loaded model."""
 
@@ -219,12 +260,10 @@ class FastDecoderWeights:
         # plain path keeps transformers' exact order of operations (so fp32 codes match it exactly).
         self.fast_math = self.linear.kind != "plain"
         self.gelu = self.activation == "gelu"
-        self._heads = list(heads)
-        self._decoder_layers = list(model.layers)
-        packed = self._prepare_all(checkpoint, packing)
+        matrices = _Matrices(heads, model.layers, self.scale if self.fast_math else 1.0)
+        packed = self._prepare_all(matrices, checkpoint, packing)
         self.lm_head = packed["lm_head"]
         self.layers = [self._layer(i, layer, packed) for i, layer in enumerate(model.layers)]
-        del self._heads, self._decoder_layers
 
     def _layer(self, index: int, layer: Any, packed: dict[str, Any]) -> _Layer:
         cross = getattr(layer, "encoder_attn", None) is not None
@@ -240,53 +279,23 @@ class FastDecoderWeights:
             fc2=packed[f"{index}.fc2"],
         )
 
-    def _matrix_names(self) -> list[str]:
-        names = ["lm_head"]
-        for index, layer in enumerate(self._decoder_layers):
-            cross = ["cross_q", "cross_out"] if getattr(layer, "encoder_attn", None) is not None else []
-            names += [f"{index}.{kind}" for kind in ("qkv", "out", *cross, "fc1", "fc2")]
-        return names
-
-    def _parts(self, name: str) -> list[tuple[torch.Tensor, float]]:
-        """The weights matrix ``name`` stacks, each with the factor it is scaled by."""
-        if name == "lm_head":
-            return [(head.weight, 1.0) for head in self._heads]
-        index, kind = name.split(".")
-        layer = self._decoder_layers[int(index)]
-        attn, cross = layer.self_attn, getattr(layer, "encoder_attn", None)  # cross: with a cross_* name
-        q_scale = self.scale if self.fast_math else 1.0
-        match kind:
-            case "qkv":
-                return [(attn.q_proj.weight, q_scale), (attn.k_proj.weight, 1.0), (attn.v_proj.weight, 1.0)]
-            case "out":
-                return [(attn.out_proj.weight, 1.0)]
-            case "cross_q" if cross is not None:
-                return [(cross.q_proj.weight, q_scale)]
-            case "cross_out" if cross is not None:
-                return [(cross.out_proj.weight, 1.0)]
-        return [(getattr(layer, kind).weight, 1.0)]  # fc1, fc2
-
-    def _matrix(self, name: str) -> torch.Tensor:
-        parts = [weight * factor if factor != 1.0 else weight for weight, factor in self._parts(name)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def _prepare_all(self, checkpoint: str | None, packing: Int8Packing | None) -> dict[str, Any]:
+    def _prepare_all(
+        self, matrices: _Matrices, checkpoint: str | None, packing: Int8Packing | None
+    ) -> dict[str, Any]:
         """Every step matrix in the form ``self.linear`` computes with. int8 weights are quantized once per
         checkpoint (kept in ``generation.weight_cache``) and packed for fbgemm on all threads, or taken
         from ``packing`` (packed from the cache while the model loaded)."""
-        names = self._matrix_names()
         if self.linear.kind != "int8":
-            return {name: self.linear.prepare(self._matrix(name)) for name in names}
-        shapes = {}
-        for name in names:
-            parts = self._parts(name)
-            shapes[name] = int8_shapes(sum(w.shape[0] for w, _ in parts), parts[0][0].shape[1])
-        key = None if checkpoint is None else int8_key(checkpoint, self._heads[0].weight.dtype)
+            return {name: self.linear.prepare(matrices.matrix(name)) for name in matrices.names}
+        shapes = {name: int8_shapes(*matrices.shape(name)) for name in matrices.names}
+        key = None if checkpoint is None else int8_key(checkpoint, matrices.dtype)
         if packing is not None and packing.key == key:
             packed = packing.take(shapes)
             if packed is not None:
                 return packed
-        quantized = weight_cache.cached(key, shapes, lambda name: int8_quantize(self._matrix(name).detach()))
+        quantized = weight_cache.cached(
+            key, shapes, lambda name: int8_quantize(matrices.matrix(name).detach())
+        )
         return int8_prepack_all(quantized)
 
     def feed_forward(self, h: torch.Tensor, layer: _Layer, residual: torch.Tensor) -> torch.Tensor:

@@ -22,10 +22,11 @@ def cache_root() -> Path:
     return Path(configured) if os.path.isabs(configured) else Path.home() / ".cache"
 
 
-def private_dir(name: str) -> Path:
-    """``musicbot/<name>`` under the cache root, created 0700: raises UnsafeCache where it, or the
-    ``musicbot`` directory holding it, is not this user's own or is writable by group or others."""
-    base = cache_root()
+def private_dir(name: str, root: Path | None = None) -> Path:
+    """``musicbot/<name>`` under ``root`` (default: the cache root), created 0700: raises UnsafeCache where
+    it, or the ``musicbot`` directory holding it, is not this user's own or is writable by group or
+    others."""
+    base = root or cache_root()
     base.mkdir(parents=True, exist_ok=True)
     directory = base
     for part in ("musicbot", name):

@@ -25,9 +25,9 @@ from generation.private_cache import UnsafeCache, check_private, private_dir
 
 log = logging.getLogger(__name__)
 
-# Where the files go: None for ``$XDG_CACHE_HOME/musicbot/weights``; a test suite points it elsewhere so
-# that it neither fills nor empties its user's cache.
-location: Path | None = None
+# The cache root the files go under (``musicbot/weights``); None: ``$XDG_CACHE_HOME``. A test suite points
+# it elsewhere so that it neither fills nor empties its user's cache.
+root: Path | None = None
 KEEP = 3  # files kept: the models one owner switches between; each is about a quarter of its fp32 size
 Tensors = dict[str, torch.Tensor]
 _writers: list[threading.Thread] = []
@@ -91,7 +91,7 @@ def flush() -> None:
 
 def _path(key: str) -> Path | None:
     try:
-        directory = private_dir("weights") if location is None else _private(location)
+        directory = private_dir("weights", root)
     except UnsafeCache as exc:
         log.warning("prepared weights not cached: %s", exc)
         return None
@@ -99,12 +99,6 @@ def _path(key: str) -> Path | None:
         log.info("prepared weights not cached: %s", exc)
         return None
     return directory / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
-
-
-def _private(directory: Path) -> Path:
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    check_private(directory, "directory")
-    return directory
 
 
 def _read(path: Path, key: str) -> dict[str, Tensors] | None:

@@ -55,10 +55,10 @@ def _weight_cache_of_the_session(tmp_path_factory: pytest.TempPathFactory) -> It
     """Prepared weights of the tests' models go to a directory of the session, not the user's cache."""
     from generation import weight_cache
 
-    weight_cache.location = tmp_path_factory.mktemp("weights")
+    weight_cache.root = tmp_path_factory.mktemp("cache")
     yield
     weight_cache.flush()
-    weight_cache.location = None
+    weight_cache.root = None
 
 
 @pytest.fixture(scope="session")

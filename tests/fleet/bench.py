@@ -25,6 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from generation.cold_bench import cpu_name
 from tests.databases import fresh_postgres, query
 from tests.discord_emulator import DiscordEmulator, EmulatedInteraction
 from tests.fleet.harness import Fleet, percentile
@@ -243,16 +244,6 @@ async def main(jobs: int, step_seconds: float, steps: int) -> dict[str, Any]:
 def write(out: Path, figures: dict[str, Any]) -> None:
     out.write_text(json.dumps(figures, indent=2))
     print(f"wrote {out}")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 if __name__ == "__main__":

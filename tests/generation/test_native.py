@@ -14,6 +14,7 @@ import torch
 
 from generation import native
 from generation.loader import cpu_flags
+from tests.generation.ownership import give_to_another_user
 
 CAN_BUILD = all(f in cpu_flags() for f in native.REQUIRED_CPU) and shutil.which("g++") is not None
 
@@ -632,11 +633,7 @@ def test_a_cache_directory_of_another_user_is_refused(
     cpu_that_builds: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cpu_that_builds.mkdir(parents=True, mode=0o700)
-    other = os.getuid() + 1000
-    if os.getuid() == 0:  # root can give it away for real
-        os.chown(cpu_that_builds, other, -1)
-    else:  # the same check, seen from another user's side
-        monkeypatch.setattr(native.os, "getuid", lambda: other)
+    give_to_another_user(cpu_that_builds, monkeypatch)
     text = _refused(caplog)
     assert "belongs to uid" in text and "not to this user" in text
 

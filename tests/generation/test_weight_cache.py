@@ -16,6 +16,7 @@ from generation.engine import load_engine
 from generation.loader import int8_supported
 from generation.private_cache import private_dir
 from generation.random_models import save_model, tiny_architecture
+from tests.generation.ownership import give_to_another_user
 
 pytestmark = pytest.mark.skipif(not int8_supported(), reason="fbgemm is needed for int8 steps")
 
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.skipif(not int8_supported(), reason="fbgemm is needed f
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private cache root for this test; returns where the weights go."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(weight_cache, "location", None)  # the real place, under the cache root
+    monkeypatch.setattr(weight_cache, "root", None)  # the real place, under $XDG_CACHE_HOME
     return tmp_path / "cache" / "musicbot" / "weights"
 
 
@@ -108,11 +109,7 @@ def test_a_cache_directory_of_another_user_is_not_used(
     cache: Path, checkpoint: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cache.mkdir(parents=True, mode=0o700)
-    other = os.getuid() + 1000
-    if os.getuid() == 0:  # root can give it away for real
-        os.chown(cache, other, -1)
-    else:  # the same check, seen from another user's side
-        monkeypatch.setattr(os, "getuid", lambda: other)
+    give_to_another_user(cache, monkeypatch)
     _music(checkpoint)
     assert "prepared weights not cached" in caplog.text and "belongs to uid" in caplog.text
     assert not list(cache.iterdir())
