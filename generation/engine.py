@@ -28,6 +28,7 @@ from generation.fast_decoder import (
     FastDecoderWeights,
     Int8Packing,
     cross_attention_mask,
+    int8_kernels,
 )
 from generation.loader import (
     Placement,
@@ -784,7 +785,10 @@ def load_engine(
     import_model_stack()
     started = time.perf_counter()
     fingerprint = checkpoint_fingerprint(source) if placement.int8_steps else None
-    packing = Int8Packing(fingerprint, placement.dtype) if fingerprint is not None else None
+    packing = None
+    if fingerprint is not None:
+        kernels = int8_kernels(placement.kernels) if placement.dtype == torch.bfloat16 else None
+        packing = Int8Packing(fingerprint, placement.dtype, kernels)
     model, tokenizer = load_checkpoint(source, placement)
     loaded = time.perf_counter()
     if placement.device.type == "cpu" and placement.dtype == torch.bfloat16 and placement.kernels:

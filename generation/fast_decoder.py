@@ -46,22 +46,29 @@ class _Layer:
 
 
 class _Linears:
-    """``x @ W.T`` for the step's weights, in one of four forms chosen once per model.
+    """``x @ W.T`` for the step's weights, in one of five forms chosen once per model.
 
     - ``plain``: ``F.linear`` with transformers' order of operations, so fp32 codes match it exactly.
     - ``native``: bf16 weights packed for our own kernel (``generation.native``); GELU and the residual
       add are fused into the product.
     - ``onednn``: bf16 weights prepacked in oneDNN's blocked layout, with GELU and the residual add fused
       into the products. Used where the native kernels cannot be built and oneDNN runs bf16.
-    - ``int8``: per-channel int8 weights through fbgemm's dynamic-quantized linear (activations are
-      quantized per call): half the bytes of bf16 to stream each step.
+    - ``native-int8``: per-channel int8 weights packed for our own kernel (``NativeKernels.pack_int8``),
+      bf16 activations quantized per row in the kernel: half the bytes of bf16 to stream each step.
+    - ``int8``: the same int8 weights through fbgemm's dynamic-quantized linear (activations are
+      quantized per call, in fp32). Used where the native kernels cannot run int8.
     """
 
-    def __init__(self, sample: torch.Tensor, int8: bool = False, kernels: bool = True) -> None:
+    def __init__(
+        self, sample: torch.Tensor, int8: bool = False, kernels: bool = True, int8_fits: bool = True
+    ) -> None:
         bf16_cpu = sample.device.type == "cpu" and sample.dtype == torch.bfloat16
-        self.kernels = native.load() if bf16_cpu and kernels and not int8 else None
+        self.kernels = native.load() if bf16_cpu and kernels else None
+        if int8 and not (self.kernels is not None and self.kernels.int8 and int8_fits):
+            self.kernels = None
         onednn = bf16_cpu and onednn_bf16_supported()
-        self.kind = "int8" if int8 else "native" if self.kernels else "onednn" if onednn else "plain"
+        kind = "native" if self.kernels else "onednn" if onednn else "plain"
+        self.kind = ("native-int8" if self.kernels else "int8") if int8 else kind
         # Without VNNI, fbgemm's u8 x s8 products can saturate 16-bit sums: use 7-bit activations there.
         self.reduce_range = int8 and not cpu_has_vnni()
 
@@ -72,6 +79,8 @@ class _Linears:
 
     def prepare(self, weight: torch.Tensor) -> Any:
         weight = weight.detach().contiguous()
+        if self.kind == "native-int8":
+            return int8_pack(int8_quantize(weight), self.kernels)
         if self.kernels is not None:
             return self.kernels.pack(weight)
         if self.kind == "onednn":
@@ -133,25 +142,45 @@ def int8_prepack(ints: torch.Tensor, scales: torch.Tensor) -> Any:
         return torch.ops.quantized.linear_prepack(quantized, None)
 
 
+def int8_pack(parts: dict[str, torch.Tensor], kernels: native.NativeKernels | None) -> Any:
+    """One matrix's ``int8_quantize`` parts packed for our kernels (``kernels``) or else for fbgemm."""
+    return kernels.pack_int8(**parts) if kernels is not None else int8_prepack(**parts)
+
+
+def int8_pack_all(
+    quantized: dict[str, dict[str, torch.Tensor]], kernels: native.NativeKernels | None
+) -> dict[str, Any]:
+    """``int8_pack`` of every matrix, on all of torch's threads (fbgemm packs one matrix on one thread;
+    ours packs each on all)."""
+    if kernels is not None:
+        return {name: int8_pack(parts, kernels) for name, parts in quantized.items()}
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        packed = pool.map(lambda parts: int8_pack(parts, None), quantized.values())
+        return dict(zip(quantized, packed, strict=True))
+
+
+def int8_kernels(kernels: bool = True) -> native.NativeKernels | None:
+    """Our kernels where they run int8 products on this CPU (and ``kernels`` allows them), else None."""
+    loaded = native.load() if kernels else None
+    return loaded if loaded is not None and loaded.int8 else None
+
+
 def int8_key(checkpoint: str, source_dtype: torch.dtype) -> str:
     """The cache key of a checkpoint's int8 weights, quantized from its weights in ``source_dtype``."""
     return f"{INT8_FORMAT}\n{source_dtype}\n{checkpoint}"
 
 
-def int8_prepack_all(quantized: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
-    """``int8_prepack`` of every matrix, on all of torch's threads (fbgemm packs one matrix on one)."""
-    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        packed = pool.map(lambda parts: int8_prepack(**parts), quantized.values())
-        return dict(zip(quantized, packed, strict=True))
-
-
 class Int8Packing:
-    """A checkpoint's cached int8 weights, read and packed for fbgemm in the background from before the
-    model loads: packing is C++ that lets go of the interpreter, loading is mostly Python, so on two cores
-    the two overlap. ``FastDecoderWeights`` takes the result once it knows the shapes to expect."""
+    """A checkpoint's cached int8 weights, read and packed (for ``kernels``, our kernels, or else fbgemm)
+    in the background from before the model loads: packing is C++ that lets go of the interpreter,
+    loading is mostly Python, so on two cores the two overlap. ``FastDecoderWeights`` takes the result
+    once it knows the shapes to expect."""
 
-    def __init__(self, checkpoint: str, source_dtype: torch.dtype) -> None:
+    def __init__(
+        self, checkpoint: str, source_dtype: torch.dtype, kernels: native.NativeKernels | None = None
+    ) -> None:
         self.key = int8_key(checkpoint, source_dtype)
+        self.kernels = kernels
         self._result: tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]] | None = None
         self._thread = threading.Thread(target=self._pack, name="int8-packing", daemon=True)
         self._thread.start()
@@ -160,8 +189,8 @@ class Int8Packing:
         try:
             found = weight_cache.read(self.key)
             if found is not None:
-                self._result = found, int8_prepack_all(found)
-        except Exception:  # a damaged file fbgemm refuses: the weights are made again instead
+                self._result = found, int8_pack_all(found, self.kernels)
+        except Exception:  # a damaged file a packer refuses: the weights are made again instead
             log.warning("packing the cached int8 weights failed: they are made again", exc_info=True)
 
     def take(self, shapes: weight_cache.Shapes) -> dict[str, Any] | None:
@@ -247,7 +276,8 @@ class FastDecoderWeights:
             and native.fits_linear(ffn, self.hidden)
             and native.fits_linear(self.codebooks * self.vocab, self.hidden)
         )
-        self.linear = _Linears(heads[0].weight, int8=int8, kernels=kernels and fits)
+        int8_fits = native.fits_linear_int8(self.hidden, ffn) and native.fits_linear_int8(ffn, self.hidden)
+        self.linear = _Linears(heads[0].weight, int8=int8, kernels=kernels and fits, int8_fits=int8_fits)
         self.dtype = self.linear.activation_dtype or heads[0].weight.dtype
         # Attention reads the whole cache every step: keep it in the model's dtype (bf16 halves its
         # bytes when int8 products need fp32 activations).
@@ -283,20 +313,20 @@ class FastDecoderWeights:
         self, matrices: _Matrices, checkpoint: str | None, packing: Int8Packing | None
     ) -> dict[str, Any]:
         """Every step matrix in the form ``self.linear`` computes with. int8 weights are quantized once per
-        checkpoint (kept in ``generation.weight_cache``) and packed for fbgemm on all threads, or taken
-        from ``packing`` (packed from the cache while the model loaded)."""
-        if self.linear.kind != "int8":
+        checkpoint (kept in ``generation.weight_cache``) and packed on all threads, or taken from
+        ``packing`` (packed from the cache while the model loaded)."""
+        if self.linear.kind not in ("int8", "native-int8"):
             return {name: self.linear.prepare(matrices.matrix(name)) for name in matrices.names}
         shapes = {name: int8_shapes(*matrices.shape(name)) for name in matrices.names}
         key = None if checkpoint is None else int8_key(checkpoint, matrices.dtype)
-        if packing is not None and packing.key == key:
+        if packing is not None and packing.key == key and packing.kernels is self.linear.kernels:
             packed = packing.take(shapes)
             if packed is not None:
                 return packed
         quantized = weight_cache.cached(
             key, shapes, lambda name: int8_quantize(matrices.matrix(name).detach())
         )
-        return int8_prepack_all(quantized)
+        return int8_pack_all(quantized, self.linear.kernels)
 
     def feed_forward(self, h: torch.Tensor, layer: _Layer, residual: torch.Tensor) -> torch.Tensor:
         if self.gelu:

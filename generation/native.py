@@ -45,6 +45,7 @@ HEADERS = (KERNELS_DIR / "common.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 REQUIRED_CPU = ("avx512f", "avx512bw", "avx512_bf16")
 MAX_HEADS = native_api.MAX_HEADS
+INT8_EXTRA = 8  # bytes a row that a packed int8 matrix adds: its row's fp32 scale and int32 sum of ints
 _build_lock = threading.Lock()
 
 
@@ -62,6 +63,11 @@ class NativeKernels:
         # AMX tiles where the CPU has them and Linux grants them to this process: the products then
         # cost the weight stream alone at any batch. Tests may turn this off.
         self.amx = {"amx_tile", "amx_bf16"} <= cpu_flags() and c["amx_enable"]() == 1
+        # int8 weights: VNNI's u8 x s8 dot products (every AVX-512 BF16 CPU has them), AMX's where it can
+        self.int8 = "avx512_vnni" in cpu_flags()
+        self.amx_int8 = self.amx and "amx_int8" in cpu_flags()
+        self._pack_int8 = c["pack_linear_int8"]
+        self._linear_int8, self._linear_amx_int8 = c["linear_int8"], c["linear_amx_int8"]
         self._attend, self._cross = c["attend_bf16"], c["cross_attend_bf16"]
         self._attend_scratch = c["attend_scratch"]
         self._resblock, self._resblock_scratch = c["resblock_f32"], c["resblock_scratch"]
@@ -87,6 +93,23 @@ class NativeKernels:
         self._pack(weight, packed, rows, cols)
         return packed
 
+    def pack_int8(self, ints: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """An int8 ``(N, K)`` weight with its fp32 per-row ``scales`` (``W ~ ints * scales[:, None]``) in the
+        int8 products' layout: ``(N, K + 8)`` int8 bytes holding the panels, then the scales and each
+        row's sum of ints (its rows are not the weight's rows). N % 32 == 0, K % 64 == 0."""
+        rows, cols = ints.shape
+        if not fits_linear_int8(rows, cols):
+            raise ValueError(f"weight {tuple(ints.shape)} does not fit the int8 kernel's blocks")
+        packed = torch.empty((rows, cols + INT8_EXTRA), dtype=torch.int8)
+        self._pack_int8(ints.contiguous(), scales.float().contiguous(), packed, rows, cols)
+        return packed
+
+    @staticmethod
+    def packed_shape(packed: torch.Tensor) -> tuple[int, int]:
+        """``(N, K)`` of the weight a packed matrix (bf16 from ``pack``, int8 from ``pack_int8``) holds."""
+        rows, cols = packed.shape
+        return rows, cols - INT8_EXTRA if packed.dtype == torch.int8 else cols
+
     def linear(
         self,
         x: torch.Tensor,
@@ -95,24 +118,21 @@ class NativeKernels:
         *,
         gelu: bool = False,
     ) -> torch.Tensor:
-        """``[GELU](x @ W.T) (+ residual)`` for contiguous bf16 ``x (..., K)``; W as returned by ``pack``."""
-        rows_out, cols = packed.shape
+        """``[GELU](x @ W.T) (+ residual)`` for contiguous bf16 ``x (..., K)``; W as returned by ``pack``
+        or ``pack_int8``."""
+        rows_out, cols = self.packed_shape(packed)
         _require(x, x.shape[-1] == cols, "x")
         y = x.new_empty((*x.shape[:-1], rows_out))
         if residual is not None:
             _require(residual, residual.shape == y.shape, "residual")
+        rows, act, threads = x.numel() // cols, int(gelu), torch.get_num_threads()
+        if packed.dtype == torch.int8:
+            scratch = torch.empty(rows * (cols + 8), dtype=torch.uint8)
+            kernel = self._linear_amx_int8 if self.amx_int8 else self._linear_int8
+            kernel(packed, x, residual, y, scratch, rows, rows_out, cols, act, threads)
+            return y
         kernel = self._linear_amx if self.amx and cols % 32 == 0 else self._linear_avx512
-        kernel(
-            packed,
-            x,
-            residual,
-            y,
-            x.numel() // cols,
-            rows_out,
-            cols,
-            int(gelu),
-            torch.get_num_threads(),
-        )
+        kernel(packed, x, residual, y, rows, rows_out, cols, act, threads)
         return y
 
     def attend(
@@ -393,12 +413,12 @@ class NativeStep:
             raise ValueError(f"cross_rows: {cross_rows} is not within the step's {rows} rows")
         self.kernels, self.rows, self.cross_rows = kernels, rows, cross_rows
         first = layers[0]
-        hidden = first["out"].shape[0]
-        ffn = first["fc1"].shape[0]
+        hidden = kernels.packed_shape(first["out"])[0]
+        ffn = kernels.packed_shape(first["fc1"])[0]
         capacity = first["keys"].shape[1]
         cross = first.get("cross_keys") is not None
         text = first["cross_keys"].shape[1] if cross else 0
-        self.codebooks, self.vocab = len(embeddings), lm_head.shape[0] // len(embeddings)
+        self.codebooks, self.vocab = len(embeddings), kernels.packed_shape(lm_head)[0] // len(embeddings)
         self.tokens_below = min(e.shape[0] for e in embeddings)
         self.capacity = min(capacity, positions.shape[0])
         self._keep: list[Any] = []  # every tensor the structs point into
@@ -422,23 +442,32 @@ class NativeStep:
             return ptr(w, (hidden,), name), ptr(b, (hidden,), name), float(eps)
 
         _head_dim(first["keys"], heads)  # heads that fit the attention kernel
-        _require(lm_head, fits_linear(lm_head.shape[0], hidden) and lm_head.shape[1] == hidden, "lm_head")
+        int8 = lm_head.dtype == torch.int8  # every matrix packed by pack_int8, or every one by pack
+        if int8 and not (kernels.int8 and fits_linear_int8(hidden, ffn)):
+            raise ValueError("int8 weights: this CPU lacks VNNI or the widths are not multiples of 64")
+        wdtype, extra = (torch.int8, INT8_EXTRA) if int8 else (torch.bfloat16, 0)
+
+        def matrix(t: torch.Tensor | None, rows_out: int, cols: int, name: str) -> int | None:
+            return ptr(t, (rows_out, cols + extra), name, wdtype)
+
+        heads_out, heads_in = kernels.packed_shape(lm_head)
+        _require(lm_head, fits_linear(heads_out, hidden) and heads_in == hidden, "lm_head", wdtype)
         structs = []
         for i, layer in enumerate(layers):
             n = f"layer {i}"
             ln1, ln3 = norm(layer["ln1"], n), norm(layer["ln3"], n)
             ln2 = norm(layer["ln2"], n) if cross else (None, None, 0.0)
             fields: dict[str, Any] = {
-                "qkv": ptr(layer["qkv"], (3 * hidden, hidden), n),
-                "out": ptr(layer["out"], (hidden, hidden), n),
-                "fc1": ptr(layer["fc1"], (ffn, hidden), n),
-                "fc2": ptr(layer["fc2"], (hidden, ffn), n),
+                "qkv": matrix(layer["qkv"], 3 * hidden, hidden, n),
+                "out": matrix(layer["out"], hidden, hidden, n),
+                "fc1": matrix(layer["fc1"], ffn, hidden, n),
+                "fc2": matrix(layer["fc2"], hidden, ffn, n),
                 "keys": ptr(layer["keys"], (rows, capacity, hidden), n),
                 "values": ptr(layer["values"], (rows, capacity, hidden), n),
             }
             if cross:
-                fields["cross_q"] = ptr(layer["cross_q"], (hidden, hidden), n)
-                fields["cross_out"] = ptr(layer["cross_out"], (hidden, hidden), n)
+                fields["cross_q"] = matrix(layer["cross_q"], hidden, hidden, n)
+                fields["cross_out"] = matrix(layer["cross_out"], hidden, hidden, n)
                 fields["cross_keys"] = ptr(layer["cross_keys"], (cross_rows, text, hidden), n)
                 fields["cross_values"] = ptr(layer["cross_values"], (cross_rows, text, hidden), n)
             for k, (w, b, eps) in enumerate((ln1, ln2, ln3), 1):
@@ -454,13 +483,14 @@ class NativeStep:
             codebooks=self.codebooks,
             vocab=self.vocab,
             capacity=capacity,
-            amx=int(kernels.amx),
+            amx=int(kernels.amx_int8 if int8 else kernels.amx),
+            int8=int(int8),
             embeddings=ctypes.cast(self.tables, ctypes.POINTER(ctypes.c_void_p)),
             positions=ptr(positions, (positions.shape[0], hidden), "positions"),
             final_w=final[0],
             final_b=final[1],
             final_eps=final[2],
-            lm_head=ptr(lm_head, None, "lm_head"),
+            lm_head=ptr(lm_head, None, "lm_head", wdtype),
             cross_mask=ptr(cross_mask, (cross_rows, text), "cross_mask", torch.float32) if cross else None,
         )
         threads = torch.get_num_threads()
@@ -526,6 +556,11 @@ def _head_dim(keys: torch.Tensor, heads: int) -> int:
 def fits_linear(rows: int, cols: int) -> bool:
     """Whether an ``(N, K)`` weight fits the linear kernel's panels."""
     return rows % 32 == 0 and cols % 2 == 0
+
+
+def fits_linear_int8(rows: int, cols: int) -> bool:
+    """Whether an ``(N, K)`` weight fits the int8 kernel's panels (64 k a tile product)."""
+    return rows % 32 == 0 and cols % 64 == 0 and rows > 0 and cols > 0
 
 
 def fits_resblock(channels: int, hidden: int) -> bool:

@@ -22,8 +22,17 @@ import torch
 MAX_HEADS = 64  # self-attention keeps a few values per head on the kernel's stack
 CONSTANTS = {"MAX_HEADS": MAX_HEADS}
 
-_ELEMENT = {torch.bfloat16: "uint16_t", torch.float32: "float", torch.int64: "int64_t"}
-_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int64: "int64"}
+_ELEMENT = {
+    torch.bfloat16: "uint16_t",
+    torch.float32: "float",
+    torch.int64: "int64_t",
+    torch.int8: "int8_t",
+    torch.uint8: "uint8_t",
+}
+_NAMES = {dtype: str(dtype).removeprefix("torch.") for dtype in _ELEMENT} | {
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+}
 
 
 @dataclass(frozen=True)
@@ -93,7 +102,7 @@ class Kernel:
 
 
 _p, _f = ctypes.c_void_p, ctypes.c_float
-_BF16, _FP32, _INT64 = torch.bfloat16, torch.float32, torch.int64
+_BF16, _FP32, _INT64, _INT8, _UINT8 = torch.bfloat16, torch.float32, torch.int64, torch.int8, torch.uint8
 _LAYER_WEIGHTS = (
     *("ln1_w", "ln1_b", "qkv", "out", "ln2_w", "ln2_b", "cross_q", "cross_out"),
     *("ln3_w", "ln3_b", "fc1", "fc2"),
@@ -101,7 +110,8 @@ _LAYER_WEIGHTS = (
 
 
 class StepLayer(ctypes.Structure):
-    """One decoder layer for ``decoder_step``: weights packed by ``pack_linear_weight``, norms as
+    """One decoder layer for ``decoder_step``: weights packed by ``pack_linear_weight`` (or, with the
+    model's ``int8``, by ``pack_linear_int8``), norms as
     (weight, bias, eps), the self-attention caches (rows, capacity, hidden) and, or null without
     cross-attention, the text's keys and values (cross_rows, text, hidden)."""
 
@@ -110,23 +120,32 @@ class StepLayer(ctypes.Structure):
         *((name, _f) for name in ("eps1", "eps2", "eps3")),
         *((name, _p) for name in ("keys", "values", "cross_keys", "cross_values")),
     ]
-    _c_types_ = {"keys": "uint16_t*", "values": "uint16_t*"}  # written; every other pointer is read
+    _c_types_ = {
+        "keys": "uint16_t*",  # written; every other pointer is read
+        "values": "uint16_t*",
+        **{name: "const void*" for name in ("qkv", "out", "cross_q", "cross_out", "fc1", "fc2")},
+    }
 
 
 class StepModel(ctypes.Structure):
     """The model-wide part of ``decoder_step``'s arguments: sizes, the codebooks' embedding tables (vocab
     + 1, hidden), positions (positions, hidden), the final norm, the packed LM heads (codebooks * vocab,
-    hidden) and the cross-attention mask (cross_rows, text) fp32 or null."""
+    hidden) and the cross-attention mask (cross_rows, text) fp32 or null. ``amx``: the products run on
+    tiles; ``int8``: every matrix is a packed int8 one (``pack_linear_int8``)."""
 
     _fields_ = [
         *((name, ctypes.c_int) for name in ("layers", "hidden", "heads", "ffn", "codebooks", "vocab")),
-        *((name, ctypes.c_int) for name in ("capacity", "text", "amx")),
+        *((name, ctypes.c_int) for name in ("capacity", "text", "amx", "int8")),
         ("embeddings", ctypes.POINTER(ctypes.c_void_p)),
         *((name, _p) for name in ("positions", "final_w", "final_b")),
         ("final_eps", _f),
         *((name, _p) for name in ("lm_head", "cross_mask")),
     ]
-    _c_types_ = {"embeddings": "const uint16_t* const*", "cross_mask": "const float*"}
+    _c_types_ = {
+        "embeddings": "const uint16_t* const*",
+        "lm_head": "const void*",
+        "cross_mask": "const float*",
+    }
 
 
 STRUCTS = (StepLayer, StepModel)
@@ -139,6 +158,16 @@ _linear_args: tuple[Arg, ...] = (
     *_ints("M N K act threads"),
 )
 _linear_requires = ("M > 0", "N > 0 and N % 32 == 0", "K > 0 and K % 2 == 0", "act in (0, 1)", "threads > 0")
+_INT8_MATRIX = "N * K + 8 * N"  # panels, then fp32 scales and int32 column sums
+_linear_int8_args: tuple[Arg, ...] = (
+    Tensor("packed", _INT8, _INT8_MATRIX),
+    Tensor("x", _BF16, "M * K"),
+    Tensor("residual", _BF16, "M * N", optional=True),
+    Tensor("y", _BF16, "M * N", writes=True),
+    Tensor("scratch", _UINT8, "M * (K + 8)", writes=True, at_least=True),
+    *_ints("M N K act threads"),
+)
+_linear_int8_requires = (*_linear_requires[:2], "K > 0 and K % 64 == 0", *_linear_requires[3:])
 _attention_requires = ("0 < heads <= MAX_HEADS", "D > 0 and D % 32 == 0 and D <= 256", "threads > 0")
 _conv_out = "rows > 0", "threads > 0", "activate in (0, 1)"
 
@@ -150,6 +179,18 @@ KERNELS = (
     ),
     Kernel("linear_bf16", _linear_args, requires=_linear_requires),
     Kernel("linear_amx_bf16", _linear_args, requires=(*_linear_requires, "K % 32 == 0"), amx=True),
+    Kernel(
+        "pack_linear_int8",
+        (
+            Tensor("W", _INT8, "N * K"),
+            Tensor("scales", _FP32, "N"),
+            Tensor("packed", _INT8, _INT8_MATRIX, writes=True),
+            *_ints("N K"),
+        ),
+        requires=("N > 0 and N % 32 == 0", "K > 0 and K % 64 == 0"),
+    ),
+    Kernel("linear_int8", _linear_int8_args, requires=_linear_int8_requires),
+    Kernel("linear_amx_int8", _linear_int8_args, requires=_linear_int8_requires, amx=True),
     Kernel("amx_enable", (), returns="int"),
     Kernel("attend_scratch", _ints("heads D capacity"), returns="int"),
     Kernel(
@@ -204,6 +245,7 @@ KERNELS = (
             "m.hidden > 0 and m.hidden % 32 == 0 and m.ffn > 0 and m.ffn % 32 == 0",
             "(m.codebooks * m.vocab) % 32 == 0 and m.codebooks > 0",
             "m.layers > 0",
+            "m.int8 in (0, 1) and (not m.int8 or (m.hidden % 64 == 0 and m.ffn % 64 == 0))",
             "rows > 0 and 0 <= cross_rows <= rows",
             "0 <= position < m.capacity",
             "threads > 0",

@@ -204,6 +204,141 @@ inline void panel_rows_amx(const uint16_t* panel, const uint16_t* x, const uint1
 #pragma GCC pop_options
 #endif  // MUSICBOT_AMX
 
+// int8 weights (MUSICBOT_DTYPE=int8): half the bytes of bf16 to stream a step, which is what bounds a
+// step at a few rows. A packed int8 matrix (pack_linear_int8) is N * K bytes of panels, [N/32][K/4][32][4]:
+// for each group of four k, the panel's 32 columns side by side, so each 64-byte load is 16 columns x 4 k,
+// the operand of VNNI's vpdpbusd and AMX's B tiles alike. After the panels: fp32 scales[N] (a column's
+// ints times its scale are its weights) and int32 sums[N] (a column's ints summed, for the activations'
+// zero point). Activations are quantized per row to u8 with a zero point (quantize_rows), the products
+// summed exactly in int32, and the sums turned back into fp32 once per output.
+constexpr int kQuad = 4;  // k per int32 lane of a dot product
+
+struct Int8Matrix {
+    const int8_t* panels;
+    const float* scales;
+    const int32_t* sums;
+};
+
+inline Int8Matrix int8_matrix(const void* packed, int N, int K) {
+    const int8_t* p = (const int8_t*)packed;
+    const size_t at = (size_t)N * K;
+    return {p, (const float*)(p + at), (const int32_t*)(p + at + sizeof(float) * N)};
+}
+
+inline size_t int8_matrix_bytes(int N, int K) { return (size_t)N * K + (sizeof(float) + sizeof(int32_t)) * N; }
+
+// Rows of bf16 x as u8 with a zero point, x ~ scale * (q - zero), over each row's range with 0 in it.
+// params[2r] = scale (NaN for a row holding NaN or infinity, so that its outputs are NaN, as bf16's
+// would be), params[2r + 1] = zero. K % 16 == 0.
+inline void quantize_rows(const uint16_t* x, uint8_t* q, float* params, int M, int K) {
+    for (int r = 0; r < M; r++) {
+        const uint16_t* xr = x + (size_t)r * K;
+        __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps(), bad = _mm512_setzero_ps();
+        for (int k = 0; k < K; k += 16) {
+            const __m512 v = bf16_to_f32(_mm256_loadu_si256((const __m256i*)(xr + k)));
+            lo = _mm512_min_ps(lo, v);
+            hi = _mm512_max_ps(hi, v);
+            bad = _mm512_add_ps(bad, _mm512_mul_ps(v, _mm512_setzero_ps()));  // NaN if any is NaN or infinite
+        }
+        const float mn = _mm512_reduce_min_ps(lo), mx = _mm512_reduce_max_ps(hi);
+        float scale = (mx - mn) / 255.0f, zero = 0.0f;
+        if (std::isnan(_mm512_reduce_add_ps(bad))) {
+            scale = NAN;
+        } else if (scale > 0.0f) {
+            zero = std::nearbyint(-mn / scale);
+        } else {
+            scale = 1.0f;  // a row of zeros: every q is 0
+        }
+        params[2 * r] = scale;
+        params[2 * r + 1] = zero;
+        const __m512 inv = _mm512_set1_ps(std::isnan(scale) ? 0.0f : 1.0f / scale), vzero = _mm512_set1_ps(zero);
+        uint8_t* qr = q + (size_t)r * K;
+        for (int k = 0; k < K; k += 16) {
+            const __m512 v = bf16_to_f32(_mm256_loadu_si256((const __m256i*)(xr + k)));
+            __m512i n = _mm512_cvtps_epi32(_mm512_fmadd_ps(v, inv, vzero));  // rounded to nearest
+            n = _mm512_min_epi32(_mm512_max_epi32(n, _mm512_setzero_si512()), _mm512_set1_epi32(255));
+            _mm_storeu_si128((__m128i*)(qr + k), _mm512_cvtepi32_epi8(n));
+        }
+    }
+}
+
+// Sixteen columns' int32 sums of row r back to fp32: scale_x * scale_w * (sum - zero_x * colsum), then
+// finished as the bf16 sums are.
+inline void finish16_int8(__m512i acc, const float* params, int r, const Int8Matrix& w, int n, const uint16_t* residual,
+                          uint16_t* y, size_t at, int act) {
+    const __m512i zero = _mm512_set1_epi32((int)params[2 * r + 1]);
+    const __m512i exact = _mm512_sub_epi32(acc, _mm512_mullo_epi32(zero, _mm512_loadu_si512(w.sums + n)));
+    const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(params[2 * r]), _mm512_loadu_ps(w.scales + n));
+    finish16(_mm512_mul_ps(_mm512_cvtepi32_ps(exact), scale), residual, y, at, act);
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512vnni")
+
+// One int8 panel for MB rows of quantized x (VNNI): each group of four of a row's u8 values is broadcast
+// against 16 columns x 4 k of weights.
+template <int MB>
+inline void panel_rows_int8(const Int8Matrix& w, int b, const uint8_t* xq, const float* params, const uint16_t* residual,
+                            uint16_t* y, int m0, int N, int K, int act) {
+    __m512i acc[MB][2];
+    for (int m = 0; m < MB; m++) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+    const int8_t* panel = w.panels + (size_t)b * K * kPanel;
+    const uint8_t* xm = xq + (size_t)m0 * K;
+    for (int kq = 0; kq < K / kQuad; kq++) {
+        const int8_t* p = panel + (size_t)kq * kQuad * kPanel;
+        const __m512i w0 = _mm512_loadu_si512(p), w1 = _mm512_loadu_si512(p + 64);
+        for (int m = 0; m < MB; m++) {
+            int32_t quad;
+            memcpy(&quad, xm + (size_t)m * K + kQuad * kq, sizeof quad);
+            const __m512i xb = _mm512_set1_epi32(quad);
+            acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], xb, w0);
+            acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], xb, w1);
+        }
+    }
+    const int n0 = b * kPanel;
+    for (int m = 0; m < MB; m++)
+        for (int h = 0; h < 2; h++)
+            finish16_int8(acc[m][h], params, m0 + m, w, n0 + 16 * h, residual, y, (size_t)(m0 + m) * N + n0 + 16 * h, act);
+}
+
+#pragma GCC pop_options
+
+#ifdef MUSICBOT_AMX
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-int8")
+
+// rows m0 .. m0 + MC - 1 of quantized x (MC <= 16, the tiles configured for MC rows by amx_configure: the
+// same bytes a row as bf16's) against one int8 panel; K % 64 == 0. Tile 2 holds 64 u8 of each row, tiles 3
+// and 4 a panel's two halves, 16 groups of four k.
+inline void panel_rows_amx_int8(const Int8Matrix& w, int b, const uint8_t* xq, const float* params,
+                                const uint16_t* residual, uint16_t* y, int m0, int MC, int N, int K, int act,
+                                int32_t* sums) {
+    _tile_zero(0);
+    _tile_zero(1);
+    const int8_t* panel = w.panels + (size_t)b * K * kPanel;
+    const uint8_t* xm = xq + (size_t)m0 * K;
+    for (int k0 = 0; k0 < K; k0 += 64) {
+        const int8_t* p = panel + (size_t)k0 * kPanel;  // 16 groups of four k x 32 columns
+        const char* ahead = (const char*)p + kPrefetchBytes;
+        for (int line = 0; line < 64 * kPanel; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+        _tile_loadd(2, xm + k0, K);
+        _tile_loadd(3, p, kQuad * kPanel);
+        _tile_loadd(4, p + 64, kQuad * kPanel);
+        _tile_dpbusd(0, 2, 3);
+        _tile_dpbusd(1, 2, 4);
+    }
+    _tile_stored(0, sums, kPanel * 4);
+    _tile_stored(1, sums + 16, kPanel * 4);
+    const int n0 = b * kPanel;
+    for (int m = 0; m < MC; m++)
+        for (int h = 0; h < 2; h++)
+            finish16_int8(_mm512_loadu_si512(sums + m * kPanel + 16 * h), params, m0 + m, w, n0 + 16 * h, residual, y,
+                          (size_t)(m0 + m) * N + n0 + 16 * h, act);
+}
+
+#pragma GCC pop_options
+#endif  // MUSICBOT_AMX
+
 // Tasks per row: a row's heads, or a share of them when the rows are fewer than a multiple of the
 // threads (one request without guidance: one row, two threads).
 inline int head_groups(int rows, int heads, int threads) {
@@ -312,6 +447,49 @@ void linear_bf16(const uint16_t* packed, const uint16_t* x, const uint16_t* resi
     }
 }
 
+// W (N, K) int8 row-major with its per-column fp32 scales -> the packed int8 matrix described at
+// Int8Matrix: panels, scales, column sums. N % 32 == 0, K % 64 == 0.
+void pack_linear_int8(const int8_t* W, const float* scales, int8_t* packed, int N, int K) {
+    float* packed_scales = (float*)(packed + (size_t)N * K);
+    int32_t* sums = (int32_t*)(packed_scales + N);
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        int32_t sum = 0;
+        int8_t* column = packed + (size_t)(n / kPanel) * K * kPanel + (n % kPanel) * kQuad;
+        for (int k = 0; k < K; k++) {
+            const int8_t v = W[(size_t)n * K + k];
+            column[(size_t)(k / kQuad) * kQuad * kPanel + k % kQuad] = v;
+            sum += v;
+        }
+        packed_scales[n] = scales[n];
+        sums[n] = sum;
+    }
+}
+
+// y (M, N) = act(x (M, K) @ W.T) [+ residual (M, N)] as linear_bf16 does, with W a packed int8 matrix and
+// x quantized per row first (scratch: M * (K + 8) bytes). K % 64 == 0.
+void linear_int8(const int8_t* packed, const uint16_t* x, const uint16_t* residual, uint16_t* y, uint8_t* scratch,
+                 int M, int N, int K, int act, int threads) {
+    const Int8Matrix w = int8_matrix(packed, N, K);
+    float* params = (float*)(scratch + (size_t)M * K);
+    quantize_rows(x, scratch, params, M, K);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int b = 0; b < N / kPanel; b++) {
+        int m0 = 0;
+        for (; m0 + 8 <= M; m0 += 8) panel_rows_int8<8>(w, b, scratch, params, residual, y, m0, N, K, act);
+        switch (M - m0) {
+            case 7: panel_rows_int8<7>(w, b, scratch, params, residual, y, m0, N, K, act); break;
+            case 6: panel_rows_int8<6>(w, b, scratch, params, residual, y, m0, N, K, act); break;
+            case 5: panel_rows_int8<5>(w, b, scratch, params, residual, y, m0, N, K, act); break;
+            case 4: panel_rows_int8<4>(w, b, scratch, params, residual, y, m0, N, K, act); break;
+            case 3: panel_rows_int8<3>(w, b, scratch, params, residual, y, m0, N, K, act); break;
+            case 2: panel_rows_int8<2>(w, b, scratch, params, residual, y, m0, N, K, act); break;
+            case 1: panel_rows_int8<1>(w, b, scratch, params, residual, y, m0, N, K, act); break;
+            default: break;
+        }
+    }
+}
+
 // One decoding step of self-attention for rows x heads query rows, head size D (D % 32 == 0),
 // heads <= MUSICBOT_MAX_HEADS.
 // qkv (rows, 3 * heads * D) bf16: the fused projection, q already scaled by 1/sqrt(D).
@@ -366,14 +544,44 @@ void linear_amx_bf16(const uint16_t* packed, const uint16_t* x, const uint16_t* 
 }
 
 #pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-int8")
+
+// linear_int8 on AMX tiles: the same arguments and results, after amx_enable() gave 1.
+void linear_amx_int8(const int8_t* packed, const uint16_t* x, const uint16_t* residual, uint16_t* y,
+                     uint8_t* scratch, int M, int N, int K, int act, int threads) {
+    const Int8Matrix w = int8_matrix(packed, N, K);
+    float* params = (float*)(scratch + (size_t)M * K);
+    quantize_rows(x, scratch, params, M, K);
+    const int panels = N / kPanel;
+#pragma omp parallel num_threads(threads)
+    {
+        alignas(64) int32_t sums[kAmxRows * kPanel];
+        for (int m0 = 0; m0 < M; m0 += kAmxRows) {
+            const int rows = M - m0 < kAmxRows ? M - m0 : kAmxRows;
+            amx_configure(rows);  // 64 bytes a row: 64 u8 of x, 16 int32 sums, 16 columns x 4 k
+#pragma omp for schedule(static)
+            for (int b = 0; b < panels; b++)
+                panel_rows_amx_int8(w, b, scratch, params, residual, y, m0, rows, N, K, act, sums);
+        }
+        _tile_release();
+    }
+}
+
+#pragma GCC pop_options
 #else  // no AMX in this compiler: entry points that amx_enable() never lets run
 
 int amx_enable() { return 0; }
 void linear_amx_bf16(const uint16_t*, const uint16_t*, const uint16_t*, uint16_t*, int, int, int, int, int) {}
+void linear_amx_int8(const int8_t*, const uint16_t*, const uint16_t*, uint16_t*, uint8_t*, int, int, int, int, int) {}
 
 #endif  // MUSICBOT_AMX
 
-int step_work(int rows, int hidden, int ffn) { return rows * (hidden + 3 * hidden + hidden + ffn); }  // bf16s
+// bf16s: the step's activations, then (int8 weights) one row set quantized for a product and its params
+int step_work(int rows, int hidden, int ffn) {
+    const int widest = hidden > ffn ? hidden : ffn;
+    return rows * (hidden + 3 * hidden + hidden + ffn) + (rows * (widest + 8) + 1) / 2;
+}
 
 // x (rows, hidden) bf16 is overwritten by the step's hidden states; logits (rows, codebooks * vocab) bf16.
 // tokens (rows, codebooks) int64: this column's codes; position: its index in the caches.
@@ -382,12 +590,17 @@ int step_work(int rows, int hidden, int ffn) { return rows * (hidden + 3 * hidde
 void decoder_step(const StepModel* m, const StepLayer* layers, const int64_t* tokens, uint16_t* x, uint16_t* logits,
                   uint16_t* work, float* scratch, int rows, int cross_rows, int position, int threads) {
     const int H = m->hidden, D = H / m->heads;
-    auto linear = [&](const uint16_t* w, const uint16_t* in, const uint16_t* residual, uint16_t* y, int M, int N, int K,
+    uint8_t* quantized = (uint8_t*)(work + (size_t)rows * (5 * H + m->ffn));  // int8 weights: a product's x as u8
+    auto linear = [&](const void* w, const uint16_t* in, const uint16_t* residual, uint16_t* y, int M, int N, int K,
                       int act) {
-        if (m->amx && K % 32 == 0)
-            linear_amx_bf16(w, in, residual, y, M, N, K, act, threads);
+        if (m->int8 && m->amx)
+            linear_amx_int8((const int8_t*)w, in, residual, y, quantized, M, N, K, act, threads);
+        else if (m->int8)
+            linear_int8((const int8_t*)w, in, residual, y, quantized, M, N, K, act, threads);
+        else if (m->amx && K % 32 == 0)
+            linear_amx_bf16((const uint16_t*)w, in, residual, y, M, N, K, act, threads);
         else
-            linear_bf16(w, in, residual, y, M, N, K, act, threads);
+            linear_bf16((const uint16_t*)w, in, residual, y, M, N, K, act, threads);
     };
     // the column's embeddings summed (bf16 after each add, as torch's bf16 sum), then its position
     for (int r = 0; r < rows; r++) {

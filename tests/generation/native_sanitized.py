@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from generation import native
+from generation.fast_decoder import int8_quantize
 
 
 def _bf16(*shape: int) -> torch.Tensor:
@@ -26,6 +27,14 @@ def products(kernels: native.NativeKernels) -> None:
             x = _bf16(rows, 1, cols)
             kernels.linear(x, packed, _bf16(rows, 1, 64), gelu=True)
             kernels.linear(x, packed)
+    if kernels.int8:
+        for rows in (1, 7, 8, 9, 16, 17):
+            for cols in (64, 128):
+                ints = torch.randint(-127, 128, (64, cols), dtype=torch.int8)
+                packed = kernels.pack_int8(ints, torch.rand(64))
+                x = _bf16(rows, 1, cols)
+                kernels.linear(x, packed, _bf16(rows, 1, 64), gelu=True)
+                kernels.linear(x, packed)
 
 
 def attention(kernels: native.NativeKernels) -> None:
@@ -79,13 +88,18 @@ def amx_convolutions(kernels: native.NativeKernels) -> None:
             kernels.upsample_amx(torch.randn(2, 32, length), w, torch.randn(16), stride, left, activate=True)
 
 
-def decoder_step(kernels: native.NativeKernels) -> None:
-    hidden, heads, ffn, codebooks, vocab, capacity, text = 64, 2, 96, 2, 16, 4, 3
+def decoder_step(kernels: native.NativeKernels, int8: bool) -> None:
+    """The whole step, with bf16 weights or (``int8``) int8 ones."""
+    hidden, heads, codebooks, vocab, capacity, text = 64, 2, 2, 16, 4, 3
+    ffn = 128 if int8 else 96  # int8 products take widths in 64s
+
+    def pack(weight: torch.Tensor) -> torch.Tensor:
+        return kernels.pack_int8(**int8_quantize(weight)) if int8 else kernels.pack(weight)
+
     for rows, cross_rows in ((1, 1), (4, 2), (2, 0)):
         layers = []
         for _ in range(2):
             ln = (_bf16(hidden), _bf16(hidden), 1e-5)
-            pack = kernels.pack
             square = {name: pack(_bf16(hidden, hidden)) for name in ("out", "cross_q", "cross_out")}
             layers.append(
                 {
@@ -102,7 +116,7 @@ def decoder_step(kernels: native.NativeKernels) -> None:
             embeddings=[_bf16(vocab + 1, hidden) for _ in range(codebooks)],
             positions=_bf16(capacity, hidden),
             final_ln=(_bf16(hidden), _bf16(hidden), 1e-5),
-            lm_head=kernels.pack(_bf16(codebooks * vocab, hidden)),
+            lm_head=pack(_bf16(codebooks * vocab, hidden)),
             layers=layers,
             rows=rows,
             cross_rows=cross_rows,
@@ -116,10 +130,13 @@ def main(library: str) -> None:
     torch.manual_seed(0)
     path = Path(library)
     kernels = native.NativeKernels(ctypes.CDLL(str(path)), path)
+    amx_int8 = kernels.amx_int8
     for amx in sorted({False, kernels.amx}):
-        kernels.amx = amx
+        kernels.amx, kernels.amx_int8 = amx, amx and amx_int8
         products(kernels)
-        decoder_step(kernels)
+        decoder_step(kernels, int8=False)
+        if kernels.int8:
+            decoder_step(kernels, int8=True)
     attention(kernels)
     convolutions(kernels)
     amx_convolutions(kernels)

@@ -86,15 +86,32 @@ def test_bf16_native_step_stays_close_to_transformers(
 
 
 @pytest.mark.parametrize("model", ["tiny_model_dir", "tiny_stereo_dir"])
-def test_int8_step_stays_close_to_fp32(model: str, request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize("kernels", [True, False])  # our int8 kernels where the CPU runs them; fbgemm's
+def test_int8_step_stays_close_to_fp32(model: str, kernels: bool, request: pytest.FixtureRequest) -> None:
     from generation.loader import int8_supported
 
     if not int8_supported():
         pytest.skip("fbgemm is needed for int8 steps")
     directory = request.getfixturevalue(model)
-    ours, _ = _logits_both_ways(directory, "int8", steps=80)
+    ours, _ = _logits_both_ways(directory, "int8", steps=80, kernels=kernels)
     reference, _ = _logits_both_ways(directory, "float32", steps=80)
     assert _worst_step_error(ours, reference) < 0.05
+
+
+def test_int8_steps_run_on_our_kernels_where_the_cpu_has_vnni(tiny_model_dir: Path) -> None:
+    from generation import native
+    from generation.loader import int8_supported
+
+    if not int8_supported():
+        pytest.skip("fbgemm is needed for int8 steps")
+    weights = load_engine(str(tiny_model_dir), device="cpu", dtype="int8")._fast_weights()
+    kernels = native.load()
+    ours = kernels is not None and kernels.int8
+    assert weights.linear.kind == ("native-int8" if ours else "int8")
+    if ours:  # and the whole step is one native call over the packed int8 matrices
+        assert weights.lm_head.dtype == torch.int8
+        off = load_engine(str(tiny_model_dir), device="cpu", dtype="int8", kernels=False)._fast_weights()
+        assert off.linear.kind == "int8"
 
 
 def _worst_step_error(ours: torch.Tensor, reference: torch.Tensor) -> float:

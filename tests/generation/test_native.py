@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from generation import native
 from generation.loader import cpu_flags
@@ -46,10 +47,11 @@ HAS_AMX = {"amx_tile", "amx_bf16"} <= cpu_flags()
 )
 def products(request: pytest.FixtureRequest, kernels: native.NativeKernels) -> Iterator[native.NativeKernels]:
     """The kernels with their products on AVX-512 dot products, then (where the CPU has them) on AMX."""
-    before = kernels.amx
+    before = kernels.amx, kernels.amx_int8
     kernels.amx = request.param == "amx"
+    kernels.amx_int8 = kernels.amx and "amx_int8" in cpu_flags()
     yield kernels
-    kernels.amx = before
+    kernels.amx, kernels.amx_int8 = before
 
 
 def test_amx_is_used_where_the_cpu_has_it(kernels: native.NativeKernels) -> None:
@@ -102,6 +104,83 @@ def test_pack_refuses_shapes_outside_the_panels(kernels: native.NativeKernels) -
 
 # positions: masked tails of 16 lanes and full ones; rows: fewer than the threads, or not a multiple of
 # them (a row's heads are then shared out), and whole rows per thread
+# --- int8 weights: u8 activations (a zero point a row) against s8 weights, summed exactly in int32 ---
+
+
+@pytest.fixture
+def int8_products(products: native.NativeKernels) -> native.NativeKernels:
+    if not products.int8:
+        pytest.skip("int8 products need AVX-512 VNNI")
+    return products
+
+
+def _int8_weight(rows: int, cols: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    ints = torch.randint(-127, 128, (rows, cols), generator=generator, dtype=torch.int8)
+    scales = torch.rand(rows, generator=generator) * 1e-2 + 1e-3
+    return ints, scales
+
+
+# rows: groups of 8 (VNNI) and 16 (AMX tiles) with remainders; K: one and several 64-wide tile columns
+@pytest.mark.parametrize(("rows", "cols"), [(1, 64), (2, 128), (8, 64), (9, 192), (16, 64), (17, 128)])
+def test_int8_linear_on_activations_its_grid_holds_is_exact_to_one_rounding(
+    int8_products: native.NativeKernels, rows: int, cols: int
+) -> None:
+    kernels = int8_products
+    g = torch.Generator().manual_seed(rows * cols)
+    ints, scales = _int8_weight(96, cols, g)
+    # integers from -100 to 155 with both ends present: the row's grid is exactly the integers (scale 1,
+    # zero point 100), so the only roundings are the fp32 scale product and bf16
+    x = torch.randint(-100, 156, (rows, 1, cols), generator=g).float()
+    x[:, 0, 0], x[:, 0, 1] = -100, 155
+    got = kernels.linear(x.to(torch.bfloat16), kernels.pack_int8(ints, scales))
+    sums = x.double() @ ints.double().T  # exact
+    want = (sums.float() * scales).to(torch.bfloat16)
+    assert got.shape == (rows, 1, 96) and got.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+
+
+def test_int8_linear_stays_within_its_quantization_bound_with_gelu_and_residual(
+    int8_products: native.NativeKernels,
+) -> None:
+    kernels = int8_products
+    g = torch.Generator().manual_seed(3)
+    ints, scales = _int8_weight(64, 256, g)
+    x, residual = _bf16(5, 256, generator=g), _bf16(5, 64, generator=g)
+    weight = ints.float() * scales[:, None]
+    packed = kernels.pack_int8(ints, scales)
+    # each activation is off its grid point by at most half a step, the step the row's range over 255
+    lo, hi = x.float().amin(1).clamp(max=0), x.float().amax(1).clamp(min=0)
+    bound = (hi - lo)[:, None] / 255 / 2 * weight.abs().sum(1)
+    exact = x.float() @ weight.T
+    want = exact + residual.float()
+    got = kernels.linear(x, packed, residual).float()
+    assert torch.all((got - want).abs() <= bound + want.abs() * 2**-8)
+    gelu = kernels.linear(x, packed, gelu=True).float()
+    # GELU moves a sum by at most 1.13x its own change
+    assert torch.all((gelu - F.gelu(exact)).abs() <= 1.13 * bound + F.gelu(exact).abs() * 2**-8 + 1e-6)
+
+
+def test_int8_linear_gives_nan_for_a_row_holding_nan_and_zero_for_a_row_of_zeros(
+    int8_products: native.NativeKernels,
+) -> None:
+    kernels = int8_products
+    g = torch.Generator().manual_seed(4)
+    packed = kernels.pack_int8(*_int8_weight(32, 64, g))
+    x = _bf16(3, 64, generator=g)
+    x[0, 5], x[1] = float("nan"), 0.0
+    x[2, 7] = float("inf")
+    got = kernels.linear(x, packed)
+    assert got[0].isnan().all() and got[2].isnan().all()
+    assert torch.equal(got[1], torch.zeros(32, dtype=torch.bfloat16))
+
+
+def test_pack_int8_refuses_widths_outside_its_tiles(kernels: native.NativeKernels) -> None:
+    with pytest.raises(ValueError, match="does not fit"):
+        kernels.pack_int8(torch.zeros(32, 96, dtype=torch.int8), torch.ones(32))
+    with pytest.raises(ValueError, match="does not fit"):
+        kernels.pack_int8(torch.zeros(48, 64, dtype=torch.int8), torch.ones(48))
+
+
 @pytest.mark.parametrize(("position", "rows"), [(0, 3), (1, 1), (15, 2), (16, 3), (17, 1), (70, 3), (70, 4)])
 def test_attention_writes_the_new_key_and_attends_over_the_filled_positions(
     kernels: native.NativeKernels, position: int, rows: int
