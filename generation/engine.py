@@ -787,8 +787,8 @@ def load_engine(
     fingerprint = checkpoint_fingerprint(source) if placement.int8_steps else None
     packing = None
     if fingerprint is not None:
-        kernels = int8_kernels(placement.kernels) if placement.dtype == torch.bfloat16 else None
-        packing = Int8Packing(fingerprint, placement.dtype, kernels)
+        ours = int8_kernels(placement.kernels) if placement.dtype == torch.bfloat16 else None
+        packing = Int8Packing(fingerprint, placement.dtype, ours)
     model, tokenizer = load_checkpoint(source, placement)
     loaded = time.perf_counter()
     if placement.device.type == "cpu" and placement.dtype == torch.bfloat16 and placement.kernels:
