@@ -417,10 +417,14 @@ extern "C" {
 // panel side by side, so a panel is one sequential stream and each 64-byte load is 16 columns x 2 k.
 // N % 32 == 0, K % 2 == 0.
 void pack_linear_weight(const uint16_t* W, uint16_t* packed, int N, int K) {
-    for (int n = 0; n < N; n++)
-        for (int k = 0; k < K; k++)
-            packed[(((size_t)(n / kPanel) * (K / 2) + k / 2) * kPanel + n % kPanel) * 2 + k % 2] =
-                W[(size_t)n * K + k];
+#pragma omp parallel for schedule(static)
+    for (int b = 0; b < N / kPanel; b++) {
+        uint32_t* panel = (uint32_t*)(packed + (size_t)b * K * kPanel);  // one k pair of a column a word
+        for (int c = 0; c < kPanel; c++) {
+            const uint16_t* row = W + (size_t)(b * kPanel + c) * K;
+            for (int kk = 0; kk < K / 2; kk++) memcpy(panel + (size_t)kk * kPanel + c, row + 2 * kk, sizeof(uint32_t));
+        }
+    }
 }
 
 // y (M, N) = act(x (M, K) @ W.T) [+ residual (M, N)], all bf16, fp32 sums; act 0: none, 1: exact GELU.
@@ -455,12 +459,10 @@ void pack_linear_int8(const int8_t* W, const float* scales, int8_t* packed, int 
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         int32_t sum = 0;
-        int8_t* column = packed + (size_t)(n / kPanel) * K * kPanel + (n % kPanel) * kQuad;
-        for (int k = 0; k < K; k++) {
-            const int8_t v = W[(size_t)n * K + k];
-            column[(size_t)(k / kQuad) * kQuad * kPanel + k % kQuad] = v;
-            sum += v;
-        }
+        const int8_t* row = W + (size_t)n * K;
+        uint32_t* column = (uint32_t*)(packed + (size_t)(n / kPanel) * K * kPanel) + n % kPanel;  // four k a word
+        for (int kq = 0; kq < K / kQuad; kq++) memcpy(column + (size_t)kq * kPanel, row + kQuad * kq, sizeof(uint32_t));
+        for (int k = 0; k < K; k++) sum += row[k];
         packed_scales[n] = scales[n];
         sums[n] = sum;
     }
