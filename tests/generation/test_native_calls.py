@@ -59,6 +59,8 @@ def kernels(
 ) -> Iterator[tuple[native.NativeKernels, Counter[str]]]:
     built, calls = stubbed
     monkeypatch.setattr(built, "amx", request.param)
+    monkeypatch.setattr(built, "int8", True)  # every AVX-512 BF16 CPU has VNNI
+    monkeypatch.setattr(built, "amx_int8", request.param)
     monkeypatch.setattr(native, "load", lambda: built)
     calls.clear()
     yield built, calls
@@ -66,16 +68,17 @@ def kernels(
 
 @pytest.mark.skipif(RUNS_HERE, reason="the real kernels run here (test_native.py)")
 @pytest.mark.parametrize("model", ["tiny_model_dir", "tiny_stereo_dir"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
 def test_a_decoding_pass_and_a_decode_make_only_calls_the_interface_accepts(
-    kernels: tuple[native.NativeKernels, Counter[str]], model: str, request: pytest.FixtureRequest
+    kernels: tuple[native.NativeKernels, Counter[str]], model: str, dtype: str, request: pytest.FixtureRequest
 ) -> None:
     built, calls = kernels
     directory: Path = request.getfixturevalue(model)
-    engine = load_engine(str(directory), device="cpu", dtype="bfloat16", kernels=True)
+    engine = load_engine(str(directory), device="cpu", dtype=dtype, kernels=True)
     prompts = ["calm lo-fi piano with rain", "rock"]
     with torch.inference_mode():
         conditioning = engine._condition(prompts, GenerationRequest(prompts[0]))
-        assert engine._fast_weights().linear.kind == "native"
+        assert engine._fast_weights().linear.kind == ("native-int8" if dtype == "int8" else "native")
         conditioning.prefill(torch.full((2, engine.codebooks, 1), engine.pad_token), 12)
         assert conditioning.state is not None and conditioning.state.native_step is not None
         for _ in range(10):
@@ -83,7 +86,7 @@ def test_a_decoding_pass_and_a_decode_make_only_calls_the_interface_accepts(
         decoder = EncodecDecoder(engine.model.audio_encoder, torch.device("cpu"), kernels=True)
         decoder(torch.zeros((2 * engine.channels, engine.channel_codebooks, 60), dtype=torch.long))
     assert calls["decoder_step"] == 11  # the start column (the text-only prefill, at position 0) and ten
-    assert calls["pack_linear_weight"] > 0
+    assert calls["pack_linear_int8" if dtype == "int8" else "pack_linear_weight"] > 0
     encodec = {"resblock_f32", "resblock_amx", "upsample4_f32", "upsample_amx", "narrow_conv_f32"}
     assert encodec & set(calls), f"no EnCodec kernel was called: {dict(calls)}"
     if built.amx:
