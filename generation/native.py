@@ -127,6 +127,7 @@ class NativeKernels:
             _require(residual, residual.shape == y.shape, "residual")
         rows, act, threads = x.numel() // cols, int(gelu), torch.get_num_threads()
         if packed.dtype == torch.int8:
+            # the rows quantized to u8, then each row's scale and zero point (two floats)
             scratch = torch.empty(rows * (cols + 8), dtype=torch.uint8)
             kernel = self._linear_amx_int8 if self.amx_int8 else self._linear_int8
             kernel(packed, x, residual, y, scratch, rows, rows_out, cols, act, threads)
