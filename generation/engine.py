@@ -81,14 +81,17 @@ class MusicGenEngine:
         name: str,
         source: str,
         placement: Placement,
+        checkpoint: str | None = None,
         int8_packing: Int8Packing | None = None,
     ) -> None:
-        """``int8_packing``: the checkpoint's cached int8 weights, packed while it loaded (int8 steps)."""
+        """``checkpoint``: the checkpoint's fingerprint (``loader.checkpoint_fingerprint``), under which
+        int8 weights are cached (None: made afresh); ``int8_packing``: those cached weights, packed while
+        the model loaded."""
         self.model = model
+        self._checkpoint = checkpoint
         self._packing = int8_packing
         self.tokenizer = tokenizer
         self.placement = placement
-        self.source = source
         self.timings: dict[str, float] = {}  # seconds each stage of load_engine took
         self._weights: FastDecoderWeights | None = None
         self._decoder: EncodecDecoder | None = None
@@ -589,7 +592,7 @@ class MusicGenEngine:
                 self.model.decoder,
                 int8=self.placement.int8_steps,
                 kernels=self.placement.kernels,
-                checkpoint=checkpoint_fingerprint(self.source) if self.placement.int8_steps else None,
+                checkpoint=self._checkpoint,
                 packing=self._packing,
             )
             self._packing = None
@@ -796,7 +799,13 @@ def load_engine(
 
         native.load()  # built (or found wanting) while loading, not under the first progress bar
     engine = MusicGenEngine(
-        model, tokenizer, name=name or source, source=source, placement=placement, int8_packing=packing
+        model,
+        tokenizer,
+        name=name or source,
+        source=source,
+        placement=placement,
+        checkpoint=fingerprint,
+        int8_packing=packing,
     )
     engine.prepare()
     prepared = time.perf_counter()

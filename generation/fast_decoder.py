@@ -63,9 +63,12 @@ class _Linears:
         self, sample: torch.Tensor, int8: bool = False, kernels: bool = True, int8_fits: bool = True
     ) -> None:
         bf16_cpu = sample.device.type == "cpu" and sample.dtype == torch.bfloat16
-        self.kernels = native.load() if bf16_cpu and kernels else None
-        if int8 and not (self.kernels is not None and self.kernels.int8 and int8_fits):
+        if not bf16_cpu:
             self.kernels = None
+        elif int8:
+            self.kernels = int8_kernels(kernels) if int8_fits else None
+        else:
+            self.kernels = native.load() if kernels else None
         onednn = bf16_cpu and onednn_bf16_supported()
         kind = "native" if self.kernels else "onednn" if onednn else "plain"
         self.kind = ("native-int8" if self.kernels else "int8") if int8 else kind

@@ -225,8 +225,6 @@ inline Int8Matrix int8_matrix(const void* packed, int N, int K) {
     return {p, (const float*)(p + at), (const int32_t*)(p + at + sizeof(float) * N)};
 }
 
-inline size_t int8_matrix_bytes(int N, int K) { return (size_t)N * K + (sizeof(float) + sizeof(int32_t)) * N; }
-
 // Rows of bf16 x as u8 with a zero point, x ~ scale * (q - zero), over each row's range with 0 in it.
 // params[2r] = scale (NaN for a row holding NaN or infinity, so that its outputs are NaN, as bf16's
 // would be), params[2r + 1] = zero. K % 16 == 0.
