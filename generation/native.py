@@ -69,6 +69,7 @@ class NativeKernels:
         self._pack_int8 = c["pack_linear_int8"]
         self._linear_int8, self._linear_amx_int8 = c["linear_int8"], c["linear_amx_int8"]
         self._attend, self._cross = c["attend_bf16"], c["cross_attend_bf16"]
+        self._attend_int8, self._quantize_cache = c["attend_int8"], c["quantize_cache"]
         self._attend_scratch = c["attend_scratch"]
         self._resblock, self._resblock_scratch = c["resblock_f32"], c["resblock_scratch"]
         self._upsample, self._upsample_scratch = c["upsample4_f32"], c["upsample_scratch"]
@@ -146,17 +147,20 @@ class NativeKernels:
         scratch: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Write ``position``'s key/value from ``qkv (rows, 1, 3 * heads * D)`` into the position-major
-        caches ``(rows, capacity, heads * D)``, then attend over 0..position; returns ``(rows, heads * D)``
-        bf16. ``scratch`` from ``attention_scratch`` saves an allocation a call (a pass makes thousands)."""
-        rows, capacity, hidden = keys.shape
+        caches ``(rows, capacity, heads * D)`` bf16 (or int8 ones from ``int8_caches``), then attend over
+        0..position; returns ``(rows, heads * D)`` bf16. ``scratch`` from ``attention_scratch`` saves an
+        allocation a call (a pass makes thousands)."""
+        rows, capacity, _ = keys.shape
         head_dim = _head_dim(keys, heads)
-        _require(keys, 0 <= position < capacity, "keys")
-        _require(values, values.shape == keys.shape, "values")
+        hidden = heads * head_dim
+        _require(keys, 0 <= position < capacity, "keys", keys.dtype)
+        _require(values, values.shape == keys.shape, "values", keys.dtype)
         _require(qkv, qkv.numel() == rows * 3 * hidden, "qkv")
         out = qkv.new_empty((rows, hidden))
         threads = torch.get_num_threads()
         scratch = self._fit_scratch(scratch, threads * self._attend_scratch(heads, head_dim, capacity))
-        self._attend(
+        kernel = self._attend_int8 if keys.dtype == torch.int8 else self._attend
+        kernel(
             qkv,
             keys,
             values,
@@ -170,6 +174,25 @@ class NativeKernels:
             threads,
         )
         return out
+
+    def int8_caches(
+        self, keys: torch.Tensor, values: torch.Tensor, heads: int, capacity: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """int8 self-attention caches ``(rows, capacity, hidden + 4 * heads)`` bytes for ``attend`` (half the
+        bytes it streams a step), holding the bf16 ``keys``/``values (rows, positions, hidden)`` as their
+        first positions, quantized as ``attend`` quantizes the positions it adds: each head of a position
+        to int8 on its own scale."""
+        rows, filled, hidden = keys.shape
+        _require(keys, hidden % heads == 0 and filled <= capacity, "keys")
+        _require(values, values.shape == keys.shape, "values")
+        head_dim = hidden // heads
+        caches = []
+        for source, is_keys in ((keys, 1), (values, 0)):
+            cache = torch.empty((rows, capacity, int8_cache_width(hidden, heads)), dtype=torch.int8)
+            for row in range(rows if filled else 0):
+                self._quantize_cache(source[row], cache[row, :filled], filled, heads, head_dim, is_keys)
+            caches.append(cache)
+        return caches[0], caches[1]
 
     def attention_scratch(self, heads: int, head_dim: int, capacity: int) -> torch.Tensor:
         """Working memory for ``attend`` over caches of ``capacity`` positions, for torch's threads."""
@@ -392,8 +415,9 @@ class NativeStep:
 
     ``layers`` holds per layer ``ln1``/``ln2``/``ln3`` as (weight, bias, eps) (``ln2`` None without
     cross-attention), the packed ``qkv``, ``out``, ``cross_q``, ``cross_out``, ``fc1`` (followed by exact
-    GELU), ``fc2``, the self-attention ``keys``/``values`` (rows, capacity, hidden) and, with
-    cross-attention, ``cross_keys``/``cross_values`` (cross_rows, text, hidden).
+    GELU), ``fc2``, the self-attention ``keys``/``values`` (rows, capacity, hidden) bf16 (int8 weights
+    take the int8 caches of ``int8_caches``) and, with cross-attention, ``cross_keys``/``cross_values``
+    (cross_rows, text, hidden).
     """
 
     def __init__(
@@ -447,6 +471,10 @@ class NativeStep:
         if int8 and not (kernels.int8 and fits_linear_int8(hidden, ffn)):
             raise ValueError("int8 weights: this CPU lacks VNNI or the widths are not multiples of 64")
         wdtype, extra = (torch.int8, INT8_EXTRA) if int8 else (torch.bfloat16, 0)
+        # int8 steps attend over int8 caches (int8_caches), bf16 ones over bf16
+        cache_width, cache_dtype = (
+            (int8_cache_width(hidden, heads), torch.int8) if int8 else (hidden, torch.bfloat16)
+        )
 
         def matrix(t: torch.Tensor | None, rows_out: int, cols: int, name: str) -> int | None:
             return ptr(t, (rows_out, cols + extra), name, wdtype)
@@ -463,8 +491,8 @@ class NativeStep:
                 "out": matrix(layer["out"], hidden, hidden, n),
                 "fc1": matrix(layer["fc1"], ffn, hidden, n),
                 "fc2": matrix(layer["fc2"], hidden, ffn, n),
-                "keys": ptr(layer["keys"], (rows, capacity, hidden), n),
-                "values": ptr(layer["values"], (rows, capacity, hidden), n),
+                "keys": ptr(layer["keys"], (rows, capacity, cache_width), n, cache_dtype),
+                "values": ptr(layer["values"], (rows, capacity, cache_width), n, cache_dtype),
             }
             if cross:
                 fields["cross_q"] = matrix(layer["cross_q"], hidden, hidden, n)
@@ -545,12 +573,19 @@ def _require(tensor: torch.Tensor, sizes_fit: bool, name: str, dtype: torch.dtyp
         raise ValueError(f"{name}: {tensor.dtype} {tuple(tensor.shape)} does not fit the kernel's call")
 
 
+def int8_cache_width(hidden: int, heads: int) -> int:
+    """Bytes a position of an int8 self-attention cache: its ints, then an fp32 scale a head."""
+    return hidden + 4 * heads
+
+
 def _head_dim(keys: torch.Tensor, heads: int) -> int:
-    """The head size of position-major ``keys (rows, positions, heads * D)``, checked against the kernel."""
-    hidden = keys.shape[-1]
+    """The head size of position-major ``keys (rows, positions, heads * D)`` (bf16, or an int8 cache),
+    checked against the kernel."""
+    int8 = keys.dtype == torch.int8
+    hidden = keys.shape[-1] - (4 * heads if int8 else 0)
     head_dim = hidden // heads if heads > 0 else 0
     fits = keys.dim() == 3 and 0 < heads <= MAX_HEADS and head_dim * heads == hidden
-    _require(keys, fits and fits_attention(head_dim), "keys")
+    _require(keys, fits and fits_attention(head_dim), "keys", torch.int8 if int8 else torch.bfloat16)
     return head_dim
 
 
@@ -571,7 +606,7 @@ def fits_resblock(channels: int, hidden: int) -> bool:
 
 def fits_attention(head_dim: int) -> bool:
     """Whether heads of this size fit the attention kernel's 32-wide loads and 16 accumulators."""
-    return head_dim % 32 == 0 and head_dim <= 256
+    return head_dim % 32 == 0 and head_dim <= native_api.MAX_HEAD_SIZE
 
 
 @lru_cache(maxsize=1)

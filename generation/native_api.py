@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 MAX_HEADS = 64  # self-attention keeps a few values per head on the kernel's stack
-CONSTANTS = {"MAX_HEADS": MAX_HEADS}
+MAX_HEAD_SIZE = 256  # and, over int8 caches, the query's heads as ints
+CONSTANTS = {"MAX_HEADS": MAX_HEADS, "MAX_HEAD_SIZE": MAX_HEAD_SIZE}
 
 _ELEMENT = {
     torch.bfloat16: "uint16_t",
@@ -111,9 +112,10 @@ _LAYER_WEIGHTS = (
 
 class StepLayer(ctypes.Structure):
     """One decoder layer for ``decoder_step``: weights packed by ``pack_linear_weight`` (or, with the
-    model's ``int8``, by ``pack_linear_int8``), norms as
-    (weight, bias, eps), the self-attention caches (rows, capacity, hidden) and, or null without
-    cross-attention, the text's keys and values (cross_rows, text, hidden)."""
+    model's ``int8``, by ``pack_linear_int8``), norms as (weight, bias, eps), the self-attention caches
+    (rows, capacity, hidden) bf16 (with ``int8``: (rows, capacity, hidden + 4 * heads) bytes, as
+    ``attend_int8`` takes them) and, or null without cross-attention, the text's keys and values
+    (cross_rows, text, hidden) bf16."""
 
     _fields_ = [
         *((name, _p) for name in _LAYER_WEIGHTS),
@@ -121,8 +123,8 @@ class StepLayer(ctypes.Structure):
         *((name, _p) for name in ("keys", "values", "cross_keys", "cross_values")),
     ]
     _c_types_ = {
-        "keys": "uint16_t*",  # written; every other pointer is read
-        "values": "uint16_t*",
+        "keys": "void*",  # written (bf16, or with the model's int8 as attend_int8's caches); the rest is read
+        "values": "void*",
         **{name: "const void*" for name in ("qkv", "out", "cross_q", "cross_out", "fc1", "fc2")},
     }
 
@@ -131,7 +133,8 @@ class StepModel(ctypes.Structure):
     """The model-wide part of ``decoder_step``'s arguments: sizes, the codebooks' embedding tables (vocab
     + 1, hidden), positions (positions, hidden), the final norm, the packed LM heads (codebooks * vocab,
     hidden) and the cross-attention mask (cross_rows, text) fp32 or null. ``amx``: the products run on
-    tiles; ``int8``: every matrix is a packed int8 one (``pack_linear_int8``)."""
+    tiles; ``int8``: every matrix is a packed int8 one (``pack_linear_int8``) and the self-attention
+    caches are int8."""
 
     _fields_ = [
         *((name, ctypes.c_int) for name in ("layers", "hidden", "heads", "ffn", "codebooks", "vocab")),
@@ -168,7 +171,12 @@ _linear_int8_args: tuple[Arg, ...] = (
     *_ints("M N K act threads"),
 )
 _linear_int8_requires = (*_linear_requires[:2], "K > 0 and K % 64 == 0", *_linear_requires[3:])
-_attention_requires = ("0 < heads <= MAX_HEADS", "D > 0 and D % 32 == 0 and D <= 256", "threads > 0")
+_attention_requires = (
+    "0 < heads <= MAX_HEADS",
+    "D > 0 and D % 32 == 0 and D <= MAX_HEAD_SIZE",
+    "threads > 0",
+)
+_INT8_POSITION = "(heads * D + 4 * heads)"  # an int8 cache's bytes a position: the ints, then fp32 scales
 _conv_out = "rows > 0", "threads > 0", "activate in (0, 1)"
 
 KERNELS = (
@@ -208,6 +216,29 @@ KERNELS = (
         requires=("rows > 0", "0 <= pos < capacity", *_attention_requires),
     ),
     Kernel(
+        "attend_int8",
+        (
+            Tensor("qkv", _BF16, "rows * 3 * heads * D"),
+            Tensor("keys", _INT8, f"rows * capacity * {_INT8_POSITION}", writes=True),
+            Tensor("values", _INT8, f"rows * capacity * {_INT8_POSITION}", writes=True),
+            Tensor("out", _BF16, "rows * heads * D", writes=True),
+            Tensor(
+                "scratch", _FP32, "threads * attend_scratch(heads, D, capacity)", writes=True, at_least=True
+            ),
+            *_ints("rows heads D capacity pos threads"),
+        ),
+        requires=("rows > 0", "0 <= pos < capacity", *_attention_requires),
+    ),
+    Kernel(
+        "quantize_cache",
+        (
+            Tensor("x", _BF16, "n * heads * D"),
+            Tensor("cache", _INT8, f"n * {_INT8_POSITION}", writes=True),
+            *_ints("n heads D keys"),
+        ),
+        requires=("n > 0", "keys in (0, 1)", *_attention_requires[:2]),
+    ),
+    Kernel(
         "cross_attend_bf16",
         (
             Tensor("q", _BF16, "rows * heads * D"),
@@ -241,7 +272,8 @@ KERNELS = (
         ),
         requires=(
             "0 < m.heads <= MAX_HEADS",
-            "m.hidden % m.heads == 0 and (m.hidden // m.heads) % 32 == 0 and m.hidden // m.heads <= 256",
+            "m.hidden % m.heads == 0 and (m.hidden // m.heads) % 32 == 0",
+            "m.hidden // m.heads <= MAX_HEAD_SIZE",
             "m.hidden > 0 and m.hidden % 32 == 0 and m.ffn > 0 and m.ffn % 32 == 0",
             "(m.codebooks * m.vocab) % 32 == 0 and m.codebooks > 0",
             "m.layers > 0",

@@ -25,6 +25,7 @@
 namespace {
 
 constexpr int kMaxHeads = MUSICBOT_MAX_HEADS;  // self-attention's per-head state lives on the stack
+constexpr int kMaxHeadSize = MUSICBOT_MAX_HEAD_SIZE;
 
 inline __m512 bf16_to_f32(__m256i h) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));

@@ -381,6 +381,140 @@ void attend_rows(const uint16_t* q, size_t q_stride, const uint16_t* fresh, uint
     }
 }
 
+// int8 self-attention caches (the int8 steps): a position holds heads * D int8 values (head h at h * D),
+// then heads fp32 scales (a head's values are its ints times its scale), each head quantized on its own,
+// symmetrically over its largest magnitude. Keys are stored offset by 128 (u8 bit patterns): the unsigned
+// operand of vpdpbusd, against the query quantized the same way per head, so a head's scores are one
+// exact integer dot product a position. Values are signed and turned back into fp32 for the weighted sum.
+// Attention reads every cache once a step, so it streams half the bytes of bf16 caches: at four requests'
+// eight rows and a few hundred positions that is most of what each added request costs a step.
+inline size_t int8_position(int heads, int D) { return (size_t)heads * D + sizeof(float) * heads; }
+
+// One head's D bf16 values as int8 (bit patterns offset by 128 with `offset`); returns the scale. A NaN or
+// infinite value gives a NaN scale, so that everything read through it is NaN, as bf16 would give.
+inline float quantize_head(const uint16_t* x, int8_t* q, int D, bool offset) {
+    __m512 top = _mm512_setzero_ps(), bad = _mm512_setzero_ps();
+    for (int d = 0; d < D; d += 16) {
+        const __m512 v = bf16_to_f32(_mm256_loadu_si256((const __m256i*)(x + d)));
+        top = _mm512_max_ps(top, _mm512_abs_ps(v));
+        bad = _mm512_add_ps(bad, _mm512_mul_ps(v, _mm512_setzero_ps()));  // NaN if any is NaN or infinite
+    }
+    const float most = _mm512_reduce_max_ps(top);
+    const bool broken = std::isnan(_mm512_reduce_add_ps(bad));
+    const __m512 inv = _mm512_set1_ps(broken || most == 0.0f ? 0.0f : 127.0f / most);
+    const __m128i flip = _mm_set1_epi8(offset ? (char)0x80 : 0);
+    for (int d = 0; d < D; d += 16) {
+        const __m512 v = bf16_to_f32(_mm256_loadu_si256((const __m256i*)(x + d)));
+        const __m512i n = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));  // rounded to nearest, within +-127
+        _mm_storeu_si128((__m128i*)(q + d), _mm_xor_si128(_mm512_cvtsepi32_epi8(n), flip));
+    }
+    return broken ? NAN : most / 127.0f;
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512vnni")
+
+// attend_heads over int8 caches: q holds the row's query heads as int8 (head h at h * D) with their
+// scales and sums of ints; positions `stride` bytes apart, a position's scales `hidden` bytes in.
+inline void attend_heads_int8(const int8_t* q, const float* q_scales, const int32_t* q_sums, const int8_t* kc,
+                              const int8_t* vc, int n, size_t stride, int hidden, int h0, int h1, int D, uint16_t* o,
+                              float* scores, float* acc) {
+    const int nh = h1 - h0;
+    const char* first = (const char*)kc + (size_t)h0 * D;
+    const size_t span = (size_t)nh * D;
+    float best[kMaxHeads];
+    for (int h = 0; h < nh; h++) best[h] = -INFINITY;
+    for (int p = 0; p < n; p++) {
+        const int8_t* kp = kc + (size_t)p * stride;
+        const char* ahead = first + (size_t)(p + kAttendAhead) * stride;
+        for (size_t line = 0; line < span; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T1);
+        _mm_prefetch(ahead - (size_t)h0 * D + hidden + sizeof(float) * h0, _MM_HINT_T1);
+        const float* ks = (const float*)(kp + hidden);
+        for (int h = 0; h < nh; h++) {
+            const int at = (h0 + h) * D;
+            __m512i a = _mm512_setzero_si512();
+            for (int d = 0; d < D; d += 64) {
+                const __mmask64 lanes = D - d >= 64 ? ~0ULL : (1ULL << (D - d)) - 1;
+                a = _mm512_dpbusd_epi32(a, _mm512_maskz_loadu_epi8(lanes, kp + at + d), _mm512_maskz_loadu_epi8(lanes, q + at + d));
+            }
+            const int32_t dot = _mm512_reduce_add_epi32(a) - 128 * q_sums[h0 + h];  // the keys' offset taken out
+            const float sc = q_scales[h0 + h] * ks[h0 + h] * (float)dot;
+            scores[(size_t)h * n + p] = sc;
+            if (!(sc <= best[h]) && best[h] == best[h]) best[h] = sc;  // a NaN score makes best NaN, for good
+        }
+    }
+    float inv[kMaxHeads];
+    for (int h = 0; h < nh; h++) inv[h] = softmax_weights(scores + (size_t)h * n, n, best[h]);
+    const int lanes = D / 16;
+    for (int i = 0; i < nh * lanes; i++) _mm512_storeu_ps(acc + 16 * i, _mm512_setzero_ps());
+    const char* vfirst = (const char*)vc + (size_t)h0 * D;
+    for (int p = 0; p < n; p++) {
+        const int8_t* vp = vc + (size_t)p * stride;
+        const char* ahead = vfirst + (size_t)(p + kAttendAhead) * stride;
+        for (size_t line = 0; line < span; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T1);
+        _mm_prefetch(ahead - (size_t)h0 * D + hidden + sizeof(float) * h0, _MM_HINT_T1);
+        const float* vs = (const float*)(vp + hidden);
+        for (int h = 0; h < nh; h++) {
+            const __m512 w = _mm512_set1_ps(scores[(size_t)h * n + p] * vs[h0 + h]);
+            const int8_t* vh = vp + (size_t)(h0 + h) * D;
+            float* ah = acc + (size_t)h * D;
+            for (int i = 0; i < lanes; i++) {
+                const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(vh + 16 * i))));
+                _mm512_storeu_ps(ah + 16 * i, _mm512_fmadd_ps(w, v, _mm512_loadu_ps(ah + 16 * i)));
+            }
+        }
+    }
+    for (int h = 0; h < nh; h++) {
+        uint16_t* oh = o + (size_t)(h0 + h) * D;
+        if (std::isnan(inv[h])) {
+            for (int d = 0; d < D; d++) oh[d] = 0x7fc0;
+            continue;
+        }
+        const __m512 vinv = _mm512_set1_ps(inv[h]);
+        for (int i = 0; i < lanes; i++)
+            _mm256_storeu_si256((__m256i*)(oh + 16 * i),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + (size_t)h * D + 16 * i), vinv)));
+    }
+}
+
+#pragma GCC pop_options
+
+// attend_rows' self-attention over int8 caches (rows, capacity, int8_position(heads, D)) bytes: position
+// n - 1 is first written from the fresh keys and values, quantized.
+void attend_rows_int8(const uint16_t* qkv, size_t q_stride, int8_t* keys, int8_t* values, uint16_t* out,
+                      float* scratch, int rows, int heads, int D, int capacity, int n, int threads) {
+    const int hidden = heads * D, groups = head_groups(rows, heads, threads);
+    const size_t stride = int8_position(heads, D);
+#pragma omp parallel num_threads(threads)
+    {
+        float* scores = scratch + (size_t)omp_get_thread_num() * attention_scratch(heads, D, capacity);
+        float* acc = scores + (size_t)heads * capacity;
+        alignas(64) int8_t q[kMaxHeads * kMaxHeadSize];
+        float q_scales[kMaxHeads];
+        int32_t q_sums[kMaxHeads];
+#pragma omp for schedule(static)
+        for (int task = 0; task < rows * groups; task++) {
+            const int r = task / groups, g = task % groups;
+            const int h0 = g * heads / groups, h1 = (g + 1) * heads / groups;
+            const uint16_t* qr = qkv + (size_t)r * q_stride;
+            int8_t* kc = keys + (size_t)r * capacity * stride;
+            int8_t* vc = values + (size_t)r * capacity * stride;
+            int8_t* kn = kc + (size_t)(n - 1) * stride;
+            int8_t* vn = vc + (size_t)(n - 1) * stride;
+            for (int h = h0; h < h1; h++) {
+                ((float*)(kn + hidden))[h] = quantize_head(qr + hidden + (size_t)h * D, kn + (size_t)h * D, D, true);
+                ((float*)(vn + hidden))[h] = quantize_head(qr + 2 * (size_t)hidden + (size_t)h * D, vn + (size_t)h * D, D, false);
+                q_scales[h] = quantize_head(qr + (size_t)h * D, q + (size_t)h * D, D, false);
+                int32_t sum = 0;
+                for (int d = 0; d < D; d++) sum += q[(size_t)h * D + d];
+                q_sums[h] = sum;
+            }
+            attend_heads_int8(q, q_scales, q_sums, kc, vc, n, stride, hidden, h0, h1, D, out + (size_t)r * hidden, scores,
+                              acc);
+        }
+    }
+}
+
 // torch's layer norm of bf16 rows: mean and variance in fp32 (biased), y = (x - mean) * rstd * w + b
 // rounded to bf16 once.
 void layer_norm(const uint16_t* x, uint16_t* y, const uint16_t* w, const uint16_t* b, float eps, int rows,
@@ -505,6 +639,24 @@ void attend_bf16(const uint16_t* qkv, uint16_t* keys, uint16_t* values, uint16_t
                 pos + 1, threads);
 }
 
+// attend_bf16 over int8 caches (rows, capacity, heads * D + 4 * heads) bytes, laid out as at int8_position.
+void attend_int8(const uint16_t* qkv, int8_t* keys, int8_t* values, uint16_t* out, float* scratch, int rows, int heads,
+                 int D, int capacity, int pos, int threads) {
+    attend_rows_int8(qkv, 3 * (size_t)heads * D, keys, values, out, scratch, rows, heads, D, capacity, pos + 1, threads);
+}
+
+// n positions of bf16 keys (keys != 0) or values, (n, heads * D), into an int8 cache's positions
+// (n, heads * D + 4 * heads) bytes, quantized as the step quantizes the positions it adds.
+void quantize_cache(const uint16_t* x, int8_t* cache, int n, int heads, int D, int keys) {
+    const int hidden = heads * D;
+    const size_t stride = int8_position(heads, D);
+    for (int p = 0; p < n; p++) {
+        int8_t* at = cache + (size_t)p * stride;
+        for (int h = 0; h < heads; h++)
+            ((float*)(at + hidden))[h] = quantize_head(x + (size_t)p * hidden + (size_t)h * D, at + (size_t)h * D, D, keys != 0);
+    }
+}
+
 // Cross-attention of one step: q (rows, heads * D) bf16 (scaled), keys / values (rows, n, heads * D) bf16,
 // position-major as above, mask (rows, n) fp32 added to the scores, or null. out (rows, heads * D) bf16.
 // scratch: threads * attend_scratch(heads, D, n) floats.
@@ -617,8 +769,12 @@ void decoder_step(const StepModel* m, const StepLayer* layers, const int64_t* to
         const StepLayer& L = layers[l];
         layer_norm(x, h, L.ln1_w, L.ln1_b, L.eps1, rows, H);
         linear(L.qkv, h, nullptr, qkv, rows, 3 * H, H, 0);
-        attend_rows(qkv, 3 * (size_t)H, qkv + H, L.keys, L.values, nullptr, attn, scratch, rows, m->heads, D, m->capacity,
-                    position + 1, threads);
+        if (m->int8)
+            attend_rows_int8(qkv, 3 * (size_t)H, (int8_t*)L.keys, (int8_t*)L.values, attn, scratch, rows, m->heads, D,
+                             m->capacity, position + 1, threads);
+        else
+            attend_rows(qkv, 3 * (size_t)H, qkv + H, (uint16_t*)L.keys, (uint16_t*)L.values, nullptr, attn, scratch, rows,
+                        m->heads, D, m->capacity, position + 1, threads);
         linear(L.out, attn, x, x, rows, H, H, 0);  // residual in place: each sum reads its own element first
         if (L.cross_keys && cross_rows > 0) {
             layer_norm(x, h, L.ln2_w, L.ln2_b, L.eps2, cross_rows, H);

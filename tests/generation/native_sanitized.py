@@ -48,6 +48,14 @@ def attention(kernels: native.NativeKernels) -> None:
         keys, values = _bf16(rows, capacity, hidden), _bf16(rows, capacity, hidden)
         for position in range(capacity):  # from one position to the cache full
             kernels.attend(_bf16(rows, 1, 3 * hidden), keys, values, heads, position)
+        if kernels.int8:  # int8 caches: filled from empty, and given whole
+            k8, v8 = kernels.int8_caches(
+                keys[:, :0].contiguous(), values[:, :0].contiguous(), heads, capacity
+            )
+            for position in range(capacity):
+                kernels.attend(_bf16(rows, 1, 3 * hidden), k8, v8, heads, position)
+            k8, v8 = kernels.int8_caches(keys, values, heads, capacity)
+            kernels.attend(_bf16(rows, 1, 3 * hidden), k8, v8, heads, capacity - 1)
         for n in (1, capacity):
             k, v = _bf16(rows, n, hidden), _bf16(rows, n, hidden)
             kernels.cross_attend(_bf16(rows, 1, hidden), k, v, None, heads)
@@ -110,6 +118,10 @@ def decoder_step(kernels: native.NativeKernels, int8: bool) -> None:
                     "cross_values": _bf16(cross_rows, text, hidden),
                 }
             )  # fmt: skip
+            if int8:  # int8 steps attend over int8 caches
+                layers[-1]["keys"], layers[-1]["values"] = kernels.int8_caches(
+                    layers[-1]["keys"], layers[-1]["values"], heads, capacity
+                )
         step = native.NativeStep(
             kernels,
             heads=heads,

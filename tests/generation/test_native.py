@@ -245,6 +245,125 @@ def test_self_attention_with_a_nan_key_is_nan_for_that_head_alone(kernels: nativ
     assert not out.isnan().any()
 
 
+@pytest.fixture
+def int8_attention(kernels: native.NativeKernels) -> native.NativeKernels:
+    if not kernels.int8:
+        pytest.skip("int8 attention needs VNNI")
+    return kernels
+
+
+def _on_grid(*shape: int, step: float, generator: torch.Generator) -> torch.Tensor:
+    """bf16 values that int8 holds exactly: integers within +-127 times ``step``, every head's (last
+    dimension's) largest magnitude exactly 127, so its scale is ``step``."""
+    ints = torch.randint(-126, 127, shape, generator=generator)
+    ints[..., 0] = 127
+    return (ints * step).to(torch.bfloat16)
+
+
+def _dequantized(cache: torch.Tensor, heads: int, offset: bool) -> torch.Tensor:
+    """An int8 cache ``(rows, positions, hidden + 4 * heads)`` as fp64 ``(rows, positions, heads, D)``."""
+    rows, positions, width = cache.shape
+    hidden = width - 4 * heads
+    ints = cache[..., :hidden].view(rows, positions, heads, -1)
+    ints = (ints.view(torch.uint8).double() - 128) if offset else ints.double()
+    scales = cache[..., hidden:].contiguous().view(torch.float32).double()
+    return ints * scales[..., None]
+
+
+@pytest.mark.parametrize(
+    ("position", "rows", "dim"), [(0, 1, 64), (1, 2, 32), (16, 3, 64), (17, 1, 96), (70, 4, 64), (40, 2, 256)]
+)
+def test_int8_attention_on_values_its_grid_holds_equals_exact_attention_to_bf16_rounding(
+    int8_attention: native.NativeKernels, position: int, rows: int, dim: int
+) -> None:
+    """Keys, values and queries that int8 holds exactly: the scores are exact integer sums, so the
+    output is exact attention but for fp32 softmax and the final bf16 rounding."""
+    g = torch.Generator().manual_seed(position * 7 + dim)
+    heads, capacity = 3, 80
+    prefix_k = _on_grid(rows, position, heads, dim, step=2**-4, generator=g).view(rows, position, heads * dim)
+    prefix_v = _on_grid(rows, position, heads, dim, step=2**-5, generator=g).view(rows, position, heads * dim)
+    q = _on_grid(rows, 1, heads, dim, step=2**-8, generator=g)
+    k = _on_grid(rows, 1, heads, dim, step=2**-4, generator=g)
+    v = _on_grid(rows, 1, heads, dim, step=2**-5, generator=g)
+    qkv = torch.cat([t.view(rows, 1, -1) for t in (q, k, v)], -1)
+    keys, values = int8_attention.int8_caches(prefix_k, prefix_v, heads, capacity)
+    after = keys[:, position + 1 :].clone(), values[:, position + 1 :].clone()
+    out = int8_attention.attend(qkv, keys, values, heads, position)
+
+    seen_k = _dequantized(keys[:, : position + 1], heads, offset=True)
+    seen_v = _dequantized(values[:, : position + 1], heads, offset=False)
+    assert torch.equal(seen_k[:, :position], prefix_k.view(rows, position, heads, dim).double())
+    assert torch.equal(seen_k[:, position], k[:, 0].double()) and torch.equal(
+        seen_v[:, position], v[:, 0].double()
+    )
+    assert torch.equal(keys[:, position + 1 :], after[0]) and torch.equal(values[:, position + 1 :], after[1])
+    weights = torch.einsum("rhd,rphd->rhp", q[:, 0].double(), seen_k).softmax(-1)
+    want = torch.einsum("rhp,rphd->rhd", weights, seen_v).reshape(rows, heads * dim)
+    assert torch.allclose(out.double(), want, rtol=2**-8, atol=1e-5)
+
+
+@pytest.mark.parametrize(("threads", "rows", "heads"), [(1, 2, 16), (3, 1, 5), (2, 4, 16)])
+def test_int8_attention_stays_within_its_quantization_error_of_bf16_attention(
+    int8_attention: native.NativeKernels, threads: int, rows: int, heads: int
+) -> None:
+    g = torch.Generator().manual_seed(threads + rows)
+    dim, capacity, position = 64, 130, 125
+    qkv = torch.randn(rows, 1, 3 * heads * dim, generator=g)
+    qkv[..., : heads * dim] /= dim**0.5  # the queries come scaled, as the model's do
+    qkv = qkv.to(torch.bfloat16)
+    keys, values = (
+        _bf16(rows, capacity, heads * dim, generator=g),
+        _bf16(rows, capacity, heads * dim, generator=g),
+    )
+    k8, v8 = int8_attention.int8_caches(
+        keys[:, :position].contiguous(), values[:, :position].contiguous(), heads, capacity
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        exact = int8_attention.attend(qkv, keys, values, heads, position).double()
+        got = int8_attention.attend(qkv, k8, v8, heads, position).double()
+    finally:
+        torch.set_num_threads(before)
+    # Each head's ints are within half a step of its values (1/254 of its largest): about 1% of a head's
+    # output on random values, at most twice that.
+    error = (got - exact).view(rows, heads, dim).norm(dim=-1) / exact.view(rows, heads, dim).norm(dim=-1)
+    assert error.mean() < 0.013 and error.max() < 0.025, error
+
+
+def test_int8_caches_hold_each_head_within_half_a_step() -> None:
+    kernels = native.load()
+    if kernels is None or not kernels.int8:
+        pytest.skip("int8 attention needs the kernels and VNNI")
+    g = torch.Generator().manual_seed(3)
+    heads, dim = 4, 32
+    keys = _bf16(2, 9, heads * dim, generator=g) * torch.logspace(-3, 3, 9)[None, :, None].to(torch.bfloat16)
+    keys[1, 4, dim : 2 * dim] = 0  # a head of zeros: scale 0, ints 0
+    k8, v8 = kernels.int8_caches(keys, keys, heads, 12)
+    for cache, offset in ((k8, True), (v8, False)):
+        held = _dequantized(cache[:, :9], heads, offset)
+        source = keys.view(2, 9, heads, dim).double()
+        step = source.abs().amax(-1, keepdim=True) / 127
+        assert ((held - source).abs() <= step / 2 * (1 + 1e-6)).all()
+        assert torch.equal(held[1, 4, 1], torch.zeros(dim, dtype=torch.float64))
+
+
+def test_int8_attention_with_a_nan_key_is_nan_for_that_head_alone(
+    int8_attention: native.NativeKernels,
+) -> None:
+    g = torch.Generator().manual_seed(9)
+    rows, heads, dim, capacity = 2, 4, 32, 20
+    qkv = _bf16(rows, 1, 3 * heads * dim, generator=g)
+    keys, values = _bf16(rows, 10, heads * dim, generator=g), _bf16(rows, 10, heads * dim, generator=g)
+    keys[1, 3, 2 * dim + 5] = float("nan")  # row 1, position 3, head 2
+    values[0, 7, dim] = float("inf")  # row 0, position 7, head 1
+    k8, v8 = int8_attention.int8_caches(keys, values, heads, capacity)
+    out = int8_attention.attend(qkv, k8, v8, heads, 10).float().view(rows, heads, dim)
+    assert out[1, 2].isnan().all() and out[0, 1].isnan().all()
+    out[1, 2] = out[0, 1] = 0
+    assert not out.isnan().any()
+
+
 def test_without_a_compiler_the_step_falls_back_to_torch(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
