@@ -46,7 +46,7 @@ from generation.request import (
     Track,
     check_batch,
 )
-from generation.sampling import choose, guide
+from generation.sampling import next_tokens, pass_uniforms
 
 if TYPE_CHECKING:
     from generation.static_step import StaticSteps
@@ -382,11 +382,12 @@ class MusicGenEngine:
         if self.static_steps:
             return self._decode_static(conditioning, pattern, first, params, generators, on_step, cancel)
         logits = conditioning.prefill(pattern[..., :first], length)
+        draws = pass_uniforms(generators, length, self.codebooks)  # as the static steps draw them
+        kernels = self._fast_weights().linear.kernels  # the choice in one native call where they run
         last = first - 1
         cancelled = False
         for t in range(first, length):
-            scores = guide(logits.float(), rows, params.guidance)
-            tokens = choose(scores, params, generators)
+            tokens = next_tokens(logits, rows, params, draws[t], kernels)
             column = pattern[..., t]
             column = torch.where(column == -1, tokens, column)
             pattern[..., t] = column
@@ -418,7 +419,7 @@ class MusicGenEngine:
     ) -> tuple[torch.Tensor, bool]:
         """``_decode`` with every step on the device (``generation.static_step``): no step waits for the
         host; on CUDA each step is one replay of a CUDA graph."""
-        from generation.static_step import TEXT_BUCKET, bucket, pass_uniforms
+        from generation.static_step import TEXT_BUCKET, bucket
 
         rows, length = len(generators), pattern.shape[-1]
         logits, cache = conditioning.run_prefill(pattern[..., :first])
@@ -454,7 +455,7 @@ class MusicGenEngine:
         """Capture the step of a short guided pass and compare it with the eager step on the same inputs
         (``capture`` makes the stepper to check: a CUDA graph by default). If they differ, or capturing
         fails, graphs stay off with a log line and every step runs eagerly on the device."""
-        from generation.static_step import GraphedSteps, agree, pass_uniforms
+        from generation.static_step import GraphedSteps, agree
 
         capture = capture or GraphedSteps
         request = GenerationRequest("a check of the captured decoding step", duration=1.0, seed=0)

@@ -49,3 +49,14 @@ class AudioInputError(GenerationError, ValueError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class NonFiniteScores(GenerationError):
+    """The model's scores for the next token held NaN or infinity: its weights or their precision fail."""
+
+    def __init__(self, places: int) -> None:
+        super().__init__(
+            f"the model's scores went NaN or infinite ({places} of a step's token choices): its weights or"
+            " their precision are broken; try MUSICBOT_DTYPE=float32 or another checkpoint"
+        )
+        self.places = places

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from generation import native_api
+from generation.errors import NonFiniteScores
 from generation.loader import cpu_flags
 from generation.native_api import StepLayer, StepModel
 from generation.private_cache import UnsafeCache, check_private, private_dir
@@ -40,7 +41,7 @@ from generation.private_cache import UnsafeCache, check_private, private_dir
 log = logging.getLogger(__name__)
 
 KERNELS_DIR = Path(__file__).with_name("kernels")
-SOURCES = (KERNELS_DIR / "decoder.cpp", KERNELS_DIR / "encodec.cpp")
+SOURCES = (KERNELS_DIR / "decoder.cpp", KERNELS_DIR / "encodec.cpp", KERNELS_DIR / "sampling.cpp")
 HEADERS = (KERNELS_DIR / "common.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 REQUIRED_CPU = ("avx512f", "avx512bw", "avx512_bf16")
@@ -77,6 +78,7 @@ class NativeKernels:
         self._resblock_amx, self._resblock_amx_scratch = c["resblock_amx"], c["resblock_amx_scratch"]
         self._upsample_amx, self._upsample_amx_scratch = c["upsample_amx"], c["upsample_amx_scratch"]
         self._step, self._step_work = c["decoder_step"], c["step_work"]
+        self._sample, self._sample_scratch = c["sample_tokens"], c["sample_scratch"]
 
     @staticmethod
     def _threads_scratch(floats_per_thread: int) -> tuple[int, torch.Tensor]:
@@ -193,6 +195,33 @@ class NativeKernels:
                 self._quantize_cache(source[row], cache[row, :filled], filled, heads, head_dim, is_keys)
             caches.append(cache)
         return caches[0], caches[1]
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        draws: torch.Tensor,
+        *,
+        guided: bool,
+        guidance: float,
+        temperature: float,
+        top_k: int,
+    ) -> torch.Tensor:
+        """``generation.sampling.choose`` (without top-p) on a step's bf16 ``logits ((2 if guided else 1)
+        * rows, codebooks, vocab)`` with guidance applied first: the tokens ``(rows, codebooks)`` int64 for
+        ``draws (rows, codebooks)`` fp32 uniform in [0, 1)."""
+        rows, codebooks = draws.shape
+        vocab = logits.shape[-1]
+        _require(logits, logits.shape == ((2 if guided else 1) * rows, codebooks, vocab), "logits")
+        _require(draws, True, "draws", torch.float32)
+        tokens = torch.empty((rows, codebooks), dtype=torch.int64)
+        threads, scratch = self._threads_scratch(self._sample_scratch(vocab))
+        broken = self._sample(
+            logits, draws, tokens, scratch, rows, int(guided), codebooks, vocab,
+            float(guidance), float(temperature), top_k, threads,
+        )  # fmt: skip
+        if broken:
+            raise NonFiniteScores(broken)
+        return tokens
 
     def attention_scratch(self, heads: int, head_dim: int, capacity: int) -> torch.Tensor:
         """Working memory for ``attend`` over caches of ``capacity`` positions, for torch's threads."""

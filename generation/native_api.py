@@ -11,6 +11,7 @@ any pointer crosses, raising ``ValueError`` naming the kernel and the argument.
 from __future__ import annotations
 
 import ctypes
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,6 +61,14 @@ class Int:
 
 
 @dataclass(frozen=True)
+class Float:
+    """A finite number, passed as a C float."""
+
+    name: str
+    c_type: str = "float"
+
+
+@dataclass(frozen=True)
 class Struct:
     """A pointer to one struct (``count`` None) or to an array of ``count`` of them."""
 
@@ -72,7 +81,7 @@ class Struct:
         return f"const {self.struct.__name__}*"
 
 
-Arg = Tensor | Int | Struct
+Arg = Tensor | Int | Float | Struct
 
 
 def _ints(names: str) -> tuple[Int, ...]:
@@ -283,6 +292,28 @@ KERNELS = (
             "threads > 0",
         ),
     ),
+    Kernel("sample_scratch", _ints("vocab"), returns="int"),
+    Kernel(
+        "sample_tokens",
+        (
+            Tensor("logits", _BF16, "(guided + 1) * rows * codebooks * vocab"),
+            Tensor("draws", _FP32, "rows * codebooks"),
+            Tensor("tokens", _INT64, "rows * codebooks", writes=True),
+            Tensor("scratch", _FP32, "threads * sample_scratch(vocab)", writes=True, at_least=True),
+            *_ints("rows guided codebooks vocab"),
+            Float("guidance"),
+            Float("temperature"),
+            *_ints("k threads"),
+        ),
+        returns="int",
+        requires=(
+            "rows > 0 and codebooks > 0 and vocab > 0",
+            "guided in (0, 1)",
+            "temperature > 0",
+            "0 <= k",
+            "threads > 0",
+        ),
+    ),
     Kernel("resblock_scratch", _ints("C H"), returns="int"),
     Kernel(
         "resblock_f32",
@@ -413,6 +444,8 @@ def render_header() -> str:
 def _ctype(arg: Arg) -> Any:
     if isinstance(arg, Int):
         return ctypes.c_int
+    if isinstance(arg, Float):
+        return ctypes.c_float
     if isinstance(arg, Struct):
         return ctypes.POINTER(arg.struct)
     return ctypes.c_void_p
@@ -435,6 +468,7 @@ class Bound:
         ]
         self._structs = [(i, a) for i, a in enumerate(kernel.args) if isinstance(a, Struct)]
         self._ints = [(i, a.name) for i, a in enumerate(kernel.args) if isinstance(a, Int)]
+        self._floats = [(i, a.name) for i, a in enumerate(kernel.args) if isinstance(a, Float)]
 
     def __call__(self, *values: Any) -> Any:
         kernel = self.kernel
@@ -447,6 +481,11 @@ class Bound:
                 raise ValueError(f"{kernel.name}: {name}: {value!r} is not an int")
             if not -(2**31) <= value < 2**31:
                 raise ValueError(f"{kernel.name}: {name}: {value} does not fit a C int")
+            scope[name] = value
+        for i, name in self._floats:
+            value = values[i]
+            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"{kernel.name}: {name}: {value!r} is not a finite number")
             scope[name] = value
         converted = list(values)
         for i, arg in self._structs:

@@ -1,10 +1,17 @@
-"""Next-token choice: classifier-free guidance, temperature, top-k, top-p, one RNG per row."""
+"""Next-token choice: classifier-free guidance, temperature, top-k, top-p, and an inverse-CDF draw from
+uniform numbers each row draws from its own generator for the whole pass."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+from generation.errors import NonFiniteScores
 from generation.request import SamplingParams
+
+if TYPE_CHECKING:
+    from generation.native import NativeKernels
 
 
 def guide(logits: torch.Tensor, batch: int, guidance: float) -> torch.Tensor:
@@ -15,39 +22,67 @@ def guide(logits: torch.Tensor, batch: int, guidance: float) -> torch.Tensor:
     return uncond + (cond - uncond) * guidance
 
 
-def choose(scores: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]) -> torch.Tensor:
+def pass_uniforms(generators: list[torch.Generator], length: int, codebooks: int) -> torch.Tensor:
+    """``(length, rows, codebooks)`` uniform numbers in [0, 1) for a pass's columns, each row's from its
+    own generator: a row's music depends on its seed alone, never on the rest of the batch."""
+    return torch.stack(
+        [torch.rand((length, codebooks), generator=g, device=g.device) for g in generators], dim=1
+    )
+
+
+def choose(scores: torch.Tensor, params: SamplingParams, draws: torch.Tensor) -> torch.Tensor:
     """The next token per codebook: ``scores (rows, codebooks, vocab)`` → ``(rows, codebooks)``.
 
-    Temperature, then top-k, then top-p (transformers' order), then one draw per row from its own
-    generator. A row's token depends on its own scores and seed alone, never on the rest of the batch.
-
-    With top-k a row draws among its k best alone (and any tied with the k-th, which transformers keeps
-    too; bf16 logits often tie): the same distribution as over the whole masked vocabulary, whose other
-    tokens have probability 0, with a tenth of the random numbers.
+    Temperature, then top-k (ties with the k-th kept, as transformers keeps them; bf16 logits often
+    tie), then top-p (transformers' order), then the first token whose cumulative probability, in
+    vocabulary order, reaches ``draws (rows, codebooks)`` (uniform in [0, 1)) times the total: an
+    inverse-CDF draw, with fixed shapes and no host synchronisation, so the GPU's captured step runs it
+    too. A row's token depends on its own scores and numbers alone.
     """
     if params.top_k == 1:
         return scores.argmax(dim=-1)
     if params.temperature != 1.0:
         scores = scores / params.temperature
-    k = params.top_k if 0 < params.top_k < scores.shape[-1] else 0
-    if k:
-        values, candidates = torch.topk(scores, k, dim=-1)  # each (row, codebook) on its own
-        kth = values[..., -1:]
-        kept = (scores >= kth).sum(dim=-1).amax(dim=-1).tolist()
-    tokens = []
-    for row, generator in enumerate(generators):
-        if not k:
-            row_scores, row_candidates = scores[row], None
-        elif kept[row] > k:  # ties with a codebook's k-th score: keep them all
-            row_scores, row_candidates = torch.topk(scores[row], kept[row], dim=-1)
-            row_scores = row_scores.masked_fill(row_scores < kth[row], float("-inf"))
-        else:
-            row_scores, row_candidates = values[row], candidates[row]
-        if 0.0 < params.top_p < 1.0:
-            row_scores = top_p(row_scores, params.top_p)
-        drawn = torch.multinomial(row_scores.float().softmax(dim=-1), 1, generator=generator)
-        tokens.append(drawn[:, 0] if row_candidates is None else row_candidates.gather(-1, drawn)[:, 0])
-    return torch.stack(tokens)
+    if 0 < params.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if 0.0 < params.top_p < 1.0:
+        scores = top_p(scores, params.top_p)
+    cdf = scores.float().softmax(dim=-1).cumsum(dim=-1)
+    # At least the smallest normal number: a draw of 0 takes the first token kept, not one before it that
+    # has nothing; at most the total, which the cumulative sum always reaches.
+    target = (draws[..., None] * cdf[..., -1:]).clamp_(min=torch.finfo(torch.float32).tiny)
+    return torch.searchsorted(cdf, target)[..., 0].clamp_(max=scores.shape[-1] - 1)
+
+
+def next_tokens(
+    logits: torch.Tensor,
+    batch: int,
+    params: SamplingParams,
+    draws: torch.Tensor,
+    kernels: NativeKernels | None = None,
+) -> torch.Tensor:
+    """A CPU step's tokens from its logits (the batch's rows, then with guidance its unconditional ones):
+    ``guide`` and ``choose`` in one native call where our kernels run (bf16 logits, no top-p), the same
+    choice from the same numbers. Scores holding NaN or +infinity (or nothing but -infinity) raise
+    ``NonFiniteScores``."""
+    simple = params.top_k != 1 and not 0.0 < params.top_p < 1.0
+    if kernels is not None and simple and logits.dtype == torch.bfloat16:
+        return kernels.sample(
+            logits.contiguous(),
+            draws.contiguous(),
+            guided=params.guidance > 1.0,
+            guidance=params.guidance,
+            temperature=params.temperature,
+            top_k=params.top_k,
+        )
+    scores = guide(logits.float(), batch, params.guidance)
+    # NaN or +inf anywhere, or nothing but -inf (-inf alone is a token of probability 0)
+    refused = (scores.isnan() | (scores == float("inf"))).any(dim=-1) | (scores == float("-inf")).all(dim=-1)
+    broken = int(refused.sum())
+    if broken:
+        raise NonFiniteScores(broken)
+    return choose(scores, params, draws)
 
 
 def top_p(scores: torch.Tensor, p: float) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from generation.fast_decoder import FastDecoderWeights
 from generation.request import SamplingParams
-from generation.sampling import guide, top_p
+from generation.sampling import choose, guide
 
 log = logging.getLogger(__name__)
 
@@ -30,34 +30,6 @@ TEXT_BUCKET = 32  # text positions are padded (and masked) to a multiple of this
 def bucket(n: int, least: int) -> int:
     """``n`` rounded up to a power of two, at least ``least``."""
     return max(least, 1 << max(0, math.ceil(math.log2(max(1, n)))))
-
-
-def sample(scores: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor) -> torch.Tensor:
-    """The next token per codebook from ``scores (rows, codebooks, vocab)``, one uniform number each.
-
-    Temperature, top-k (ties with the k-th kept, as transformers keeps them), top-p, then the token
-    whose share of the cumulative probability holds ``uniforms (rows, codebooks)``: an inverse-CDF draw
-    with fixed shapes and no host synchronisation. A row's token depends on its own scores and numbers.
-    """
-    if params.top_k == 1:
-        return scores.argmax(dim=-1)
-    if params.temperature != 1.0:
-        scores = scores / params.temperature
-    if 0 < params.top_k < scores.shape[-1]:
-        kth = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if 0.0 < params.top_p < 1.0:
-        scores = top_p(scores, params.top_p)
-    cdf = scores.float().softmax(dim=-1).cumsum(dim=-1)
-    target = uniforms[..., None] * cdf[..., -1:]
-    return torch.searchsorted(cdf, target, right=True)[..., 0].clamp_(max=scores.shape[-1] - 1)
-
-
-def pass_uniforms(generators: list[torch.Generator], length: int, codebooks: int) -> torch.Tensor:
-    """``(length, rows, codebooks)`` uniform numbers, each row's from its own generator."""
-    return torch.stack(
-        [torch.rand((length, codebooks), generator=g, device=g.device) for g in generators], dim=1
-    )
 
 
 class StaticSteps:
@@ -141,7 +113,7 @@ class StaticSteps:
         """Choose column ``t``'s tokens into the pattern, then decode them: logits of column ``t + 1``."""
         scores = guide(self.logits.float(), self.rows, self.params.guidance)
         uniforms = self.uniforms.index_select(0, self.column)[0]
-        tokens = sample(scores, self.params, uniforms)
+        tokens = choose(scores, self.params, uniforms)
         known = self.pattern.index_select(2, self.column)[..., 0]
         chosen = torch.where(known == -1, tokens, known)
         self.pattern.index_copy_(2, self.column, chosen[..., None])

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from generation import GenerationRequest, SamplingParams
+from generation import GenerationRequest
 from generation.engine import MusicGenEngine, load_engine
-from generation.static_step import StaticSteps, bucket, pass_uniforms, sample
+from generation.static_step import StaticSteps, bucket
 from tests.generation.codes import codes_from_generate, our_codes
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -40,59 +40,6 @@ def static_engine(tiny_engine: MusicGenEngine) -> Iterator[MusicGenEngine]:
 @pytest.fixture
 def static_stereo(tiny_stereo_engine: MusicGenEngine) -> Iterator[MusicGenEngine]:
     yield from _on_static_steps(tiny_stereo_engine)
-
-
-# --- sampling on the device ---
-
-
-def test_greedy_sampling_is_the_argmax() -> None:
-    scores = torch.randn(3, 4, 50)
-    assert torch.equal(sample(scores, SamplingParams(top_k=1), torch.rand(3, 4)), scores.argmax(-1))
-
-
-def test_a_draw_follows_the_distribution_it_is_given() -> None:
-    probs = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0])
-    scores = probs.log().expand(20000, 1, 5).clone()
-    uniforms = torch.rand(20000, 1, generator=torch.Generator().manual_seed(1))
-    tokens = sample(scores, SamplingParams(top_k=0), uniforms)
-    shares = torch.bincount(tokens.flatten(), minlength=5).float() / 20000
-    assert torch.allclose(shares, probs, atol=0.015)
-    assert shares[4] == 0  # a token of probability 0 is never drawn
-
-
-def test_top_k_keeps_the_k_best_and_their_ties() -> None:
-    scores = torch.tensor([[[5.0, 4.0, 4.0, 1.0, 0.0]]]).expand(5000, 1, 5).clone()
-    uniforms = torch.rand(5000, 1, generator=torch.Generator().manual_seed(2))
-    tokens = sample(scores, SamplingParams(top_k=2), uniforms)
-    assert set(tokens.flatten().tolist()) == {
-        0,
-        1,
-        2,
-    }  # the tie with the 2nd best is kept, as transformers does
-
-
-def test_top_p_keeps_the_fewest_most_likely_tokens() -> None:
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    scores = probs.log().expand(4000, 1, 4).clone()
-    uniforms = torch.rand(4000, 1, generator=torch.Generator().manual_seed(3))
-    tokens = sample(scores, SamplingParams(top_k=0, top_p=0.7), uniforms)
-    assert set(tokens.flatten().tolist()) == {0, 1}
-
-
-def test_a_rows_draw_depends_on_its_own_scores_and_numbers_alone() -> None:
-    scores, uniforms = torch.randn(4, 4, 64), torch.rand(4, 4)
-    params = SamplingParams(top_k=10, top_p=0.9, temperature=0.8)
-    alone = sample(scores[1:2], params, uniforms[1:2])
-    changed = scores.clone()
-    changed[0] = torch.randn(4, 64)
-    assert torch.equal(sample(changed, params, uniforms)[1:2], alone)
-
-
-def test_each_rows_numbers_come_from_its_own_seed() -> None:
-    generators = [torch.Generator().manual_seed(s) for s in (5, 6)]
-    both = pass_uniforms(generators, 10, 4)
-    alone = pass_uniforms([torch.Generator().manual_seed(6)], 10, 4)
-    assert both.shape == (10, 2, 4) and torch.equal(both[:, 1:], alone)
 
 
 def test_buffers_come_in_powers_of_two() -> None:
