@@ -62,6 +62,26 @@ def attention(kernels: native.NativeKernels) -> None:
             kernels.cross_attend(_bf16(rows, 1, hidden), k, v, torch.zeros(rows, n), heads)
 
 
+def sampling(kernels: native.NativeKernels) -> None:
+    from generation.errors import NonFiniteScores
+
+    for rows, codebooks, vocab in ((1, 1, 1), (3, 4, 7), (4, 4, 2048)):
+        for guided in (False, True):
+            logits = _bf16((2 if guided else 1) * rows, codebooks, vocab)
+            for top_k in (0, 1, vocab - 1, vocab, vocab + 5):
+                for draws in (torch.zeros(rows, codebooks), torch.full((rows, codebooks), 1 - 2**-24)):
+                    kernels.sample(logits, draws, guided=guided, guidance=3.0, temperature=0.7, top_k=top_k)
+            logits[0, 0, 0] = float("nan")
+            try:
+                kernels.sample(
+                    logits, torch.rand(rows, codebooks), guided=guided, guidance=3.0, temperature=1.0, top_k=5
+                )
+            except NonFiniteScores:
+                pass
+            else:
+                raise AssertionError("a NaN score went unnoticed")
+
+
 def convolutions(kernels: native.NativeKernels) -> None:
     for channels, hidden in ((4, 4), (8, 4), (16, 8)):
         conv1, conv2 = torch.randn(hidden, channels, 3), torch.randn(channels, hidden, 1)
@@ -150,6 +170,7 @@ def main(library: str) -> None:
         if kernels.int8:
             decoder_step(kernels, int8=True)
     attention(kernels)
+    sampling(kernels)
     convolutions(kernels)
     amx_convolutions(kernels)
     print("ok")
