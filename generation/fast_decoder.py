@@ -591,20 +591,20 @@ class _NativeAttention:
         rows, self.heads, self.filled, head_dim = prefix[0][0].shape
         self.kernels = kernels
         width = self.heads * head_dim
-        # (rows, heads, filled, head_dim) → position-major (rows, filled, width)
-        flat = [tuple(t.transpose(1, 2).reshape(rows, self.filled, width) for t in pair) for pair in prefix]
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        for keys, values in flat:
-            if int8:
-                k8, v8 = kernels.int8_caches(keys.contiguous(), values.contiguous(), self.heads, length)
-                self.keys.append(k8)
-                self.values.append(v8)
-                continue
-            for cache, source in ((self.keys, keys), (self.values, values)):
-                buffer = torch.empty((rows, length, width), dtype=torch.bfloat16)  # read only once written
-                buffer[:, : self.filled] = source
-                cache.append(buffer)
+        cache_width = native.int8_cache_width(width, self.heads) if int8 else width
+        # every layer's keys, then values, in one buffer; positions are read only once written
+        buffer = native.cache_buffer(
+            (2, len(prefix), rows, length, cache_width), torch.int8 if int8 else torch.bfloat16
+        )
+        self.keys, self.values = list(buffer[0]), list(buffer[1])  # a contiguous view a layer
+        for layer, pair in enumerate(prefix):
+            for caches, is_keys, source in zip((self.keys, self.values), (True, False), pair, strict=True):
+                # (rows, heads, filled, head_dim) → position-major (rows, filled, width)
+                source = source.transpose(1, 2).reshape(rows, self.filled, width)
+                if int8:
+                    kernels.fill_int8_cache(caches[layer], source.contiguous(), self.heads, keys=is_keys)
+                else:
+                    caches[layer][:, : self.filled] = source
         self.scratch = kernels.attention_scratch(self.heads, head_dim, length)
 
     def __call__(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
