@@ -11,6 +11,7 @@ from generation.errors import (
     InvalidRequest,
     ModelLoadError,
     ModelUnavailable,
+    NonFiniteScores,
     OutOfMemory,
 )
 from generation.request import (
@@ -41,6 +42,7 @@ __all__ = [
     "ModelInfo",
     "ModelLoadError",
     "ModelUnavailable",
+    "NonFiniteScores",
     "OutOfMemory",
     "SamplingParams",
     "Track",

@@ -17,6 +17,7 @@ from generation import (
     InvalidRequest,
     ModelLoadError,
     ModelUnavailable,
+    NonFiniteScores,
 )
 from generation.audio import encode_audio
 from generation.engine import MusicGenEngine, load_engine
@@ -212,3 +213,28 @@ def test_a_bf16_load_keeps_encodecs_weights_exactly_as_stored(tiny_model_dir: Pa
     stored = dict(fp32.named_parameters())
     for name, weight in bf16.audio_encoder.named_parameters():
         assert weight.dtype == torch.float32 and torch.equal(weight, stored[name]), name
+
+
+def test_scores_gone_nan_stop_the_job_with_advice_and_leave_the_engine_sound(
+    tiny_engine: MusicGenEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint whose values overflow gives NaN logits: the job stops with a message a user can act
+    on (the bot shows it as is), and the next job is unaffected."""
+    from generation.engine import _Conditioning
+
+    request = GenerationRequest("calm lo-fi piano", duration=1.0, seed=1)
+    good = tiny_engine.generate([request])[0].tracks[0].audio
+    honest = _Conditioning.step
+    calls = 0
+
+    def broken(self: _Conditioning, column: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        logits = honest(self, column)
+        return logits.fill_(float("nan")) if calls == 3 else logits
+
+    monkeypatch.setattr(_Conditioning, "step", broken)
+    with pytest.raises(NonFiniteScores, match="try MUSICBOT_DTYPE=float32"):
+        tiny_engine.generate([request])
+    monkeypatch.setattr(_Conditioning, "step", honest)
+    assert np.array_equal(tiny_engine.generate([request])[0].tracks[0].audio, good)
