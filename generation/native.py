@@ -79,6 +79,7 @@ class NativeKernels:
         self._upsample_amx, self._upsample_amx_scratch = c["upsample_amx"], c["upsample_amx_scratch"]
         self._step, self._step_work = c["decoder_step"], c["step_work"]
         self._sample, self._sample_scratch = c["sample_tokens"], c["sample_scratch"]
+        self._pack_lstm, self._lstm = c["pack_lstm"], c["lstm_f32"]
 
     @staticmethod
     def _threads_scratch(floats_per_thread: int) -> tuple[int, torch.Tensor]:
@@ -279,6 +280,31 @@ class NativeKernels:
             n,
             threads,
         )
+        return out
+
+    def pack_lstm(self, weight_hh: torch.Tensor) -> torch.Tensor:
+        """An LSTM layer's recurrent weights ``(4H, H)`` (torch's ``weight_hh``, gates i, f, g, o) in the
+        kernel's panels. H % 16 == 0."""
+        hidden = weight_hh.shape[1]
+        _require(
+            weight_hh,
+            weight_hh.shape == (4 * hidden, hidden) and hidden % 16 == 0,
+            "weight_hh",
+            torch.float32,
+        )
+        packed = torch.empty_like(weight_hh)
+        self._pack_lstm(weight_hh, packed, hidden)
+        return packed
+
+    def lstm(self, pre: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        """One LSTM layer from zero state: the hidden states ``(T, B, H)`` for the input's products plus both
+        biases ``pre (T, B, 4H)``, its recurrent weights packed by ``pack_lstm``."""
+        steps, rows, gates = pre.shape
+        hidden = gates // 4
+        _require(pre, gates == 4 * hidden and packed.shape == (gates, hidden), "pre", torch.float32)
+        out = pre.new_empty((steps, rows, hidden))
+        cell = pre.new_empty((rows, hidden))
+        self._lstm(pre, packed, out, cell, steps, rows, hidden, torch.get_num_threads())
         return out
 
     @staticmethod

@@ -314,6 +314,22 @@ KERNELS = (
             "threads > 0",
         ),
     ),
+    Kernel(
+        "pack_lstm",
+        (Tensor("W", _FP32, "4 * H * H"), Tensor("packed", _FP32, "4 * H * H", writes=True), Int("H")),
+        requires=("H > 0 and H % 16 == 0",),
+    ),
+    Kernel(
+        "lstm_f32",
+        (
+            Tensor("pre", _FP32, "T * B * 4 * H"),
+            Tensor("packed", _FP32, "4 * H * H"),
+            Tensor("out", _FP32, "T * B * H", writes=True),
+            Tensor("cell", _FP32, "B * H", writes=True),
+            *_ints("T B H threads"),
+        ),
+        requires=("T > 0", "B > 0", "H > 0 and H % 16 == 0", "threads > 0"),
+    ),
     Kernel("resblock_scratch", _ints("C H"), returns="int"),
     Kernel(
         "resblock_f32",

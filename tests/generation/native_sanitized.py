@@ -83,6 +83,9 @@ def sampling(kernels: native.NativeKernels) -> None:
 
 
 def convolutions(kernels: native.NativeKernels) -> None:
+    for steps, rows, hidden in ((1, 1, 16), (3, 9, 32), (2, 8, 16), (4, 3, 48)):
+        packed = kernels.pack_lstm(torch.randn(4 * hidden, hidden))
+        kernels.lstm(torch.randn(steps, rows, 4 * hidden), packed)
     for channels, hidden in ((4, 4), (8, 4), (16, 8)):
         conv1, conv2 = torch.randn(hidden, channels, 3), torch.randn(channels, hidden, 1)
         w1, w2 = kernels.pack_resblock(conv1, conv2)

@@ -85,6 +85,53 @@ def test_residual_blocks_take_the_native_kernel_unless_kernels_are_off(tiny_engi
     assert fused(EncodecDecoder(encodec, torch.device("cpu"), kernels=False)) == 0
 
 
+def test_the_lstm_takes_the_native_recurrence_unless_kernels_are_off(tiny_engine: MusicGenEngine) -> None:
+    from generation import native
+    from generation.codec import _NativeLSTM
+
+    if native.load() is None:
+        pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
+    encodec = tiny_engine.model.audio_encoder
+
+    def native_lstms(decoder: EncodecDecoder) -> int:
+        return sum(isinstance(layer, _NativeLSTM) for layer in decoder.global_layers)
+
+    assert native_lstms(EncodecDecoder(encodec, torch.device("cpu"))) == 1
+    assert native_lstms(EncodecDecoder(encodec, torch.device("cpu"), kernels=False)) == 0
+    assert not any(isinstance(layer, _NativeLSTM) for layer in encodec.decoder.layers)  # the model's own stay
+
+
+@pytest.mark.parametrize(
+    ("rows", "steps", "width", "layers"),
+    [(1, 1, 16, 1), (1, 30, 64, 2), (3, 7, 48, 2), (8, 20, 32, 2), (9, 5, 64, 1), (13, 9, 16, 3)],
+)
+def test_native_lstm_equals_encodecs_to_fp32_rounding(rows: int, steps: int, width: int, layers: int) -> None:
+    """Every row count the kernel groups (eight rows per weight load, then the rest), one to three layers,
+    in the saturating range of the gates too (inputs and weights scaled up)."""
+    from transformers import EncodecConfig
+    from transformers.models.encodec.modeling_encodec import EncodecLSTM
+
+    from generation import native
+    from generation.codec import _NativeLSTM
+
+    kernels = native.load()
+    if kernels is None:
+        pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
+    torch.manual_seed(rows * 100 + steps)
+    block = EncodecLSTM(EncodecConfig(num_lstm_layers=layers), width).eval()
+    with torch.no_grad():
+        for weight in block.lstm.parameters():
+            weight.mul_(3.0)
+    x = torch.randn(rows, width, steps) * 2
+    ours = _NativeLSTM(block, kernels)
+    with torch.inference_mode():
+        want, got = block(x), ours(x)
+        alone = ours(x[rows - 1 :])
+    assert got.shape == want.shape == (rows, width, steps)
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    assert torch.equal(alone[0], got[rows - 1])  # a row's audio is its own, whatever else is in the batch
+
+
 def test_stride_4_upsamplings_and_the_last_convolution_take_the_kernels_with_their_elus(
     tiny_engine: MusicGenEngine,
 ) -> None:
