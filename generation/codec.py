@@ -32,7 +32,7 @@ class EncodecDecoder:
     """Decode ``(rows, codebooks, frames)`` codes to ``(rows, channels, samples)`` audio."""
 
     CONTEXT_FRAMES = 2  # frames of context on each side of a piece (one is enough: a test holds it)
-    ROW_FRAMES = 120  # frames per piece times rows: a piece's activations stay within the caches
+    ROW_FRAMES = 120  # frames per piece, one row at a time: a piece's activations stay within the caches
 
     def __init__(self, encodec: Any, device: torch.device, *, kernels: bool = True) -> None:
         self.encodec = encodec
@@ -74,21 +74,28 @@ class EncodecDecoder:
         if not self.pieces:
             return self.encodec.decode(codes[None], [None] * codes.shape[0]).audio_values
         hidden = self.encodec.quantizer.decode(codes.transpose(0, 1))
+        rows = range(hidden.shape[0])
         for layer in self.global_layers:
-            hidden = layer(hidden)
+            # A row at a time (oneDNN's products round a row differently in a batch: a track must not
+            # depend on what else was decoded with it), but for the LSTM, which keeps rows apart itself.
+            batched = isinstance(layer, _NativeLSTM)
+            hidden = layer(hidden) if batched else torch.cat([layer(hidden[row : row + 1]) for row in rows])
         columns = hidden.shape[-1]
-        size = max(16, self.ROW_FRAMES // codes.shape[0]) * self.upsampled
+        size = self.ROW_FRAMES * self.upsampled
         context = self.CONTEXT_FRAMES * self.upsampled
-        pieces = []
-        for start in range(0, columns, size):
-            end = min(columns, start + size)
-            lo, hi = max(0, start - context), min(columns, end + context)
-            piece = hidden[..., lo:hi]
-            for layer in self.local_layers:
-                piece = layer(piece)
-            skip = (start - lo) * self.hop
-            pieces.append(piece[..., skip : skip + (end - start) * self.hop])
-        return torch.cat(pieces, -1)
+        tracks = []
+        for row in rows:
+            pieces = []
+            for start in range(0, columns, size):
+                end = min(columns, start + size)
+                lo, hi = max(0, start - context), min(columns, end + context)
+                piece = hidden[row : row + 1, :, lo:hi]
+                for layer in self.local_layers:
+                    piece = layer(piece)
+                skip = (start - lo) * self.hop
+                pieces.append(piece[..., skip : skip + (end - start) * self.hop])
+            tracks.append(torch.cat(pieces, -1))
+        return torch.cat(tracks)
 
 
 class _NarrowConv1d(torch.nn.Module):
@@ -132,8 +139,9 @@ class _NarrowConv1d(torch.nn.Module):
 
 class _NativeLSTM(torch.nn.Module):
     """EnCodec's LSTM block (a stacked unidirectional LSTM over the sequence, plus its input) on the native
-    recurrence: each layer's input products are one matrix product over the whole sequence, then the
-    kernel runs the steps with every row of the batch per load of the recurrent weights. torch's batched
+    recurrence: each layer's input products are one matrix product over a row's whole sequence, then the
+    kernel runs the steps with every row of the batch per load of the recurrent weights, each row's
+    arithmetic its own. torch's batched
     path is twice as slow as its one-row path (0.33 against 0.18 s for 5 s at 1024 wide, the Xeon), so
     four tracks, or the two rows of one stereo track, cost about what one row does."""
 
@@ -164,11 +172,12 @@ class _NativeLSTM(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (rows, channels, frames), as EncodecLSTM takes
         sequence = x.permute(2, 0, 1).float().contiguous()  # (frames, rows, channels)
-        steps, rows, channels = sequence.shape
+        rows = sequence.shape[1]
         hidden = sequence
         for w_ih_t, bias, w_hh in self.layers:
-            pre = torch.addmm(bias, hidden.reshape(steps * rows, channels), w_ih_t).view(steps, rows, -1)
-            hidden = self.kernels.lstm(pre, w_hh)
+            # the input's products a row at a time (a batch's product would round a row differently)
+            pre = torch.stack([torch.addmm(bias, hidden[:, row], w_ih_t) for row in range(rows)], dim=1)
+            hidden = self.kernels.lstm(pre.contiguous(), w_hh)
         return (hidden + sequence).permute(1, 2, 0)
 
 

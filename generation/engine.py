@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from generation import audio as audio_ops
 from generation.codec import EncodecDecoder
@@ -312,24 +313,45 @@ class MusicGenEngine:
 
     def _condition(self, prompts: list[str], request: GenerationRequest) -> _Conditioning:
         guided = request.sampling.guidance > 1.0
-        tokens = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.placement.device)
         model = self.model
-        hidden = model.text_encoder(
-            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
-        ).last_hidden_state
-        mask = tokens.attention_mask
         if self.melody:
-            return self._melody_conditioning(hidden, mask, request, guided)
-        if (
+            tokens = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.placement.device)
+            hidden = model.text_encoder(
+                input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
+            ).last_hidden_state
+            return self._melody_conditioning(hidden, tokens.attention_mask, request, guided)
+        project = (
             model.text_encoder.config.hidden_size != model.decoder.config.hidden_size
             and model.decoder.config.cross_attention_hidden_size is None
-        ):
-            hidden = model.enc_to_dec_proj(hidden)
-        hidden = hidden * mask[..., None]
+        )
+        hidden, mask = self._text_states(prompts, model.enc_to_dec_proj if project else None)
         if guided:
             hidden = torch.cat([hidden, torch.zeros_like(hidden)])
             mask = torch.cat([mask, torch.zeros_like(mask)])
         return _CrossAttention(model.decoder, self._fast_weights(), hidden, mask, guided)
+
+    def _text_states(
+        self, prompts: list[str], project: Callable[[torch.Tensor], torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text encoder's states of each prompt, ``(rows, text, hidden)`` zero past a prompt's end, and
+        their mask ``(rows, text)``. Each distinct prompt is encoded alone: in a batch (padded to its
+        longest prompt, or just more rows) the encoder's products round differently, so a track would
+        change with whatever else it was made with and its seed could not make it again."""
+        states: dict[str, torch.Tensor] = {}
+        for prompt in dict.fromkeys(prompts):
+            tokens = self.tokenizer([prompt], return_tensors="pt").to(self.placement.device)
+            encoded = self.model.text_encoder(
+                input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
+            ).last_hidden_state
+            states[prompt] = (project(encoded) if project is not None else encoded)[0]
+        longest = max(state.shape[0] for state in states.values())
+        first = next(iter(states.values()))
+        hidden = first.new_zeros((len(prompts), longest, first.shape[-1]))
+        mask = torch.zeros((len(prompts), longest), dtype=torch.long, device=first.device)
+        for row, prompt in enumerate(prompts):
+            hidden[row, : states[prompt].shape[0]] = states[prompt]
+            mask[row, : states[prompt].shape[0]] = 1
+        return hidden, mask
 
     def _melody_conditioning(
         self, hidden: torch.Tensor, mask: torch.Tensor, request: GenerationRequest, guided: bool
@@ -671,6 +693,9 @@ class _Conditioning:
 
     def run_prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """The known columns' (and any prefix's) pass through transformers: the last logits and the cache."""
+        return self._transformers_prefill(ids, self._prefill_kwargs())
+
+    def _transformers_prefill(self, ids: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
         if self.guided:
             ids = torch.cat([ids, ids])
         from transformers import DynamicCache, EncoderDecoderCache
@@ -678,9 +703,7 @@ class _Conditioning:
         rows, k, known = ids.shape
         config = self.decoder.config
         cache = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
-        out = self.decoder(
-            input_ids=ids.reshape(rows * k, known), cache=cache, use_cache=True, **self._prefill_kwargs()
-        )
+        out = self.decoder(input_ids=ids.reshape(rows * k, known), cache=cache, use_cache=True, **kwargs)
         return out.logits.reshape(rows, k, -1, out.logits.shape[-1])[:, :, -1], cache
 
     def text_length(self) -> int:
@@ -723,20 +746,68 @@ class _CrossAttention(_Conditioning):
 
     def _text_cache(self) -> _TextCache:
         """Empty self-attention caches and each layer's cross-attention keys and values of the text, as
-        transformers' attention computes them."""
+        transformers' attention computes them: each row's projected alone over its own text (a batch's
+        products would round them differently), zero past its end, where the mask hides them."""
         layers = self.decoder.model.decoder.layers
         rows, text, _ = self.hidden.shape
-        heads = self.weights.heads
+        heads, lengths = self.weights.heads, self.mask.sum(dim=-1).tolist()
 
-        def split(states: torch.Tensor) -> torch.Tensor:  # (rows, text, hidden) → (rows, heads, text, d)
+        def projected(project: Any) -> torch.Tensor:  # (rows, text, hidden) → (rows, heads, text, d)
+            states = self.hidden.new_zeros((rows, text, project.out_features))
+            for row, length in enumerate(lengths):
+                if length:  # guidance's unconditional rows have no text: zeros (no biases)
+                    states[row, :length] = project(self.hidden[row : row + 1, :length])[0]
             return states.view(rows, text, heads, -1).transpose(1, 2)
 
         cross = [
-            _KeysValues(*(split(project(self.hidden)) for project in (a.k_proj, a.v_proj)))
+            _KeysValues(projected(a.k_proj), projected(a.v_proj))
             for a in (layer.encoder_attn for layer in layers)
         ]
         empty = self.hidden.new_empty((rows, heads, 0, self.weights.head_dim))
         return _TextCache(_Layers([_KeysValues(empty, empty) for _ in layers]), _Layers(cross))
+
+    def run_prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """The known columns through transformers one row at a time (with its unconditional twin), over
+        the row's own text, then the rows' logits and caches side by side: the same for a row whatever
+        else is in the batch (a batch's products round differently)."""
+        rows, text = ids.shape[0], self.text_length()
+        lengths = self.mask.sum(dim=-1).tolist()
+        twins = [[row, rows + row] if self.guided else [row] for row in range(rows)]
+        parts = []
+        for row in range(rows):
+            length = max(1, lengths[row])
+            kwargs = {
+                "encoder_hidden_states": self.hidden[twins[row], :length],
+                "encoder_attention_mask": self.mask[twins[row], :length],
+            }
+            parts.append(self._transformers_prefill(ids[row : row + 1], kwargs))
+        order = [
+            (row, twin) for twin in range(len(twins[0])) for row in range(rows)
+        ]  # conditional rows first
+
+        def side_by_side(tensors: list[torch.Tensor], pad: bool) -> torch.Tensor:
+            picked = [tensors[row][twin : twin + 1] for row, twin in order]
+            if pad:  # cross-attention's (1, heads, length, d): zeros past each row's text
+                picked = [F.pad(t, (0, 0, 0, text - t.shape[2])) for t in picked]
+            return torch.cat(picked)
+
+        logits = side_by_side([logits for logits, _ in parts], pad=False)
+        caches = [cache for _, cache in parts]
+        layers = range(len(caches[0].self_attention_cache.layers))
+
+        def merged(which: str, pad: bool) -> _Layers:
+            def layer(i: int) -> _KeysValues:
+                kept = [getattr(c, which).layers[i] for c in caches]
+                return _KeysValues(
+                    side_by_side([k.keys for k in kept], pad), side_by_side([k.values for k in kept], pad)
+                )
+
+            return _Layers([layer(i) for i in layers])
+
+        merged_cache = _TextCache(
+            merged("self_attention_cache", False), merged("cross_attention_cache", True)
+        )
+        return logits, _PrefilledCache(merged_cache, caches[0].get_seq_length())
 
 
 @dataclass(frozen=True)
@@ -756,6 +827,19 @@ class _TextCache:
 
     self_attention_cache: _Layers
     cross_attention_cache: _Layers
+
+
+class _PrefilledCache:
+    """The rows' caches of a prefill run row by row, side by side (as FastDecoderState and the static
+    steps read transformers' EncoderDecoderCache), with the positions they hold."""
+
+    def __init__(self, merged: _TextCache, filled: int) -> None:
+        self.self_attention_cache = merged.self_attention_cache
+        self.cross_attention_cache = merged.cross_attention_cache
+        self.filled = filled
+
+    def get_seq_length(self) -> int:
+        return self.filled
 
 
 class _Prefix(_Conditioning):

@@ -12,6 +12,7 @@ import soundfile as sf
 import torch
 
 from generation import (
+    AudioClip,
     GenerationCancelled,
     GenerationRequest,
     InvalidRequest,
@@ -238,3 +239,66 @@ def test_scores_gone_nan_stop_the_job_with_advice_and_leave_the_engine_sound(
         tiny_engine.generate([request])
     monkeypatch.setattr(_Conditioning, "step", honest)
     assert np.array_equal(tiny_engine.generate([request])[0].tracks[0].audio, good)
+
+
+@pytest.fixture(params=["float32", "bfloat16", "int8"])
+def any_path_engine(request: pytest.FixtureRequest, tiny_model_dir: Path) -> MusicGenEngine:
+    """The tiny model on each CPU path: exact fp32, and bf16 and int8 on our kernels where they build
+    (torch's elsewhere)."""
+    return load_engine(str(tiny_model_dir), device="cpu", dtype=request.param)
+
+
+def test_a_track_is_the_same_whatever_it_was_batched_with(any_path_engine: MusicGenEngine) -> None:
+    """The seed makes a track again: alone, it is bit for bit what it was in a batch of other prompts
+    (longer and shorter, so the text is padded there) and other variations."""
+    engine = any_path_engine
+    long = GenerationRequest(
+        "upbeat electronic dance music with heavy bass and bright synths", duration=2.0, seed=5
+    )
+    short = GenerationRequest("rock", duration=2.0, seed=11, variations=2)
+    together = engine.generate([long, short])
+    assert np.array_equal(together[0].tracks[0].audio, engine.generate([long])[0].tracks[0].audio)
+    second = engine.generate([GenerationRequest("rock", duration=2.0, seed=12)])[0].tracks[0]
+    assert np.array_equal(together[1].tracks[1].audio, second.audio)
+
+
+def test_an_extensions_variation_is_the_same_made_alone(any_path_engine: MusicGenEngine) -> None:
+    """Extensions prefill their audio through transformers: a row at a time, so variation 2 of seed 3
+    is what seed 4 makes alone."""
+    engine = any_path_engine
+    tone = np.sin(np.linspace(0, 2000, 32000, dtype=np.float32))[None] * 0.3
+    clip = AudioClip(tone, 32000)
+    both = engine.generate([GenerationRequest("jazz", duration=2.0, seed=3, variations=2, continuation=clip)])
+    alone = engine.generate([GenerationRequest("jazz", duration=2.0, seed=4, continuation=clip)])
+    assert np.array_equal(both[0].tracks[1].audio, alone[0].tracks[0].audio)
+
+
+def test_each_prompt_is_encoded_and_projected_alone(any_path_engine: MusicGenEngine) -> None:
+    """What keeps a track from depending on its batch at real sizes (the tiny model's products round the
+    same in any batch, the real ones' do not): the text encoder sees one unpadded prompt a call, and each
+    row's text is projected for cross-attention on its own."""
+    engine = any_path_engine
+    seen: dict[str, list[tuple[int, ...]]] = {"text": [], "keys": []}
+    hooks = [
+        engine.model.text_encoder.register_forward_hook(
+            lambda _m, _a, kwargs, _o: seen["text"].append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+        ),
+        *(
+            layer.encoder_attn.k_proj.register_forward_hook(
+                lambda _m, args, _o: seen["keys"].append(tuple(args[0].shape))
+            )
+            for layer in engine.model.decoder.model.decoder.layers
+        ),
+    ]
+    try:
+        long = GenerationRequest("upbeat electronic dance music with heavy bass", duration=1.0, seed=1)
+        engine.generate([long, GenerationRequest("rock", duration=1.0, seed=2, variations=2)])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    pad = engine.tokenizer.pad_token_id
+    lengths = {len(engine.tokenizer(p).input_ids) for p in ("rock", long.prompt)}
+    assert sorted(seen["text"]) == sorted((1, n) for n in lengths)  # each distinct prompt once, unpadded
+    assert all(shape[0] == 1 and shape[1] in lengths for shape in seen["keys"])
+    assert len(seen["keys"]) == 3 * len(engine.model.decoder.model.decoder.layers)  # three rows with text
+    assert pad not in engine.tokenizer("rock").input_ids
