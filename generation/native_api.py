@@ -188,6 +188,25 @@ _attention_requires = (
 _INT8_POSITION = "(heads * D + 4 * heads)"  # an int8 cache's bytes a position: the ints, then fp32 scales
 _conv_out = "rows > 0", "threads > 0", "activate in (0, 1)"
 
+
+def _self_attention(name: str, cache: torch.dtype, position: str) -> Kernel:
+    """A step of self-attention over position-major caches of ``position`` elements a position."""
+    return Kernel(
+        name,
+        (
+            Tensor("qkv", _BF16, "rows * 3 * heads * D"),
+            Tensor("keys", cache, f"rows * capacity * {position}", writes=True),
+            Tensor("values", cache, f"rows * capacity * {position}", writes=True),
+            Tensor("out", _BF16, "rows * heads * D", writes=True),
+            Tensor(
+                "scratch", _FP32, "threads * attend_scratch(heads, D, capacity)", writes=True, at_least=True
+            ),
+            *_ints("rows heads D capacity pos threads"),
+        ),
+        requires=("rows > 0", "0 <= pos < capacity", *_attention_requires),
+    )
+
+
 KERNELS = (
     Kernel(
         "pack_linear_weight",
@@ -210,34 +229,8 @@ KERNELS = (
     Kernel("linear_amx_int8", _linear_int8_args, requires=_linear_int8_requires, amx=True),
     Kernel("amx_enable", (), returns="int"),
     Kernel("attend_scratch", _ints("heads D capacity"), returns="int"),
-    Kernel(
-        "attend_bf16",
-        (
-            Tensor("qkv", _BF16, "rows * 3 * heads * D"),
-            Tensor("keys", _BF16, "rows * capacity * heads * D", writes=True),
-            Tensor("values", _BF16, "rows * capacity * heads * D", writes=True),
-            Tensor("out", _BF16, "rows * heads * D", writes=True),
-            Tensor(
-                "scratch", _FP32, "threads * attend_scratch(heads, D, capacity)", writes=True, at_least=True
-            ),
-            *_ints("rows heads D capacity pos threads"),
-        ),
-        requires=("rows > 0", "0 <= pos < capacity", *_attention_requires),
-    ),
-    Kernel(
-        "attend_int8",
-        (
-            Tensor("qkv", _BF16, "rows * 3 * heads * D"),
-            Tensor("keys", _INT8, f"rows * capacity * {_INT8_POSITION}", writes=True),
-            Tensor("values", _INT8, f"rows * capacity * {_INT8_POSITION}", writes=True),
-            Tensor("out", _BF16, "rows * heads * D", writes=True),
-            Tensor(
-                "scratch", _FP32, "threads * attend_scratch(heads, D, capacity)", writes=True, at_least=True
-            ),
-            *_ints("rows heads D capacity pos threads"),
-        ),
-        requires=("rows > 0", "0 <= pos < capacity", *_attention_requires),
-    ),
+    _self_attention("attend_bf16", _BF16, "heads * D"),
+    _self_attention("attend_int8", _INT8, _INT8_POSITION),
     Kernel(
         "quantize_cache",
         (

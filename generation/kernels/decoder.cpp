@@ -49,6 +49,29 @@ inline float softmax_weights(float* scores, int n, float best) {
     return 1.0f / _mm512_reduce_add_ps(vsum);
 }
 
+// Each head's scores turned into softmax weights (inv[h]: 1 / their sum, NaN for a head gone NaN) and
+// its fp32 sums of weighted values (acc: nh * D) set to zero.
+inline void begin_weighted_sums(float* scores, const float* best, int n, int nh, int D, float* inv, float* acc) {
+    for (int h = 0; h < nh; h++) inv[h] = softmax_weights(scores + (size_t)h * n, n, best[h]);
+    for (int i = 0; i < nh * D / 16; i++) _mm512_storeu_ps(acc + 16 * i, _mm512_setzero_ps());
+}
+
+// Heads h0 .. h0 + nh - 1 of the output row: each head's weighted sum over its weights' sum, rounded to bf16
+// (NaN throughout for a head whose sum is NaN).
+inline void write_heads(const float* acc, const float* inv, int nh, int h0, int D, uint16_t* o) {
+    for (int h = 0; h < nh; h++) {
+        uint16_t* oh = o + (size_t)(h0 + h) * D;
+        if (std::isnan(inv[h])) {
+            for (int d = 0; d < D; d++) oh[d] = 0x7fc0;
+            continue;
+        }
+        const __m512 vinv = _mm512_set1_ps(inv[h]);
+        for (int i = 0; i < D / 16; i++)
+            _mm256_storeu_si256((__m256i*)(oh + 16 * i),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + (size_t)h * D + 16 * i), vinv)));
+    }
+}
+
 // softmax(q . K[p] (+ mask[p]), p < n) . V for heads h0 .. h1 - 1 of one row, scores in fp32, the
 // result rounded to bf16. The caches are position-major: position p's keys for all heads are
 // kc[p * stride ...], head h at offset h * D. Positions are the outer loop, so each cache is read as one
@@ -74,9 +97,8 @@ inline void attend_heads(const uint16_t* q, const uint16_t* kc, const uint16_t* 
         }
     }
     float inv[kMaxHeads];
-    for (int h = 0; h < nh; h++) inv[h] = softmax_weights(scores + (size_t)h * n, n, best[h]);
+    begin_weighted_sums(scores, best, n, nh, D, inv, acc);
     const int lanes = D / 16;
-    for (int i = 0; i < nh * lanes; i++) _mm512_storeu_ps(acc + 16 * i, _mm512_setzero_ps());
     for (int p = 0; p < n; p++) {
         const uint16_t* vp = vc + (size_t)p * stride + (size_t)h0 * D;
         const char* vahead = (const char*)(vp + (size_t)kAttendAhead * stride);
@@ -90,17 +112,7 @@ inline void attend_heads(const uint16_t* q, const uint16_t* kc, const uint16_t* 
             }
         }
     }
-    for (int h = 0; h < nh; h++) {
-        uint16_t* oh = o + (size_t)(h0 + h) * D;
-        if (std::isnan(inv[h])) {
-            for (int d = 0; d < D; d++) oh[d] = 0x7fc0;
-            continue;
-        }
-        const __m512 vinv = _mm512_set1_ps(inv[h]);
-        for (int i = 0; i < lanes; i++)
-            _mm256_storeu_si256((__m256i*)(oh + 16 * i),
-                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + (size_t)h * D + 16 * i), vinv)));
-    }
+    write_heads(acc, inv, nh, h0, D, o);
 }
 
 // Exact GELU, x * (1 + erf(x / sqrt 2)) / 2, with erf by Abramowitz & Stegun 7.1.26: absolute error
@@ -444,9 +456,8 @@ inline void attend_heads_int8(const int8_t* q, const float* q_scales, const int3
         }
     }
     float inv[kMaxHeads];
-    for (int h = 0; h < nh; h++) inv[h] = softmax_weights(scores + (size_t)h * n, n, best[h]);
+    begin_weighted_sums(scores, best, n, nh, D, inv, acc);
     const int lanes = D / 16;
-    for (int i = 0; i < nh * lanes; i++) _mm512_storeu_ps(acc + 16 * i, _mm512_setzero_ps());
     const char* vfirst = (const char*)vc + (size_t)h0 * D;
     for (int p = 0; p < n; p++) {
         const int8_t* vp = vc + (size_t)p * stride;
@@ -464,17 +475,7 @@ inline void attend_heads_int8(const int8_t* q, const float* q_scales, const int3
             }
         }
     }
-    for (int h = 0; h < nh; h++) {
-        uint16_t* oh = o + (size_t)(h0 + h) * D;
-        if (std::isnan(inv[h])) {
-            for (int d = 0; d < D; d++) oh[d] = 0x7fc0;
-            continue;
-        }
-        const __m512 vinv = _mm512_set1_ps(inv[h]);
-        for (int i = 0; i < lanes; i++)
-            _mm256_storeu_si256((__m256i*)(oh + 16 * i),
-                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + (size_t)h * D + 16 * i), vinv)));
-    }
+    write_heads(acc, inv, nh, h0, D, o);
 }
 
 #pragma GCC pop_options
