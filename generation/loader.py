@@ -239,13 +239,21 @@ def _bake_weight_norm(module: torch.nn.Module) -> None:
 
 
 @lru_cache(maxsize=1)
+def glibc() -> ctypes.CDLL | None:
+    """The C library, where it is glibc (for its allocator's settings and madvise); else None."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
+@lru_cache(maxsize=1)
 def keep_freed_blocks() -> None:
     """Have glibc keep freed blocks of up to 32 MB for reuse instead of unmapping them: EnCodec's decode in
     pieces makes new tensors of tens of MB at every layer, and fresh pages cost a fault and a zeroing
     each. Process-wide, once per process; without glibc, nothing."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
+    libc = glibc()
+    if libc is None:
         return
     mmap_threshold, trim_threshold = -3, -1  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
     libc.mallopt(mmap_threshold, 32 * 2**20)

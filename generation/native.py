@@ -34,7 +34,7 @@ import torch
 
 from generation import native_api
 from generation.errors import NonFiniteScores
-from generation.loader import cpu_flags
+from generation.loader import cpu_flags, glibc
 from generation.native_api import StepLayer, StepModel
 from generation.private_cache import UnsafeCache, check_private, private_dir
 
@@ -639,21 +639,13 @@ HUGE_PAGE = 2 * 2**20
 MADV_HUGEPAGE = 14
 
 
-@lru_cache(maxsize=1)
-def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return None
-
-
 def cache_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised buffer for a pass's attention caches, backed by 2 MB pages where Linux lends them
     on request (transparent huge pages in ``madvise`` mode): a step writes each cache's next position,
     and on 4 kB pages a pass's caches fault in a page a few positions at a time (about 100 faults a step at
     four requests, 15 µs each on a VM: 7% of a step), on 2 MB pages once in hundreds of steps."""
     buffer = torch.empty(shape, dtype=dtype)
-    libc, start = _libc(), buffer.data_ptr()
+    libc, start = glibc(), buffer.data_ptr()
     first = -(-start // HUGE_PAGE) * HUGE_PAGE
     last = (start + buffer.numel() * buffer.element_size()) // HUGE_PAGE * HUGE_PAGE
     if libc is not None and last > first:
