@@ -11,8 +11,8 @@ import numpy as np
 import soundfile as sf
 
 
-def _musicbot(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def _musicbot(*args: str, cwd: Path, **extra_env: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **extra_env}
     env = {k: v for k, v in env.items() if not k.startswith("MUSICBOT_")}
     return subprocess.run(
         [sys.executable, "-m", "bot", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=180
@@ -54,6 +54,43 @@ def test_generate_timings_say_where_the_time_went(tiny_model_dir: Path, tmp_path
     stages = parse_timings(done.stderr)
     assert list(stages) == ["start-up", "imports", "load", "prepare", "first step", "generation", "write"]
     assert all(seconds >= 0 for seconds in stages.values())
+
+
+# ``musicbot`` itself with a weight-cache writer that takes its time, as it does for a real model's hundreds
+# of MB: the command must still leave the whole file.
+_SLOW_WRITER = """
+import sys, time
+from generation import weight_cache
+write = weight_cache._write
+weight_cache._write = lambda *args: (time.sleep(2), write(*args))
+from bot.cli import entry
+sys.argv[0] = "musicbot"
+entry()
+"""
+
+
+def test_generate_ends_its_process_only_after_the_weight_cache_is_written(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The command skips the interpreter's teardown, not what an orderly exit waits for: the int8 weights
+    it prepared are written to the cache in the background, and the file must be whole."""
+    args = ["-v", "generate", "drums", "--duration", "1", "--model", str(tiny_model_dir), "--dtype", "int8"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    done = subprocess.run(
+        [sys.executable, "-c", _SLOW_WRITER, *args, "-o", str(tmp_path / "take.wav")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "prepared weights cached in" in done.stderr  # logged by the writer thread, and flushed
+    folder = tmp_path / "cache" / "musicbot" / "weights"
+    [cached] = list(folder.iterdir())  # no partial file left behind
+    assert cached.suffix == ".safetensors"
+    again = _musicbot(
+        *args, "-o", str(tmp_path / "again.wav"), cwd=tmp_path, XDG_CACHE_HOME=str(tmp_path / "cache")
+    )
+    assert again.returncode == 0, again.stderr
+    assert "prepared weights read from" in again.stderr  # the second run found it whole
+    assert sf.info(tmp_path / "again.wav").frames == 32000
 
 
 def test_generate_variations_write_numbered_files(tiny_model_dir: Path, tmp_path: Path) -> None:
