@@ -154,9 +154,18 @@ def int8_pack_all(
     quantized: dict[str, dict[str, torch.Tensor]], kernels: native.NativeKernels | None
 ) -> dict[str, Any]:
     """``int8_pack`` of every matrix, on all of torch's threads (fbgemm packs one matrix on one thread;
-    ours packs each on all)."""
+    ours packs each on all, into one buffer on huge pages: see ``native.huge_page_buffer``)."""
     if kernels is not None:
-        return {name: int8_pack(parts, kernels) for name, parts in quantized.items()}
+        sizes = [
+            (parts["ints"].shape[0], parts["ints"].shape[1] + native.INT8_EXTRA)
+            for parts in quantized.values()
+        ]
+        buffer = native.huge_page_buffer((sum(rows * cols for rows, cols in sizes),), torch.int8)
+        packed, at = {}, 0
+        for (name, parts), (rows, cols) in zip(quantized.items(), sizes, strict=True):
+            packed[name] = kernels.pack_int8(**parts, out=buffer[at : at + rows * cols].view(rows, cols))
+            at += rows * cols
+        return packed
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
         packed = pool.map(lambda parts: int8_pack(parts, None), quantized.values())
         return dict(zip(quantized, packed, strict=True))
@@ -593,7 +602,7 @@ class _NativeAttention:
         width = self.heads * head_dim
         cache_width = native.int8_cache_width(width, self.heads) if int8 else width
         # every layer's keys, then values, in one buffer; positions are read only once written
-        buffer = native.cache_buffer(
+        buffer = native.huge_page_buffer(
             (2, len(prefix), rows, length, cache_width), torch.int8 if int8 else torch.bfloat16
         )
         self.keys, self.values = list(buffer[0]), list(buffer[1])  # a contiguous view a layer

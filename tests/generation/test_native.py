@@ -349,22 +349,39 @@ def test_int8_caches_hold_each_head_within_half_a_step() -> None:
 
 
 _HUGE_PAGES_PROBE = """
+import sys
 import torch
 from generation import native
+from generation.fast_decoder import int8_pack_all
 
 def huge() -> int:
     with open("/proc/self/smaps_rollup") as smaps:
         return next(int(line.split()[1]) * 1024 for line in smaps if line.startswith("AnonHugePages:"))
 
-before = huge()
-buffer = native.cache_buffer((2, 4, 8, 1000, 1088), torch.int8)  # 70 MB: four layers of int8 caches
-buffer.fill_(1)  # the pages come at first touch, as the step writes positions
-assert buffer.shape == (2, 4, 8, 1000, 1088) and buffer.dtype == torch.int8
+if sys.argv[1] == "caches":
+    quantized = None
+    before = huge()
+    buffer = native.huge_page_buffer((2, 4, 8, 1000, 1088), torch.int8)  # 70 MB: four layers of int8 caches
+    buffer.fill_(1)  # the pages come at first touch, as the step writes positions
+    assert buffer.shape == (2, 4, 8, 1000, 1088) and buffer.dtype == torch.int8
+else:  # the int8 step weights of two layers of the small model's shape, packed as a load packs them
+    g = torch.Generator().manual_seed(0)
+    quantized = {
+        f"{layer}.{name}": {"ints": torch.randint(-127, 128, shape, dtype=torch.int8, generator=g),
+                            "scales": torch.rand(shape[0], generator=g)}
+        for layer in range(2)
+        for name, shape in (("qkv", (3072, 1024)), ("fc1", (4096, 1024)), ("fc2", (1024, 4096)))
+    }
+    before = huge()
+    packed = int8_pack_all(quantized, native.load())
+    for name, parts in quantized.items():  # each as packing it alone makes it
+        assert torch.equal(packed[name], native.load().pack_int8(**parts)), name
 print(huge() - before)
 """
 
 
-def test_attention_caches_sit_on_huge_pages_where_linux_lends_them() -> None:
+@pytest.mark.parametrize("what", ["caches", "weights"])
+def test_attention_caches_and_int8_weights_sit_on_huge_pages_where_linux_lends_them(what: str) -> None:
     """In a fresh process, where the buffer is fresh memory (a long-lived worker may get its caches from
     memory glibc kept, already paged in, which is as good)."""
     import subprocess
@@ -377,10 +394,18 @@ def test_attention_caches_sit_on_huge_pages_where_linux_lends_them() -> None:
         pytest.skip("no transparent huge pages here")
     if "[never]" in mode:
         pytest.skip("transparent huge pages are off here")
+    if what == "weights" and (native.load() is None or not native.load().int8):
+        pytest.skip("no native int8 products on this CPU")
     probe = subprocess.run(
-        [sys.executable, "-c", _HUGE_PAGES_PROBE], capture_output=True, text=True, check=True, timeout=120
+        [sys.executable, "-c", _HUGE_PAGES_PROBE, what],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     )
-    assert int(probe.stdout.split()[-1]) >= 2 * 2**20  # at least one 2 MB page (all 35 where memory allows)
+    assert (
+        int(probe.stdout.split()[-1]) >= 2 * 2**20
+    )  # at least one 2 MB page (nearly all where memory allows)
 
 
 def test_int8_attention_with_a_nan_key_is_nan_for_that_head_alone(
