@@ -161,11 +161,12 @@ def int8_pack_all(
             for parts in quantized.values()
         ]
         buffer = native.huge_page_buffer((sum(rows * cols for rows, cols in sizes),), torch.int8)
-        packed, at = {}, 0
+        ours: dict[str, Any] = {}
+        at = 0
         for (name, parts), (rows, cols) in zip(quantized.items(), sizes, strict=True):
-            packed[name] = kernels.pack_int8(**parts, out=buffer[at : at + rows * cols].view(rows, cols))
+            ours[name] = kernels.pack_int8(**parts, out=buffer[at : at + rows * cols].view(rows, cols))
             at += rows * cols
-        return packed
+        return ours
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
         packed = pool.map(lambda parts: int8_pack(parts, None), quantized.values())
         return dict(zip(quantized, packed, strict=True))
