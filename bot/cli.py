@@ -21,19 +21,15 @@ BENCH_SECONDS = 5.0
 _STARTED = time.perf_counter()  # as the command line module is imported: the start of a command
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return _main(argv)
-
-
 def entry() -> NoReturn:
     """The ``musicbot`` command itself: :func:`main`, then the process ends. After ``generate`` it ends
     at once instead of tearing the interpreter down object by object: with torch and transformers
     loaded, that teardown takes longer than writing the file (1.5 s measured on a 2-core EPYC), and
     the command has nothing left to clean up."""
-    sys.exit(_main(None, end_process=True))
+    sys.exit(main(end_process=True))
 
 
-def _main(argv: Sequence[str] | None, *, end_process: bool = False) -> int:
+def main(argv: Sequence[str] | None = None, *, end_process: bool = False) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     guard = configure_logging(args.verbose)

@@ -426,6 +426,13 @@ inline float quantize_head(const uint16_t* x, int8_t* q, int D, bool offset) {
 #pragma GCC push_options
 #pragma GCC target("avx512vnni")
 
+// Asks for heads h0.. of an int8 cache position (`span` bytes from `heads`, head h0's first byte) and their
+// fp32 scales (`hidden` bytes into the position), into L2.
+inline void prefetch_heads_int8(const char* heads, size_t span, int hidden, int h0, int D) {
+    for (size_t line = 0; line < span; line += 64) _mm_prefetch(heads + line, _MM_HINT_T1);
+    _mm_prefetch(heads - (size_t)h0 * D + hidden + sizeof(float) * h0, _MM_HINT_T1);
+}
+
 // attend_heads over int8 caches: q holds the row's query heads as int8 (head h at h * D) with their
 // scales and sums of ints; positions `stride` bytes apart, a position's scales `hidden` bytes in.
 inline void attend_heads_int8(const int8_t* q, const float* q_scales, const int32_t* q_sums, const int8_t* kc,
@@ -438,9 +445,7 @@ inline void attend_heads_int8(const int8_t* q, const float* q_scales, const int3
     for (int h = 0; h < nh; h++) best[h] = -INFINITY;
     for (int p = 0; p < n; p++) {
         const int8_t* kp = kc + (size_t)p * stride;
-        const char* ahead = first + (size_t)(p + kAttendAhead) * stride;
-        for (size_t line = 0; line < span; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T1);
-        _mm_prefetch(ahead - (size_t)h0 * D + hidden + sizeof(float) * h0, _MM_HINT_T1);
+        prefetch_heads_int8(first + (size_t)(p + kAttendAhead) * stride, span, hidden, h0, D);
         const float* ks = (const float*)(kp + hidden);
         for (int h = 0; h < nh; h++) {
             const int at = (h0 + h) * D;
@@ -461,9 +466,7 @@ inline void attend_heads_int8(const int8_t* q, const float* q_scales, const int3
     const char* vfirst = (const char*)vc + (size_t)h0 * D;
     for (int p = 0; p < n; p++) {
         const int8_t* vp = vc + (size_t)p * stride;
-        const char* ahead = vfirst + (size_t)(p + kAttendAhead) * stride;
-        for (size_t line = 0; line < span; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T1);
-        _mm_prefetch(ahead - (size_t)h0 * D + hidden + sizeof(float) * h0, _MM_HINT_T1);
+        prefetch_heads_int8(vfirst + (size_t)(p + kAttendAhead) * stride, span, hidden, h0, D);
         const float* vs = (const float*)(vp + hidden);
         for (int h = 0; h < nh; h++) {
             const __m512 w = _mm512_set1_ps(scores[(size_t)h * n + p] * vs[h0 + h]);
