@@ -87,13 +87,15 @@ class NativeKernels:
         threads = torch.get_num_threads()
         return threads, torch.empty(threads * floats_per_thread, dtype=torch.float32)
 
-    def pack(self, weight: torch.Tensor) -> torch.Tensor:
-        """A bf16 ``(N, K)`` weight in the linear kernel's panel layout (N % 32 == 0, K even)."""
+    def pack(self, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A bf16 ``(N, K)`` weight in the linear kernel's panel layout (N % 32 == 0, K even). ``out``:
+        where to write it (contiguous bf16, that shape), else new memory."""
         weight = weight.detach().to(torch.bfloat16).contiguous()
         rows, cols = weight.shape
         if not fits_linear(rows, cols):
             raise ValueError(f"weight {tuple(weight.shape)} does not fit the kernel's blocks")
-        packed = torch.empty_like(weight)
+        packed = torch.empty_like(weight) if out is None else out
+        _require(packed, packed.shape == weight.shape, "out")
         self._pack(weight, packed, rows, cols)
         return packed
 

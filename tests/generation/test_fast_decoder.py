@@ -86,6 +86,33 @@ def test_bf16_native_step_stays_close_to_transformers(
 
 
 @pytest.mark.parametrize("model", ["tiny_model_dir", "tiny_stereo_dir"])
+def test_bf16_weights_pack_in_one_buffer_as_each_stacked_matrix_would(
+    model: str, request: pytest.FixtureRequest
+) -> None:
+    from generation import native
+    from generation.fast_decoder import _Matrices
+
+    kernels = native.load()
+    if kernels is None:
+        pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
+    engine = load_engine(str(request.getfixturevalue(model)), device="cpu", dtype="bfloat16")
+    weights = engine._fast_weights()
+    assert weights.linear.kind == "native"
+    decoder = engine.model.decoder
+    matrices = _Matrices(decoder.lm_heads, decoder.model.decoder.layers, weights.scale)
+    packed = {"lm_head": weights.lm_head}
+    for index, layer in enumerate(weights.layers):
+        for kind in ("qkv", "out", "cross_q", "cross_out", "fc1", "fc2"):
+            packed[f"{index}.{kind}"] = getattr(layer, kind)
+    assert sorted(packed) == sorted(matrices.names)
+    # the parts packed one after the other (Q, K, V; each codebook's head) equal the stack packed whole
+    for name in matrices.names:
+        assert torch.equal(packed[name], kernels.pack(matrices.matrix(name))), name
+    storage = {t.untyped_storage().data_ptr() for t in packed.values()}
+    assert len(storage) == 1  # one buffer for every matrix
+
+
+@pytest.mark.parametrize("model", ["tiny_model_dir", "tiny_stereo_dir"])
 @pytest.mark.parametrize("kernels", [True, False])  # our int8 kernels where the CPU runs them; fbgemm's
 def test_int8_step_stays_close_to_fp32(model: str, kernels: bool, request: pytest.FixtureRequest) -> None:
     from generation.loader import int8_supported

@@ -100,6 +100,23 @@ def test_linear_with_gelu_equals_torchs_exact_gelu(products: native.NativeKernel
 def test_pack_refuses_shapes_outside_the_panels(kernels: native.NativeKernels) -> None:
     with pytest.raises(ValueError, match="does not fit"):
         kernels.pack(torch.zeros(40, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="out"):
+        kernels.pack(torch.zeros(32, 64, dtype=torch.bfloat16), out=torch.empty(32, 32, dtype=torch.bfloat16))
+
+
+# K / 2 pairs: whole blocks of 16 (one transposition each), a block and a tail, a tail alone
+@pytest.mark.parametrize(("rows", "cols"), [(64, 1024), (32, 96), (96, 6)])
+def test_pack_lays_out_each_panel_as_its_k_pairs_of_32_columns(
+    kernels: native.NativeKernels, rows: int, cols: int
+) -> None:
+    bits = torch.arange(rows * cols, dtype=torch.int32).to(torch.int16)  # every value its own bit pattern
+    weight = bits.view(rows, cols).view(torch.bfloat16)
+    # [N/32][K/2][32][2]: panel b, pair kk, column c holds W[32b + c, 2kk], W[32b + c, 2kk + 1]
+    want = weight.view(torch.int16).view(rows // 32, 32, cols // 2, 2).transpose(1, 2).reshape(rows, cols)
+    out = torch.full((rows, cols), -1, dtype=torch.int16).view(torch.bfloat16)
+    assert kernels.pack(weight, out=out) is out
+    assert torch.equal(out.view(torch.int16), want)
+    assert torch.equal(kernels.pack(weight).view(torch.int16), want)
 
 
 # positions: masked tails of 16 lanes and full ones; rows: fewer than the threads, or not a multiple of
