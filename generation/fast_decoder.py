@@ -177,9 +177,10 @@ def native_pack_all(matrices: _Matrices, kernels: native.NativeKernels) -> dict[
     heads) is its parts packed one after the other: the same layout as packing the stack (a panel holds
     32 rows of one part), without stacking them into new memory first.
 
-    On 4 kB pages: 2 MB pages made a bf16 step 3-5% faster, but faulting 0.7 GB of them in cost 1.0-1.7 s
-    more before the first step, and more than that when faulted in ahead, during the load
-    (``MADV_POPULATE_WRITE`` in a thread); 4 kB pages faulted in ahead made the steps 10% slower."""
+    On 4 kB pages (musicgen-small on a 2-core Xeon): 2 MB pages made a bf16 step 3-5% faster, but
+    faulting 0.7 GB of them in added 1.6 s before the first step, and faulting them in during the load
+    (``MADV_POPULATE_WRITE`` in a thread) made the load 1.3 s longer; 4 kB pages faulted in that way made
+    the steps 10% slower."""
     shapes = {name: matrices.shape(name) for name in matrices.names}
     buffer = torch.empty(sum(rows * cols for rows, cols in shapes.values()), dtype=torch.bfloat16)
     packed: dict[str, torch.Tensor] = {}
