@@ -180,7 +180,8 @@ def native_pack_all(matrices: _Matrices, kernels: native.NativeKernels) -> dict[
     On 4 kB pages (musicgen-small on a 2-core Xeon): 2 MB pages made a bf16 step 3-5% faster, but
     faulting 0.7 GB of them in added 1.6 s before the first step, and faulting them in during the load
     (``MADV_POPULATE_WRITE`` in a thread) made the load 1.3 s longer; 4 kB pages faulted in that way made
-    the steps 10% slower."""
+    the steps 10% slower; asking for 2 MB pages after packing (khugepaged gathers them within minutes)
+    gave no measurable gain."""
     shapes = {name: matrices.shape(name) for name in matrices.names}
     buffer = torch.empty(sum(rows * cols for rows, cols in shapes.values()), dtype=torch.bfloat16)
     packed: dict[str, torch.Tensor] = {}

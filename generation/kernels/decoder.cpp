@@ -580,7 +580,7 @@ extern "C" {
 // panel side by side, so a panel is one sequential stream and each 64-byte load is 16 columns x 2 k.
 // N % 32 == 0, K % 2 == 0. A panel depends on its own 32 rows alone, so a matrix stacked from parts of
 // whole panels packs as its parts packed one after the other. 16 k pairs of 16 rows at a time are one
-// 16 x 16 transposition of words (a word at a time had been a third of a bf16 model's preparation).
+// 16 x 16 transposition of words (a word at a time had been a quarter of a bf16 model's preparation).
 void pack_linear_weight(const uint16_t* W, uint16_t* packed, int N, int K) {
 #pragma omp parallel for schedule(static)
     for (int b = 0; b < N / kPanel; b++) {
