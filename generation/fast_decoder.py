@@ -81,15 +81,13 @@ class _Linears:
         return torch.float32 if self.kind == "int8" else None
 
     def prepare(self, weight: torch.Tensor) -> Any:
+        """A weight in the form torch's kernels take (``onednn``, ``plain``). Our kernels' weights and
+        int8 ones are packed all at once instead (``FastDecoderWeights._prepare_all``)."""
+        if self.kernels is not None or self.kind == "int8":
+            raise ValueError(f"{self.kind} weights are packed all at once, not one by one")
         weight = weight.detach().contiguous()
-        if self.kind == "native-int8":
-            return int8_pack(int8_quantize(weight), self.kernels)
-        if self.kernels is not None:
-            return self.kernels.pack(weight)
         if self.kind == "onednn":
             return torch.ops.mkldnn._reorder_linear_weight(weight)
-        if self.kind == "int8":
-            return int8_prepack(**int8_quantize(weight))
         return weight
 
     def __call__(self, x: torch.Tensor, weight: Any) -> torch.Tensor:
