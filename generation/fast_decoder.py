@@ -627,6 +627,8 @@ class _NativeAttention:
         self.kernels = kernels
         width = self.heads * head_dim
         cache_width = native.int8_cache_width(width, self.heads) if int8 else width
+        if int8:  # int8 values lie four positions together
+            length = native.int8_cache_capacity(length)
         # every layer's keys, then values, in one buffer; positions are read only once written
         buffer = native.huge_page_buffer(
             (2, len(prefix), rows, length, cache_width), torch.int8 if int8 else torch.bfloat16

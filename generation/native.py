@@ -162,7 +162,8 @@ class NativeKernels:
         rows, capacity, _ = keys.shape
         head_dim = _head_dim(keys, heads)
         hidden = heads * head_dim
-        _require(keys, 0 <= position < capacity, "keys", keys.dtype)
+        whole = keys.dtype != torch.int8 or capacity % INT8_QUAD == 0  # int8 values: whole quads
+        _require(keys, 0 <= position < capacity and whole, "keys", keys.dtype)
         _require(values, values.shape == keys.shape, "values", keys.dtype)
         _require(qkv, qkv.numel() == rows * 3 * hidden, "qkv")
         out = qkv.new_empty((rows, hidden))
@@ -189,11 +190,12 @@ class NativeKernels:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """int8 self-attention caches ``(rows, capacity, hidden + 4 * heads)`` bytes for ``attend`` (half the
         bytes it streams a step), holding the bf16 ``keys``/``values (rows, positions, hidden)`` as their
-        first positions (``fill_int8_cache``)."""
+        first positions (``fill_int8_cache``); ``capacity`` rounded up to whole quads (``int8_values``)."""
         rows, _, hidden = keys.shape
         caches = []
         for source, is_keys in ((keys, True), (values, False)):
-            cache = torch.empty((rows, capacity, int8_cache_width(hidden, heads)), dtype=torch.int8)
+            shape = (rows, int8_cache_capacity(capacity), int8_cache_width(hidden, heads))
+            cache = torch.empty(shape, dtype=torch.int8)
             self.fill_int8_cache(cache, source, heads, keys=is_keys)
             caches.append(cache)
         return caches[0], caches[1]
@@ -205,10 +207,12 @@ class NativeKernels:
         rows, filled, hidden = source.shape
         width = int8_cache_width(hidden, heads)
         fits = hidden % heads == 0 and cache.dim() == 3 and cache.shape[::2] == (rows, width)
-        _require(cache, fits and filled <= cache.shape[1], "cache", torch.int8)
+        whole = cache.shape[1] % INT8_QUAD == 0 if cache.dim() == 3 else False
+        _require(cache, fits and whole and filled <= cache.shape[1], "cache", torch.int8)
         _require(source, True, "source")
+        quads = int8_cache_capacity(filled)  # values are written a quad at a time
         for row in range(rows if filled else 0):
-            self._quantize_cache(source[row], cache[row, :filled], filled, heads, hidden // heads, int(keys))
+            self._quantize_cache(source[row], cache[row, :quads], filled, heads, hidden // heads, int(keys))
 
     def sample(
         self,
@@ -543,6 +547,7 @@ class NativeStep:
         cache_width, cache_dtype = (
             (int8_cache_width(hidden, heads), torch.int8) if int8 else (hidden, torch.bfloat16)
         )
+        _require(first["keys"], not int8 or capacity % INT8_QUAD == 0, "keys", cache_dtype)  # whole quads
 
         def matrix(t: torch.Tensor | None, rows_out: int, cols: int, name: str) -> int | None:
             return ptr(t, (rows_out, cols + extra), name, wdtype)
@@ -667,6 +672,26 @@ def huge_page_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor
 def int8_cache_width(hidden: int, heads: int) -> int:
     """Bytes a position of an int8 self-attention cache: its ints, then an fp32 scale a head."""
     return hidden + 4 * heads
+
+
+INT8_QUAD = 4  # int8 value caches keep four positions together, so their capacity is whole quads
+
+
+def int8_cache_capacity(positions: int) -> int:
+    """The capacity of an int8 cache that holds ``positions``: rounded up to whole quads."""
+    return -(-positions // INT8_QUAD) * INT8_QUAD
+
+
+def int8_values(cache: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An int8 value cache ``(rows, capacity, hidden + 4 * heads)`` as its ints ``(rows, capacity, hidden)``
+    and fp32 scales ``(rows, capacity, heads)``, position-major (copies). The kernel keeps each quad of
+    four positions as the four positions' bytes of each value side by side, then their scales."""
+    rows, capacity, width = cache.shape
+    hidden = width - 4 * heads
+    quads = cache.view(rows, capacity // INT8_QUAD, INT8_QUAD * width)
+    ints = quads[..., : INT8_QUAD * hidden].reshape(rows, -1, hidden, INT8_QUAD).transpose(-1, -2)
+    scales = quads[..., INT8_QUAD * hidden :].contiguous().view(torch.float32)
+    return ints.reshape(rows, capacity, hidden), scales.reshape(rows, capacity, heads)
 
 
 def _head_dim(keys: torch.Tensor, heads: int) -> int:

@@ -189,7 +189,7 @@ _INT8_POSITION = "(heads * D + 4 * heads)"  # an int8 cache's bytes a position: 
 _conv_out = "rows > 0", "threads > 0", "activate in (0, 1)"
 
 
-def _self_attention(name: str, cache: torch.dtype, position: str) -> Kernel:
+def _self_attention(name: str, cache: torch.dtype, position: str, *requires: str) -> Kernel:
     """A step of self-attention over position-major caches of ``position`` elements a position."""
     return Kernel(
         name,
@@ -203,7 +203,7 @@ def _self_attention(name: str, cache: torch.dtype, position: str) -> Kernel:
             ),
             *_ints("rows heads D capacity pos threads"),
         ),
-        requires=("rows > 0", "0 <= pos < capacity", *_attention_requires),
+        requires=("rows > 0", "0 <= pos < capacity", *_attention_requires, *requires),
     )
 
 
@@ -230,12 +230,13 @@ KERNELS = (
     Kernel("amx_enable", (), returns="int"),
     Kernel("attend_scratch", _ints("heads D capacity"), returns="int"),
     _self_attention("attend_bf16", _BF16, "heads * D"),
-    _self_attention("attend_int8", _INT8, _INT8_POSITION),
+    # int8 values lie four positions together (a quad): whole quads
+    _self_attention("attend_int8", _INT8, _INT8_POSITION, "capacity % 4 == 0"),
     Kernel(
         "quantize_cache",
         (
             Tensor("x", _BF16, "n * heads * D"),
-            Tensor("cache", _INT8, f"n * {_INT8_POSITION}", writes=True),
+            Tensor("cache", _INT8, f"(n + 3) // 4 * 4 * {_INT8_POSITION}", writes=True),  # whole quads
             *_ints("n heads D keys"),
         ),
         requires=("n > 0", "keys in (0, 1)", *_attention_requires[:2]),

@@ -331,12 +331,34 @@ inline void panel_rows_int8(const Int8Matrix& w, int b, const uint8_t* xq, const
 #pragma GCC push_options
 #pragma GCC target("amx-tile,amx-int8")
 
+// A panel's int32 sums (a tile store of MC rows x 32 columns) waiting to be turned into outputs, sixteen
+// columns of a row (an item) at a time.
+struct PendingPanel {
+    const int32_t* sums = nullptr;
+    int b = 0, items = 0, done = 0;
+};
+
+// Up to `count` more of a pending panel's items finished (rows m0.., as finish16_int8).
+inline void finish_pending(PendingPanel& f, int count, const Int8Matrix& w, const float* params,
+                           const uint16_t* residual, uint16_t* y, int m0, int N, int act) {
+    const int end = f.done + count < f.items ? f.done + count : f.items;
+    for (; f.done < end; f.done++) {
+        const int m = f.done / 2, h = f.done % 2, n = f.b * kPanel + 16 * h;
+        finish16_int8(_mm512_loadu_si512(f.sums + m * kPanel + 16 * h), params, m0 + m, w, n, residual, y,
+                      (size_t)(m0 + m) * N + n, act);
+    }
+}
+
 // rows m0 .. m0 + MC - 1 of quantized x (MC <= 16, the tiles configured for MC rows by amx_configure: the
-// same bytes a row as bf16's) against one int8 panel; K % 64 == 0. Tile 2 holds 64 u8 of each row, tiles 3
-// and 4 a panel's two halves, 16 groups of four k.
-inline void panel_rows_amx_int8(const Int8Matrix& w, int b, const uint8_t* xq, const float* params,
-                                const uint16_t* residual, uint16_t* y, int m0, int MC, int N, int K, int act,
-                                int32_t* sums) {
+// same bytes a row as bf16's) against one int8 panel, its sums stored to `sums`; K % 64 == 0. Tile 2 holds
+// 64 u8 of each row, tiles 3 and 4 the panel's two halves, 16 groups of four k. The previous panel's
+// outputs are finished meanwhile, one item a group of k: the tile loads keep the weight stream going while
+// the vector units finish, where finishing after the tile products had left the stream idle (8 rows'
+// finishing, 2 rows x 32 columns a panel, had cost the products 1.2 ms a step in a C program over the
+// kernels: 14.3-14.9 ms, 13.0-13.7 without it; 2 rows' 0.4-0.5; the Xeon).
+inline void panel_rows_amx_int8(const Int8Matrix& w, int b, const uint8_t* xq, int m0, int MC, int K,
+                                int32_t* sums, PendingPanel& previous, const float* params,
+                                const uint16_t* residual, uint16_t* y, int N, int act) {
     _tile_zero(0);
     _tile_zero(1);
     const int8_t* panel = w.panels + (size_t)b * K * kPanel;
@@ -350,14 +372,12 @@ inline void panel_rows_amx_int8(const Int8Matrix& w, int b, const uint8_t* xq, c
         _tile_loadd(4, p + 64, kQuad * kPanel);
         _tile_dpbusd(0, 2, 3);
         _tile_dpbusd(1, 2, 4);
+        finish_pending(previous, 1, w, params, residual, y, m0, N, act);
     }
+    finish_pending(previous, previous.items, w, params, residual, y, m0, N, act);
     _tile_stored(0, sums, kPanel * 4);
     _tile_stored(1, sums + 16, kPanel * 4);
-    const int n0 = b * kPanel;
-    for (int m = 0; m < MC; m++)
-        for (int h = 0; h < 2; h++)
-            finish16_int8(_mm512_loadu_si512(sums + m * kPanel + 16 * h), params, m0 + m, w, n0 + 16 * h, residual, y,
-                          (size_t)(m0 + m) * N + n0 + 16 * h, act);
+    previous = {sums, b, 2 * MC, 0};
 }
 
 #pragma GCC pop_options
@@ -376,7 +396,11 @@ inline int head_groups(int rows, int heads, int threads) {
     return groups > heads ? heads : groups;
 }
 
-inline int attention_scratch(int heads, int D, int capacity) { return heads * (capacity + D); }
+// floats a thread's attention needs: scores for whole blocks of sixteen heads (int8 caches), then sums (two
+// int32 a value over int8 caches)
+inline int attention_scratch(int heads, int D, int capacity) {
+    return ((heads + 15) / 16 * 16) * capacity + 2 * heads * D;
+}
 
 // rows x heads queries q (row r at q + r * q_stride) over position-major caches (rows, capacity, heads * D),
 // attending positions 0 .. n - 1. With `fresh` (self-attention) position n - 1 is first written from it:
@@ -416,6 +440,32 @@ void attend_rows(const uint16_t* q, size_t q_stride, const uint16_t* fresh, uint
 // eight rows and a few hundred positions that is most of what each added request costs a step.
 inline size_t int8_position(int heads, int D) { return (size_t)heads * D + sizeof(float) * heads; }
 
+// Values are kept four positions together (capacity % 4 == 0): a quad of positions is 4 * int8_position
+// bytes, first each head's D values with the four positions' bytes of a value side by side ([h][d][4]),
+// then the four positions' scales ([4][heads] fp32). So the four positions' bytes of sixteen values are one
+// 64-byte operand of vpdpbusd against four u8 weights: the weighted sum over the values is integer dot
+// products, a quarter of the instructions of turning each value into fp32 (keys stay a position at a time).
+constexpr int kQuadPositions = 4;
+
+inline int8_t* value_quad(int8_t* vc, int p, size_t stride) { return vc + (size_t)(p / kQuadPositions) * kQuadPositions * stride; }
+
+// Position p's scale of head h in a row's value cache.
+inline float* value_scale(int8_t* vc, int p, size_t stride, int hidden, int heads) {
+    return (float*)(value_quad(vc, p, stride) + (size_t)kQuadPositions * hidden) + (size_t)(p % kQuadPositions) * heads;
+}
+
+// One head's D ints (q) into its place at position p of a row's value cache: byte p % 4 of each value's
+// four.
+inline void store_value_head(int8_t* vc, int p, size_t stride, int h, int D, const int8_t* q) {
+    int8_t* at = value_quad(vc, p, stride) + (size_t)h * D * kQuadPositions;
+    const int slot = p % kQuadPositions;
+    const __mmask64 bytes = 0x1111111111111111ULL << slot;
+    for (int d = 0; d < D; d += 16) {
+        const __m512i v = _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(q + d))), 8 * slot);
+        _mm512_mask_storeu_epi8(at + (size_t)d * kQuadPositions, bytes, v);
+    }
+}
+
 // One head's D bf16 values as int8 (bit patterns offset by 128 with `offset`); returns the scale. A NaN or
 // infinite value gives a NaN scale, so that everything read through it is NaN, as bf16 would give.
 inline float quantize_head(const uint16_t* x, int8_t* q, int D, bool offset) {
@@ -447,52 +497,214 @@ inline void prefetch_heads_int8(const char* heads, size_t span, int hidden, int 
     _mm_prefetch(heads - (size_t)h0 * D + hidden + sizeof(float) * h0, _MM_HINT_T1);
 }
 
+// Sixteen vectors of int32 summed lane by lane into one: lane h of the result is the sum of a[h]'s lanes
+// (pairs interleaved and added, then 64-bit pairs, then 128-bit lanes): 45 operations where sixteen
+// horizontal sums take about 130.
+inline __m512i sum_each16(const __m512i* a) {
+    __m512i b[8], c[4];
+    for (int i = 0; i < 8; i++)
+        b[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_epi32(a[2 * i], a[2 * i + 1]));
+    for (int j = 0; j < 4; j++)
+        c[j] = _mm512_add_epi32(_mm512_unpacklo_epi64(b[2 * j], b[2 * j + 1]), _mm512_unpackhi_epi64(b[2 * j], b[2 * j + 1]));
+    // 128-bit lane L of c[j] holds heads 4j .. 4j + 3 summed over that lane of their vectors
+    const __m512i f0 = _mm512_add_epi32(_mm512_shuffle_i32x4(c[0], c[1], 0x88), _mm512_shuffle_i32x4(c[0], c[1], 0xDD));
+    const __m512i f1 = _mm512_add_epi32(_mm512_shuffle_i32x4(c[2], c[3], 0x88), _mm512_shuffle_i32x4(c[2], c[3], 0xDD));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(f0, f1, 0x88), _mm512_shuffle_i32x4(f0, f1, 0xDD));
+}
+
+constexpr int kHeadBlock = 16;   // heads scored together, one vector lane each
+constexpr int kValueQuads = 4;  // quads of positions over which one head's sums stay in registers
+
+inline int head_blocks(int heads) { return (heads + kHeadBlock - 1) / kHeadBlock; }
+
+// One head's weighted sums over quads j0 .. j1 - 1, LANES groups of sixteen of its values: each quad's
+// four u8 weights (hi[j * 2 * kHeadBlock] and lo's, one int32 each) against the quad's four positions of sixteen values; the
+// int32 sums accumulate in acc (2 * LANES: hi's, then lo's).
+template <int LANES>
+inline void weigh_head(const int8_t* vh, size_t quad_stride, const uint32_t* hi, const uint32_t* lo, int j0, int j1,
+                       int32_t* acc) {
+    __m512i a[2 * LANES];
+    for (int i = 0; i < 2 * LANES; i++) a[i] = _mm512_loadu_si512(acc + 16 * i);
+    for (int j = j0; j < j1; j++) {
+        const __m512i wh = _mm512_set1_epi32((int)hi[(size_t)j * 2 * kHeadBlock]), wl = _mm512_set1_epi32((int)lo[(size_t)j * 2 * kHeadBlock]);
+        const int8_t* v = vh + (size_t)j * quad_stride;
+        for (int i = 0; i < LANES; i++) {
+            const __m512i x = _mm512_loadu_si512(v + 64 * i);
+            a[i] = _mm512_dpbusd_epi32(a[i], wh, x);
+            a[LANES + i] = _mm512_dpbusd_epi32(a[LANES + i], wl, x);
+        }
+    }
+    for (int i = 0; i < 2 * LANES; i++) _mm512_storeu_si512(acc + 16 * i, a[i]);
+}
+
+// weigh_head for any D (D % 16 == 0), the sums kept in memory.
+inline void weigh_head_any(const int8_t* vh, size_t quad_stride, const uint32_t* hi, const uint32_t* lo, int j0, int j1,
+                           int D, int32_t* acc) {
+    const int lanes = D / 16;
+    for (int j = j0; j < j1; j++) {
+        const __m512i wh = _mm512_set1_epi32((int)hi[(size_t)j * 2 * kHeadBlock]), wl = _mm512_set1_epi32((int)lo[(size_t)j * 2 * kHeadBlock]);
+        const int8_t* v = vh + (size_t)j * quad_stride;
+        for (int i = 0; i < lanes; i++) {
+            const __m512i x = _mm512_loadu_si512(v + 64 * i);
+            _mm512_storeu_si512(acc + 16 * i, _mm512_dpbusd_epi32(_mm512_loadu_si512(acc + 16 * i), wh, x));
+            _mm512_storeu_si512(acc + 16 * (lanes + i), _mm512_dpbusd_epi32(_mm512_loadu_si512(acc + 16 * (lanes + i)), wl, x));
+        }
+    }
+}
+
 // attend_heads over int8 caches: q holds the row's query heads as int8 (head h at h * D) with their
-// scales and sums of ints; positions `stride` bytes apart, a position's scales `hidden` bytes in.
+// scales and sums of ints; key positions `stride` bytes apart, a position's scales `hidden` bytes in;
+// values four positions together (value_quad).
+//
+// Keys: heads go sixteen to a vector, so a position's scores are one vector (its sixteen dot products
+// summed lane by lane at once), and so are its softmax's terms; each block of sixteen heads keeps its
+// scores position-major (scores: head_blocks(nh) * kHeadBlock * n floats, n rounded up to whole quads).
+// Values: each term times its value's scale is a weight w >= 0, which the sum over the values takes as
+// two u8 digits, w ~ hi * s + lo * s / 256 with s = max(w) / 255 (hi = floor(w / s)): within s / 512 of w,
+// 2^-17 of the largest weight, where the output's bf16 rounding is 2^-9 of it. The sums of hi and of lo
+// times the int8 values are exact int32 dot products over each quad of positions, taken a head at a time
+// over blocks of quads with the head's sums in registers (acc: 2 * nh * D int32).
+// Scoring a head at a time with a horizontal sum each, and turning every value into fp32 for an FMA, had
+// taken four requests' step 3.2 ms of attention streamed from memory where reading the caches alone takes
+// 1.9 (a C program over the kernels, 24 layers of 8 rows at 125 positions, the Xeon).
 inline void attend_heads_int8(const int8_t* q, const float* q_scales, const int32_t* q_sums, const int8_t* kc,
                               const int8_t* vc, int n, size_t stride, int hidden, int h0, int h1, int D, uint16_t* o,
-                              float* scores, float* acc) {
-    const int nh = h1 - h0;
+                              float* scores, int32_t* acc) {
+    const int nh = h1 - h0, blocks = head_blocks(nh), row_heads = hidden / D;
+    const int quads = (n + kQuadPositions - 1) / kQuadPositions, block_n = quads * kQuadPositions;  // <= capacity
     const char* first = (const char*)kc + (size_t)h0 * D;
     const size_t span = (size_t)nh * D;
-    float best[kMaxHeads];
-    for (int h = 0; h < nh; h++) best[h] = -INFINITY;
+    constexpr int kBlocks = kMaxHeads / kHeadBlock + 1;
+    __m512 best[kBlocks], qscale[kBlocks];
+    __m512i offset[kBlocks];
+    __mmask16 broken[kBlocks], heads[kBlocks];
+    for (int b = 0; b < blocks; b++) {
+        heads[b] = first_lanes(nh - b * kHeadBlock);
+        best[b] = _mm512_set1_ps(-INFINITY);
+        broken[b] = 0;
+        qscale[b] = _mm512_maskz_loadu_ps(heads[b], q_scales + h0 + b * kHeadBlock);
+        // the keys' offset of 128 taken out of each dot product
+        offset[b] = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(heads[b], q_sums + h0 + b * kHeadBlock), 7);
+    }
+    int8_t* values = const_cast<int8_t*>(vc);
     for (int p = 0; p < n; p++) {
         const int8_t* kp = kc + (size_t)p * stride;
         prefetch_heads_int8(first + (size_t)(p + kAttendAhead) * stride, span, hidden, h0, D);
-        const float* ks = (const float*)(kp + hidden);
-        for (int h = 0; h < nh; h++) {
-            const int at = (h0 + h) * D;
-            __m512i a = _mm512_setzero_si512();
-            for (int d = 0; d < D; d += 64) {
-                const __mmask64 lanes = D - d >= 64 ? ~0ULL : (1ULL << (D - d)) - 1;
-                a = _mm512_dpbusd_epi32(a, _mm512_maskz_loadu_epi8(lanes, kp + at + d), _mm512_maskz_loadu_epi8(lanes, q + at + d));
+        if (p % kQuadPositions == 0 && p + kAttendAhead < n)  // the values' scales, for the weights below
+            _mm_prefetch((const char*)value_scale(values, p + kAttendAhead, stride, hidden, row_heads), _MM_HINT_T1);
+        const float* ks = (const float*)(kp + hidden) + h0;
+        for (int b = 0; b < blocks; b++) {
+            __m512i dots[kHeadBlock];
+            for (int h = 0; h < kHeadBlock; h++) {
+                dots[h] = _mm512_setzero_si512();
+                const int head = h0 + b * kHeadBlock + h;
+                if (b * kHeadBlock + h >= nh) continue;
+                for (int d = 0; d < D; d += 64) {
+                    const __mmask64 lanes = D - d >= 64 ? ~0ULL : (1ULL << (D - d)) - 1;
+                    dots[h] = _mm512_dpbusd_epi32(dots[h], _mm512_maskz_loadu_epi8(lanes, kp + (size_t)head * D + d),
+                                                  _mm512_maskz_loadu_epi8(lanes, q + (size_t)head * D + d));
+                }
             }
-            const int32_t dot = _mm512_reduce_add_epi32(a) - 128 * q_sums[h0 + h];  // the keys' offset taken out
-            const float sc = q_scales[h0 + h] * ks[h0 + h] * (float)dot;
-            scores[(size_t)h * n + p] = sc;
-            if (!(sc <= best[h]) && best[h] == best[h]) best[h] = sc;  // a NaN score makes best NaN, for good
+            const __m512i dot = _mm512_sub_epi32(sum_each16(dots), offset[b]);
+            const __m512 scale = _mm512_mul_ps(qscale[b], _mm512_maskz_loadu_ps(heads[b], ks + b * kHeadBlock));
+            const __m512 sc = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(dot));
+            _mm512_storeu_ps(scores + ((size_t)b * block_n + p) * kHeadBlock, sc);
+            broken[b] |= _mm512_cmp_ps_mask(sc, sc, _CMP_UNORD_Q);  // a NaN score makes its head NaN, for good
+            best[b] = _mm512_max_ps(best[b], sc);
         }
     }
-    float inv[kMaxHeads];
-    begin_weighted_sums(scores, best, n, nh, D, inv, acc);
-    const int lanes = D / 16;
-    const char* vfirst = (const char*)vc + (size_t)h0 * D;
-    for (int p = 0; p < n; p++) {
-        const int8_t* vp = vc + (size_t)p * stride;
-        prefetch_heads_int8(vfirst + (size_t)(p + kAttendAhead) * stride, span, hidden, h0, D);
-        const float* vs = (const float*)(vp + hidden);
+    // the values' first block of quads, for the sums below
+    const size_t quad_stride = (size_t)kQuadPositions * stride, head_bytes = (size_t)D * kQuadPositions;
+    auto prefetch_quads = [&](int j0) {
+        for (int j = j0; j < j0 + kValueQuads && j < quads; j++) {
+            const char* at = (const char*)values + (size_t)j * quad_stride + (size_t)h0 * head_bytes;
+            for (size_t line = 0; line < (size_t)nh * head_bytes; line += 64) _mm_prefetch(at + line, _MM_HINT_T1);
+        }
+    };
+    prefetch_quads(0);
+    // softmax's terms exp(score - best), times the values' scales: the weights; their sums and maxima per
+    // head. 1 / sum is NaN where a head's scores held NaN or its best is not finite (as torch's softmax
+    // gives), or a weight is NaN (a value's scale, for a head of values holding NaN or infinity).
+    float inv[kMaxHeads + kHeadBlock], digit[kMaxHeads + kHeadBlock];
+    uint32_t* words = (uint32_t*)scores;  // each block's quads' digits, over its consumed weights (below)
+    for (int b = 0; b < blocks; b++) {
+        const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_sub_ps(best[b], best[b]), _mm512_setzero_ps(), _CMP_EQ_OQ);
+        __mmask16 bad = broken[b] | ~finite;
+        const __m512 top = _mm512_mask_blend_ps(bad, best[b], _mm512_setzero_ps());
+        __m512 sum = _mm512_setzero_ps(), most = _mm512_setzero_ps();
+        float* block = scores + (size_t)b * block_n * kHeadBlock;
+        for (int p = 0; p < n; p++) {
+            const __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(block + (size_t)p * kHeadBlock), top));
+            sum = _mm512_add_ps(sum, e);
+            const float* vs = value_scale(values, p, stride, hidden, row_heads) + h0 + b * kHeadBlock;
+            const __m512 w = _mm512_mul_ps(e, _mm512_maskz_loadu_ps(heads[b], vs));
+            bad |= _mm512_cmp_ps_mask(w, w, _CMP_UNORD_Q);
+            most = _mm512_max_ps(most, w);
+            _mm512_storeu_ps(block + (size_t)p * kHeadBlock, w);
+        }
+        const __m512 r = _mm512_div_ps(_mm512_set1_ps(1.0f), sum);
+        _mm512_storeu_ps(inv + b * kHeadBlock, _mm512_mask_blend_ps(bad, r, _mm512_set1_ps(NAN)));
+        // the digits: s = max / 255 (0 for a head of zero weights), hi = floor(w / s), lo = round((w - hi
+        // s) * 256 / s), both clamped to 0..255; a quad's four positions' digits are one word a head
+        // (positions past n weigh nothing). Quad j's words (hi's sixteen, then lo's) overwrite positions
+        // 2j and 2j + 1 of the block's weights, which quad j has already read.
+        const __m512 s = _mm512_mul_ps(most, _mm512_set1_ps(1.0f / 255.0f));
+        const __mmask16 some = _mm512_cmp_ps_mask(most, _mm512_setzero_ps(), _CMP_GT_OQ) & ~bad;
+        const __m512 to_hi = _mm512_maskz_div_ps(some, _mm512_set1_ps(1.0f), s);
+        const __m512 to_lo = _mm512_mul_ps(to_hi, _mm512_set1_ps(256.0f));
+        _mm512_storeu_ps(digit + b * kHeadBlock, s);
+        const __m512i low = _mm512_setzero_si512(), high = _mm512_set1_epi32(255);
+        uint32_t* block_words = words + (size_t)b * block_n * kHeadBlock;
+        for (int j = 0; j < quads; j++) {
+            __m512i hi = _mm512_setzero_si512(), lo = _mm512_setzero_si512();
+            __m512 w[kQuadPositions];
+            for (int t = 0; t < kQuadPositions; t++) {
+                const int pos = kQuadPositions * j + t;
+                w[t] = pos < n ? _mm512_loadu_ps(block + (size_t)pos * kHeadBlock) : _mm512_setzero_ps();
+            }
+            for (int t = 0; t < kQuadPositions; t++) {
+                const __m512 f = _mm512_roundscale_ps(_mm512_mul_ps(w[t], to_hi), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+                const __m512i h = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(f), low), high);
+                const __m512 rest = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(h), s, w[t]);
+                const __m512i l = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(rest, to_lo)), low), high);
+                hi = _mm512_or_si512(hi, _mm512_slli_epi32(h, 8 * t));
+                lo = _mm512_or_si512(lo, _mm512_slli_epi32(l, 8 * t));
+            }
+            _mm512_storeu_si512(block_words + (size_t)j * 2 * kHeadBlock, hi);
+            _mm512_storeu_si512(block_words + (size_t)j * 2 * kHeadBlock + kHeadBlock, lo);
+        }
+    }
+    for (int i = 0; i < 2 * nh * D / 16; i++) _mm512_storeu_si512(acc + 16 * i, _mm512_setzero_si512());
+    for (int j0 = 0; j0 < quads; j0 += kValueQuads) {
+        const int j1 = j0 + kValueQuads < quads ? j0 + kValueQuads : quads;
+        prefetch_quads(j1);
         for (int h = 0; h < nh; h++) {
-            const __m512 w = _mm512_set1_ps(scores[(size_t)h * n + p] * vs[h0 + h]);
-            const int8_t* vh = vp + (size_t)(h0 + h) * D;
-            float* ah = acc + (size_t)h * D;
-            for (int i = 0; i < lanes; i++) {
-                const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(vh + 16 * i))));
-                _mm512_storeu_ps(ah + 16 * i, _mm512_fmadd_ps(w, v, _mm512_loadu_ps(ah + 16 * i)));
+            const int8_t* vh = vc + (size_t)(h0 + h) * head_bytes;
+            const uint32_t* hi = words + (size_t)(h / kHeadBlock) * block_n * kHeadBlock + h % kHeadBlock;
+            int32_t* ah = acc + (size_t)h * 2 * D;
+            switch (D) {
+                case 32: weigh_head<2>(vh, quad_stride, hi, hi + kHeadBlock, j0, j1, ah); break;
+                case 64: weigh_head<4>(vh, quad_stride, hi, hi + kHeadBlock, j0, j1, ah); break;
+                case 128: weigh_head<8>(vh, quad_stride, hi, hi + kHeadBlock, j0, j1, ah); break;
+                default: weigh_head_any(vh, quad_stride, hi, hi + kHeadBlock, j0, j1, D, ah); break;
             }
         }
     }
-    write_heads(acc, inv, nh, h0, D, o);
+    // each head: (s * hi sums + s / 256 * lo sums) / sum of terms, rounded to bf16 (NaN for a broken head)
+    for (int h = 0; h < nh; h++) {
+        uint16_t* oh = o + (size_t)(h0 + h) * D;
+        if (std::isnan(inv[h])) {
+            for (int d = 0; d < D; d++) oh[d] = 0x7fc0;
+            continue;
+        }
+        const __m512 s_hi = _mm512_set1_ps(digit[h] * inv[h]), s_lo = _mm512_set1_ps(digit[h] / 256.0f * inv[h]);
+        const int32_t* ah = acc + (size_t)h * 2 * D;
+        for (int i = 0; i < D / 16; i++) {
+            const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(ah + 16 * i)), s_hi,
+                                             _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(ah + D + 16 * i)), s_lo));
+            _mm256_storeu_si256((__m256i*)(oh + 16 * i), (__m256i)_mm512_cvtneps_pbh(v));
+        }
+    }
 }
 
 #pragma GCC pop_options
@@ -506,8 +718,8 @@ void attend_rows_int8(const uint16_t* qkv, size_t q_stride, int8_t* keys, int8_t
 #pragma omp parallel num_threads(threads)
     {
         float* scores = scratch + (size_t)omp_get_thread_num() * attention_scratch(heads, D, capacity);
-        float* acc = scores + (size_t)heads * capacity;
-        alignas(64) int8_t q[kMaxHeads * kMaxHeadSize];
+        int32_t* acc = (int32_t*)(scores + (size_t)head_blocks(heads) * kHeadBlock * capacity);
+        alignas(64) int8_t q[kMaxHeads * kMaxHeadSize], fresh[kMaxHeadSize];
         float q_scales[kMaxHeads];
         int32_t q_sums[kMaxHeads];
 #pragma omp for schedule(static)
@@ -518,10 +730,11 @@ void attend_rows_int8(const uint16_t* qkv, size_t q_stride, int8_t* keys, int8_t
             int8_t* kc = keys + (size_t)r * capacity * stride;
             int8_t* vc = values + (size_t)r * capacity * stride;
             int8_t* kn = kc + (size_t)(n - 1) * stride;
-            int8_t* vn = vc + (size_t)(n - 1) * stride;
+            float* vs = value_scale(vc, n - 1, stride, hidden, heads);
             for (int h = h0; h < h1; h++) {
                 ((float*)(kn + hidden))[h] = quantize_head(qr + hidden + (size_t)h * D, kn + (size_t)h * D, D, true);
-                ((float*)(vn + hidden))[h] = quantize_head(qr + 2 * (size_t)hidden + (size_t)h * D, vn + (size_t)h * D, D, false);
+                vs[h] = quantize_head(qr + 2 * (size_t)hidden + (size_t)h * D, fresh, D, false);
+                store_value_head(vc, n - 1, stride, h, D, fresh);
                 q_scales[h] = quantize_head(qr + (size_t)h * D, q + (size_t)h * D, D, false);
                 int32_t sum = 0;
                 for (int d = 0; d < D; d++) sum += q[(size_t)h * D + d];
@@ -705,10 +918,18 @@ void attend_int8(const uint16_t* qkv, int8_t* keys, int8_t* values, uint16_t* ou
 void quantize_cache(const uint16_t* x, int8_t* cache, int n, int heads, int D, int keys) {
     const int hidden = heads * D;
     const size_t stride = int8_position(heads, D);
+    int8_t fresh[kMaxHeadSize];
     for (int p = 0; p < n; p++) {
         int8_t* at = cache + (size_t)p * stride;
-        for (int h = 0; h < heads; h++)
-            ((float*)(at + hidden))[h] = quantize_head(x + (size_t)p * hidden + (size_t)h * D, at + (size_t)h * D, D, keys != 0);
+        for (int h = 0; h < heads; h++) {
+            const uint16_t* from = x + (size_t)p * hidden + (size_t)h * D;
+            if (keys) {
+                ((float*)(at + hidden))[h] = quantize_head(from, at + (size_t)h * D, D, true);
+            } else {
+                value_scale(cache, p, stride, hidden, heads)[h] = quantize_head(from, fresh, D, false);
+                store_value_head(cache, p, stride, h, D, fresh);
+            }
+        }
     }
 }
 
@@ -763,13 +984,16 @@ void linear_amx_int8(const int8_t* packed, const uint16_t* x, const uint16_t* re
     const int panels = N / kPanel;
 #pragma omp parallel num_threads(threads)
     {
-        alignas(64) int32_t sums[kAmxRows * kPanel];
+        alignas(64) int32_t sums[2][kAmxRows * kPanel];  // a panel's sums, and the previous one's
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int b0 = (int)((long)panels * t / nt), b1 = (int)((long)panels * (t + 1) / nt);  // this thread's
         for (int m0 = 0; m0 < M; m0 += kAmxRows) {
             const int rows = M - m0 < kAmxRows ? M - m0 : kAmxRows;
             amx_configure(rows);  // 64 bytes a row: 64 u8 of x, 16 int32 sums, 16 columns x 4 k
-#pragma omp for schedule(static)
-            for (int b = 0; b < panels; b++)
-                panel_rows_amx_int8(w, b, scratch, params, residual, y, m0, rows, N, K, act, sums);
+            PendingPanel previous;
+            for (int b = b0; b < b1; b++)
+                panel_rows_amx_int8(w, b, scratch, m0, rows, K, sums[b & 1], previous, params, residual, y, N, act);
+            finish_pending(previous, previous.items, w, params, residual, y, m0, N, act);
         }
         _tile_release();
     }

@@ -277,14 +277,23 @@ def _on_grid(*shape: int, step: float, generator: torch.Generator) -> torch.Tens
     return (ints * step).to(torch.bfloat16)
 
 
+def _value_bits(cache: torch.Tensor, heads: int) -> torch.Tensor:
+    """An int8 value cache's bytes, position-major ``(rows, capacity, hidden + 4 * heads)``."""
+    ints, scales = native.int8_values(cache, heads)
+    return torch.cat([ints, scales.view(torch.int8)], -1)
+
+
 def _dequantized(cache: torch.Tensor, heads: int, offset: bool) -> torch.Tensor:
-    """An int8 cache ``(rows, positions, hidden + 4 * heads)`` as fp64 ``(rows, positions, heads, D)``."""
+    """An int8 cache ``(rows, capacity, hidden + 4 * heads)`` as fp64 ``(rows, capacity, heads, D)``: keys
+    (``offset``) a position at a time, values four positions together (``native.int8_values``)."""
     rows, positions, width = cache.shape
     hidden = width - 4 * heads
-    ints = cache[..., :hidden].view(rows, positions, heads, -1)
-    ints = (ints.view(torch.uint8).double() - 128) if offset else ints.double()
-    scales = cache[..., hidden:].contiguous().view(torch.float32).double()
-    return ints * scales[..., None]
+    if offset:
+        ints = cache[..., :hidden].view(torch.uint8).double() - 128
+        scales = cache[..., hidden:].contiguous().view(torch.float32).double()
+    else:
+        ints, scales = (t.double() for t in native.int8_values(cache, heads))
+    return ints.view(rows, positions, heads, -1) * scales[..., None]
 
 
 @pytest.mark.parametrize(
@@ -294,7 +303,8 @@ def test_int8_attention_on_values_its_grid_holds_equals_exact_attention_to_bf16_
     int8_attention: native.NativeKernels, position: int, rows: int, dim: int
 ) -> None:
     """Keys, values and queries that int8 holds exactly: the scores are exact integer sums, so the
-    output is exact attention but for fp32 softmax and the final bf16 rounding."""
+    output is exact attention but for fp32 softmax, the weights taken as two 8-bit digits (a weight, a
+    softmax term times its value's scale, within 2^-17 of the largest), and the final bf16 rounding."""
     g = torch.Generator().manual_seed(position * 7 + dim)
     heads, capacity = 3, 80
     prefix_k = _on_grid(rows, position, heads, dim, step=2**-4, generator=g).view(rows, position, heads * dim)
@@ -304,19 +314,23 @@ def test_int8_attention_on_values_its_grid_holds_equals_exact_attention_to_bf16_
     v = _on_grid(rows, 1, heads, dim, step=2**-5, generator=g)
     qkv = torch.cat([t.view(rows, 1, -1) for t in (q, k, v)], -1)
     keys, values = int8_attention.int8_caches(prefix_k, prefix_v, heads, capacity)
-    after = keys[:, position + 1 :].clone(), values[:, position + 1 :].clone()
+    after = keys[:, position + 1 :].clone(), _value_bits(values, heads)[:, position + 1 :]
     out = int8_attention.attend(qkv, keys, values, heads, position)
 
-    seen_k = _dequantized(keys[:, : position + 1], heads, offset=True)
-    seen_v = _dequantized(values[:, : position + 1], heads, offset=False)
+    seen_k = _dequantized(keys, heads, offset=True)[:, : position + 1]
+    seen_v = _dequantized(values, heads, offset=False)[:, : position + 1]
     assert torch.equal(seen_k[:, :position], prefix_k.view(rows, position, heads, dim).double())
     assert torch.equal(seen_k[:, position], k[:, 0].double()) and torch.equal(
         seen_v[:, position], v[:, 0].double()
     )
-    assert torch.equal(keys[:, position + 1 :], after[0]) and torch.equal(values[:, position + 1 :], after[1])
+    assert torch.equal(keys[:, position + 1 :], after[0])
+    assert torch.equal(_value_bits(values, heads)[:, position + 1 :], after[1])
     weights = torch.einsum("rhd,rphd->rhp", q[:, 0].double(), seen_k).softmax(-1)
     want = torch.einsum("rhp,rphd->rhd", weights, seen_v).reshape(rows, heads * dim)
-    assert torch.allclose(out.double(), want, rtol=2**-8, atol=1e-5)
+    ints, scales = (t[:, : position + 1].double() for t in native.int8_values(values, heads))
+    largest = scales.amax(1)[..., None]  # (rows, heads, 1): no weight exceeds its largest value scale
+    digits = (ints.view(rows, -1, heads, dim).abs().sum(1) * largest * 2**-17).reshape(rows, heads * dim)
+    assert ((out.double() - want).abs() <= want.abs() * 2**-8 + digits + 1e-5).all()
 
 
 @pytest.mark.parametrize(("threads", "rows", "heads"), [(1, 2, 16), (3, 1, 5), (2, 4, 16)])
@@ -358,7 +372,7 @@ def test_int8_caches_hold_each_head_within_half_a_step() -> None:
     keys[1, 4, dim : 2 * dim] = 0  # a head of zeros: scale 0, ints 0
     k8, v8 = kernels.int8_caches(keys, keys, heads, 12)
     for cache, offset in ((k8, True), (v8, False)):
-        held = _dequantized(cache[:, :9], heads, offset)
+        held = _dequantized(cache, heads, offset)[:, :9]
         source = keys.view(2, 9, heads, dim).double()
         step = source.abs().amax(-1, keepdim=True) / 127
         assert ((held - source).abs() <= step / 2 * (1 + 1e-6)).all()
