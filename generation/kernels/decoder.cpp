@@ -190,9 +190,29 @@ inline void amx_configure(int rows) {
     _tile_loadconfig(&config);
 }
 
-// rows m0 .. m0 + MC - 1 of x (MC <= 16, the tiles configured for MC rows) against one panel; K % 32 == 0.
-inline void panel_rows_amx(const uint16_t* panel, const uint16_t* x, const uint16_t* residual, uint16_t* y,
-                           int m0, int MC, int N, int K, int n0, int act, float* sums) {
+// A panel's sums (a tile store of MC rows x 32 columns) waiting to be turned into outputs, sixteen columns
+// of a row (an item) at a time: AMX's products finish a panel while the next one's tiles load (see
+// panel_rows_amx_int8).
+template <typename Sum>
+struct PendingPanel {
+    const Sum* sums = nullptr;
+    int b = 0, items = 0, done = 0;
+};
+
+// Up to `count` more of a pending bf16 panel's items finished (rows m0.., as finish16).
+inline void finish_pending(PendingPanel<float>& f, int count, const uint16_t* residual, uint16_t* y, int m0, int N,
+                           int act) {
+    const int end = f.done + count < f.items ? f.done + count : f.items;
+    for (; f.done < end; f.done++) {
+        const int m = f.done / 2, h = f.done % 2, n = f.b * kPanel + 16 * h;
+        finish16(_mm512_loadu_ps(f.sums + m * kPanel + 16 * h), residual, y, (size_t)(m0 + m) * N + n, act);
+    }
+}
+
+// rows m0 .. m0 + MC - 1 of x (MC <= 16, the tiles configured for MC rows) against one panel, its sums
+// stored to `sums`; K % 32 == 0. The previous panel is finished meanwhile, one item a group of k.
+inline void panel_rows_amx(const uint16_t* panel, const uint16_t* x, int m0, int MC, int K, int b, float* sums,
+                           PendingPanel<float>& previous, const uint16_t* residual, uint16_t* y, int N, int act) {
     _tile_zero(0);
     _tile_zero(1);
     const uint16_t* xm = x + (size_t)m0 * K;
@@ -205,12 +225,12 @@ inline void panel_rows_amx(const uint16_t* panel, const uint16_t* x, const uint1
         _tile_loadd(4, p + 32, kPanel * 4);
         _tile_dpbf16ps(0, 2, 3);
         _tile_dpbf16ps(1, 2, 4);
+        finish_pending(previous, 1, residual, y, m0, N, act);
     }
+    finish_pending(previous, previous.items, residual, y, m0, N, act);
     _tile_stored(0, sums, kPanel * 4);
     _tile_stored(1, sums + 16, kPanel * 4);
-    for (int m = 0; m < MC; m++)
-        for (int h = 0; h < 2; h++)
-            finish16(_mm512_loadu_ps(sums + m * kPanel + 16 * h), residual, y, (size_t)(m0 + m) * N + n0 + 16 * h, act);
+    previous = {sums, b, 2 * MC, 0};
 }
 
 #pragma GCC pop_options
@@ -331,15 +351,8 @@ inline void panel_rows_int8(const Int8Matrix& w, int b, const uint8_t* xq, const
 #pragma GCC push_options
 #pragma GCC target("amx-tile,amx-int8")
 
-// A panel's int32 sums (a tile store of MC rows x 32 columns) waiting to be turned into outputs, sixteen
-// columns of a row (an item) at a time.
-struct PendingPanel {
-    const int32_t* sums = nullptr;
-    int b = 0, items = 0, done = 0;
-};
-
-// Up to `count` more of a pending panel's items finished (rows m0.., as finish16_int8).
-inline void finish_pending(PendingPanel& f, int count, const Int8Matrix& w, const float* params,
+// Up to `count` more of a pending int8 panel's items finished (rows m0.., as finish16_int8).
+inline void finish_pending(PendingPanel<int32_t>& f, int count, const Int8Matrix& w, const float* params,
                            const uint16_t* residual, uint16_t* y, int m0, int N, int act) {
     const int end = f.done + count < f.items ? f.done + count : f.items;
     for (; f.done < end; f.done++) {
@@ -357,7 +370,7 @@ inline void finish_pending(PendingPanel& f, int count, const Int8Matrix& w, cons
 // finishing, 2 rows x 32 columns a panel, had cost the products 1.2 ms a step in a C program over the
 // kernels: 14.3-14.9 ms, 13.0-13.7 without it; 2 rows' 0.4-0.5; the Xeon).
 inline void panel_rows_amx_int8(const Int8Matrix& w, int b, const uint8_t* xq, int m0, int MC, int K,
-                                int32_t* sums, PendingPanel& previous, const float* params,
+                                int32_t* sums, PendingPanel<int32_t>& previous, const float* params,
                                 const uint16_t* residual, uint16_t* y, int N, int act) {
     _tile_zero(0);
     _tile_zero(1);
@@ -959,13 +972,17 @@ void linear_amx_bf16(const uint16_t* packed, const uint16_t* x, const uint16_t* 
     const int panels = N / kPanel;
 #pragma omp parallel num_threads(threads)
     {
-        alignas(64) float sums[kAmxRows * kPanel];
+        alignas(64) float sums[2][kAmxRows * kPanel];  // a panel's sums, and the previous one's
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int b0 = (int)((long)panels * t / nt), b1 = (int)((long)panels * (t + 1) / nt);  // this thread's
         for (int m0 = 0; m0 < M; m0 += kAmxRows) {
             const int rows = M - m0 < kAmxRows ? M - m0 : kAmxRows;
             amx_configure(rows);  // per thread: tile state is the thread's own
-#pragma omp for schedule(static)
-            for (int b = 0; b < panels; b++)
-                panel_rows_amx(packed + (size_t)b * K * kPanel, x, residual, y, m0, rows, N, K, b * kPanel, act, sums);
+            PendingPanel<float> previous;
+            for (int b = b0; b < b1; b++)
+                panel_rows_amx(packed + (size_t)b * K * kPanel, x, m0, rows, K, b, sums[b & 1], previous, residual, y, N,
+                               act);
+            finish_pending(previous, previous.items, residual, y, m0, N, act);
         }
         _tile_release();  // leave no tile state behind for the OS to save at every switch
     }
@@ -990,7 +1007,7 @@ void linear_amx_int8(const int8_t* packed, const uint16_t* x, const uint16_t* re
         for (int m0 = 0; m0 < M; m0 += kAmxRows) {
             const int rows = M - m0 < kAmxRows ? M - m0 : kAmxRows;
             amx_configure(rows);  // 64 bytes a row: 64 u8 of x, 16 int32 sums, 16 columns x 4 k
-            PendingPanel previous;
+            PendingPanel<int32_t> previous;
             for (int b = b0; b < b1; b++)
                 panel_rows_amx_int8(w, b, scratch, m0, rows, K, sums[b & 1], previous, params, residual, y, N, act);
             finish_pending(previous, previous.items, w, params, residual, y, m0, N, act);
