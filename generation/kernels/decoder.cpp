@@ -460,7 +460,9 @@ inline size_t int8_position(int heads, int D) { return (size_t)heads * D + sizeo
 // products, a quarter of the instructions of turning each value into fp32 (keys stay a position at a time).
 constexpr int kQuadPositions = 4;
 
-inline int8_t* value_quad(int8_t* vc, int p, size_t stride) { return vc + (size_t)(p / kQuadPositions) * kQuadPositions * stride; }
+inline int8_t* value_quad(int8_t* vc, int p, size_t stride) {
+    return vc + (size_t)(p / kQuadPositions) * kQuadPositions * stride;
+}
 
 // Position p's scale of head h in a row's value cache.
 inline float* value_scale(int8_t* vc, int p, size_t stride, int hidden, int heads) {
@@ -530,16 +532,17 @@ constexpr int kValueQuads = 4;  // quads of positions over which one head's sums
 
 inline int head_blocks(int heads) { return (heads + kHeadBlock - 1) / kHeadBlock; }
 
-// One head's weighted sums over quads j0 .. j1 - 1, LANES groups of sixteen of its values: each quad's
-// four u8 weights (hi[j * 2 * kHeadBlock] and lo's, one int32 each) against the quad's four positions of sixteen values; the
-// int32 sums accumulate in acc (2 * LANES: hi's, then lo's).
+// One head's weighted sums over quads j0 .. j1 - 1, LANES groups of sixteen of its values: each quad's four
+// u8 weights (hi[j * 2 * kHeadBlock] and lo's, one int32 each) against the quad's four positions of sixteen
+// values; the int32 sums accumulate in acc (2 * LANES: hi's, then lo's).
 template <int LANES>
 inline void weigh_head(const int8_t* vh, size_t quad_stride, const uint32_t* hi, const uint32_t* lo, int j0, int j1,
                        int32_t* acc) {
     __m512i a[2 * LANES];
     for (int i = 0; i < 2 * LANES; i++) a[i] = _mm512_loadu_si512(acc + 16 * i);
     for (int j = j0; j < j1; j++) {
-        const __m512i wh = _mm512_set1_epi32((int)hi[(size_t)j * 2 * kHeadBlock]), wl = _mm512_set1_epi32((int)lo[(size_t)j * 2 * kHeadBlock]);
+        const __m512i wh = _mm512_set1_epi32((int)hi[(size_t)j * 2 * kHeadBlock]);
+        const __m512i wl = _mm512_set1_epi32((int)lo[(size_t)j * 2 * kHeadBlock]);
         const int8_t* v = vh + (size_t)j * quad_stride;
         for (int i = 0; i < LANES; i++) {
             const __m512i x = _mm512_loadu_si512(v + 64 * i);
@@ -555,7 +558,8 @@ inline void weigh_head_any(const int8_t* vh, size_t quad_stride, const uint32_t*
                            int D, int32_t* acc) {
     const int lanes = D / 16;
     for (int j = j0; j < j1; j++) {
-        const __m512i wh = _mm512_set1_epi32((int)hi[(size_t)j * 2 * kHeadBlock]), wl = _mm512_set1_epi32((int)lo[(size_t)j * 2 * kHeadBlock]);
+        const __m512i wh = _mm512_set1_epi32((int)hi[(size_t)j * 2 * kHeadBlock]);
+        const __m512i wl = _mm512_set1_epi32((int)lo[(size_t)j * 2 * kHeadBlock]);
         const int8_t* v = vh + (size_t)j * quad_stride;
         for (int i = 0; i < lanes; i++) {
             const __m512i x = _mm512_loadu_si512(v + 64 * i);
