@@ -448,7 +448,8 @@ void attend_rows(const uint16_t* q, size_t q_stride, const uint16_t* fresh, uint
 // then heads fp32 scales (a head's values are its ints times its scale), each head quantized on its own,
 // symmetrically over its largest magnitude. Keys are stored offset by 128 (u8 bit patterns): the unsigned
 // operand of vpdpbusd, against the query quantized the same way per head, so a head's scores are one
-// exact integer dot product a position. Values are signed and turned back into fp32 for the weighted sum.
+// exact integer dot product a position. Values are signed, four positions together (below), and summed
+// as integer dot products too, against the softmax weights as two 8-bit digits (attend_heads_int8).
 // Attention reads every cache once a step, so it streams half the bytes of bf16 caches: at four requests'
 // eight rows and a few hundred positions that is most of what each added request costs a step.
 inline size_t int8_position(int heads, int D) { return (size_t)heads * D + sizeof(float) * heads; }
