@@ -162,8 +162,7 @@ class NativeKernels:
         rows, capacity, _ = keys.shape
         head_dim = _head_dim(keys, heads)
         hidden = heads * head_dim
-        whole = keys.dtype != torch.int8 or capacity % INT8_QUAD == 0  # int8 values: whole quads
-        _require(keys, 0 <= position < capacity and whole, "keys", keys.dtype)
+        _require(keys, 0 <= position < capacity, "keys", keys.dtype)  # int8: whole quads, attend_int8 says
         _require(values, values.shape == keys.shape, "values", keys.dtype)
         _require(qkv, qkv.numel() == rows * 3 * hidden, "qkv")
         out = qkv.new_empty((rows, hidden))

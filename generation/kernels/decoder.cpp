@@ -534,16 +534,16 @@ constexpr int kValueQuads = 4;  // quads of positions over which one head's sums
 inline int head_blocks(int heads) { return (heads + kHeadBlock - 1) / kHeadBlock; }
 
 // One head's weighted sums over quads j0 .. j1 - 1, LANES groups of sixteen of its values: each quad's four
-// u8 weights (hi[j * 2 * kHeadBlock] and lo's, one int32 each) against the quad's four positions of sixteen
-// values; the int32 sums accumulate in acc (2 * LANES: hi's, then lo's).
+// u8 weights (words[j * 2 * kHeadBlock] the hi digits, kHeadBlock further the lo ones, one int32 each)
+// against the quad's four positions of sixteen values; the int32 sums accumulate in acc (2 * LANES: hi's,
+// then lo's), held in registers over the quads.
 template <int LANES>
-inline void weigh_head(const int8_t* vh, size_t quad_stride, const uint32_t* hi, const uint32_t* lo, int j0, int j1,
-                       int32_t* acc) {
+inline void weigh_head(const int8_t* vh, size_t quad_stride, const uint32_t* words, int j0, int j1, int32_t* acc) {
     __m512i a[2 * LANES];
     for (int i = 0; i < 2 * LANES; i++) a[i] = _mm512_loadu_si512(acc + 16 * i);
     for (int j = j0; j < j1; j++) {
-        const __m512i wh = _mm512_set1_epi32((int)hi[(size_t)j * 2 * kHeadBlock]);
-        const __m512i wl = _mm512_set1_epi32((int)lo[(size_t)j * 2 * kHeadBlock]);
+        const uint32_t* w = words + (size_t)j * 2 * kHeadBlock;
+        const __m512i wh = _mm512_set1_epi32((int)w[0]), wl = _mm512_set1_epi32((int)w[kHeadBlock]);
         const int8_t* v = vh + (size_t)j * quad_stride;
         for (int i = 0; i < LANES; i++) {
             const __m512i x = _mm512_loadu_si512(v + 64 * i);
@@ -554,19 +554,18 @@ inline void weigh_head(const int8_t* vh, size_t quad_stride, const uint32_t* hi,
     for (int i = 0; i < 2 * LANES; i++) _mm512_storeu_si512(acc + 16 * i, a[i]);
 }
 
-// weigh_head for any D (D % 16 == 0), the sums kept in memory.
-inline void weigh_head_any(const int8_t* vh, size_t quad_stride, const uint32_t* hi, const uint32_t* lo, int j0, int j1,
-                           int D, int32_t* acc) {
-    const int lanes = D / 16;
-    for (int j = j0; j < j1; j++) {
-        const __m512i wh = _mm512_set1_epi32((int)hi[(size_t)j * 2 * kHeadBlock]);
-        const __m512i wl = _mm512_set1_epi32((int)lo[(size_t)j * 2 * kHeadBlock]);
-        const int8_t* v = vh + (size_t)j * quad_stride;
-        for (int i = 0; i < lanes; i++) {
-            const __m512i x = _mm512_loadu_si512(v + 64 * i);
-            _mm512_storeu_si512(acc + 16 * i, _mm512_dpbusd_epi32(_mm512_loadu_si512(acc + 16 * i), wh, x));
-            _mm512_storeu_si512(acc + 16 * (lanes + i), _mm512_dpbusd_epi32(_mm512_loadu_si512(acc + 16 * (lanes + i)), wl, x));
-        }
+// weigh_head for a head of D values (D % 32 == 0, D <= 256, as the attention requires).
+inline void weigh_head_of(int D, const int8_t* vh, size_t quad_stride, const uint32_t* words, int j0, int j1,
+                          int32_t* acc) {
+    switch (D / 16) {
+        case 2: weigh_head<2>(vh, quad_stride, words, j0, j1, acc); break;
+        case 4: weigh_head<4>(vh, quad_stride, words, j0, j1, acc); break;
+        case 6: weigh_head<6>(vh, quad_stride, words, j0, j1, acc); break;
+        case 8: weigh_head<8>(vh, quad_stride, words, j0, j1, acc); break;
+        case 10: weigh_head<10>(vh, quad_stride, words, j0, j1, acc); break;
+        case 12: weigh_head<12>(vh, quad_stride, words, j0, j1, acc); break;
+        case 14: weigh_head<14>(vh, quad_stride, words, j0, j1, acc); break;
+        default: weigh_head<16>(vh, quad_stride, words, j0, j1, acc); break;
     }
 }
 
@@ -698,14 +697,8 @@ inline void attend_heads_int8(const int8_t* q, const float* q_scales, const int3
         prefetch_quads(j1);
         for (int h = 0; h < nh; h++) {
             const int8_t* vh = vc + (size_t)(h0 + h) * head_bytes;
-            const uint32_t* hi = words + (size_t)(h / kHeadBlock) * block_n * kHeadBlock + h % kHeadBlock;
-            int32_t* ah = acc + (size_t)h * 2 * D;
-            switch (D) {
-                case 32: weigh_head<2>(vh, quad_stride, hi, hi + kHeadBlock, j0, j1, ah); break;
-                case 64: weigh_head<4>(vh, quad_stride, hi, hi + kHeadBlock, j0, j1, ah); break;
-                case 128: weigh_head<8>(vh, quad_stride, hi, hi + kHeadBlock, j0, j1, ah); break;
-                default: weigh_head_any(vh, quad_stride, hi, hi + kHeadBlock, j0, j1, D, ah); break;
-            }
+            const uint32_t* w = words + (size_t)(h / kHeadBlock) * block_n * kHeadBlock + h % kHeadBlock;
+            weigh_head_of(D, vh, quad_stride, w, j0, j1, acc + (size_t)h * 2 * D);
         }
     }
     // each head: (s * hi sums + s / 256 * lo sums) / sum of terms, rounded to bf16 (NaN for a broken head)
