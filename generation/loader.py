@@ -57,6 +57,15 @@ def cpu_supports_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+def bf16_is_fast() -> bool:
+    """Whether bf16 is this CPU's fast dtype: native bf16 dot products, or our kernels built for it. On a
+    CPU with AVX2 alone (kernels/avx2.h) their bf16 products are fp32 FMAs over half fp32's bytes, about
+    5x float32's steps (docs/engine.md); torch's own bf16 is slower than fp32 there."""
+    from generation import native  # it imports this module
+
+    return cpu_supports_bf16() or native.load() is not None
+
+
 def cpu_has_vnni() -> bool:
     """VNNI int8 dot products accumulate in 32 bits, so int8 activations can use their full range."""
     return bool({"avx512_vnni", "avx_vnni"} & cpu_flags())
@@ -68,7 +77,8 @@ def int8_supported() -> bool:
 
 
 def choose_placement(device: str = "auto", dtype: str = "auto") -> Placement:
-    """``auto``: CUDA when present (bf16, else fp16), else the CPU in bf16 where that is fast, else fp32.
+    """``auto``: CUDA when present (bf16, else fp16), else the CPU in bf16 where that is fast (native bf16,
+    or our kernels: ``bf16_is_fast``), else fp32.
 
     ``cuda:N`` picks one GPU of several (one worker process per GPU).
     """
@@ -90,7 +100,7 @@ def choose_placement(device: str = "auto", dtype: str = "auto") -> Placement:
     if dtype == "int8":
         if dev.type != "cpu" or not int8_supported():
             raise ModelLoadError(dtype, "int8 decoding steps need a CPU with fbgemm (x86-64); use auto")
-        return Placement(dev, torch.bfloat16 if cpu_supports_bf16() else torch.float32, int8_steps=True)
+        return Placement(dev, torch.bfloat16 if bf16_is_fast() else torch.float32, int8_steps=True)
     if dtype != "auto":
         if dtype not in _DTYPES:
             raise ModelLoadError(
@@ -99,7 +109,7 @@ def choose_placement(device: str = "auto", dtype: str = "auto") -> Placement:
         return Placement(dev, _DTYPES[dtype])
     if dev.type == "cuda":
         return Placement(dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    return Placement(dev, torch.bfloat16 if cpu_supports_bf16() else torch.float32)
+    return Placement(dev, torch.bfloat16 if bf16_is_fast() else torch.float32)
 
 
 def _cuda_index(device: str) -> int | None:
@@ -203,9 +213,9 @@ def dtype_advice(device: str, dtype: str, placement: Placement) -> str | None:
     if not int8_supported():
         return f"{gpu}running on the CPU in float32"
     return (
-        f"{gpu}this CPU has no native bf16, so the model runs in float32; int8 decoding steps"
-        " (MUSICBOT_DTYPE=int8, or --dtype int8) are several times faster here, with logits"
-        " within about 3% of float32's"
+        f"{gpu}this CPU has no native bf16 and our kernels did not load (the log above says why; most"
+        " often: install g++), so the model runs in float32; int8 decoding steps (MUSICBOT_DTYPE=int8,"
+        " or --dtype int8) are several times faster here, with logits within about 4% of float32's"
     )
 
 

@@ -42,9 +42,13 @@ log = logging.getLogger(__name__)
 
 KERNELS_DIR = Path(__file__).with_name("kernels")
 SOURCES = (KERNELS_DIR / "decoder.cpp", KERNELS_DIR / "encodec.cpp", KERNELS_DIR / "sampling.cpp")
-HEADERS = (KERNELS_DIR / "common.h",)
+HEADERS = (KERNELS_DIR / "common.h", KERNELS_DIR / "avx2.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-REQUIRED_CPU = ("avx512f", "avx512bw", "avx512_bf16")
+# the kernels' own instructions; a CPU without them gets each AVX-512 operation as two AVX2 ones
+# (kernels/avx2.h: the same results, the dot products at several instructions each)
+AVX512_CPU = ("avx512f", "avx512bw", "avx512_bf16")
+REQUIRED_CPU = ("avx2", "fma")
+AVX2_FLAGS = (*FLAGS, "-mno-avx512f")  # also for an AVX-512 CPU without BF16: its AVX2 build
 MAX_HEADS = native_api.MAX_HEADS
 INT8_EXTRA = 8  # bytes a row that a packed int8 matrix adds: its row's fp32 scale and int32 sum of ints
 _build_lock = threading.Lock()
@@ -64,8 +68,11 @@ class NativeKernels:
         # AMX tiles where the CPU has them and Linux grants them to this process: the products then
         # cost the weight stream alone at any batch. Tests may turn this off.
         self.amx = {"amx_tile", "amx_bf16"} <= cpu_flags() and c["amx_enable"]() == 1
-        # int8 weights: VNNI's u8 x s8 dot products (every AVX-512 BF16 CPU has them), AMX's where it can
-        self.int8 = "avx512_vnni" in cpu_flags()
+        # 512: built for AVX-512 BF16; 256: for AVX2, each 512-bit operation as two (kernels/avx2.h)
+        self.vector_bits = c["vector_bits"]()
+        # int8 weights: VNNI's u8 x s8 dot products (every AVX-512 BF16 CPU has them), AMX's where it can;
+        # on AVX2 the same exact sums of widened bytes
+        self.int8 = self.vector_bits == 256 or "avx512_vnni" in cpu_flags()
         self.amx_int8 = self.amx and "amx_int8" in cpu_flags()
         self._pack_int8 = c["pack_linear_int8"]
         self._linear_int8, self._linear_amx_int8 = c["linear_int8"], c["linear_amx_int8"]
@@ -758,6 +765,11 @@ def load() -> NativeKernels | None:
         return None
 
 
+def build_flags() -> tuple[str, ...]:
+    """The compiler's flags for this CPU: AVX-512 where it has the kernels' instructions, else AVX2."""
+    return FLAGS if all(f in cpu_flags() for f in AVX512_CPU) else AVX2_FLAGS
+
+
 def private_cache_dir() -> Path:
     """``musicbot/kernels`` under the cache root, created 0700 (see ``generation.private_cache``)."""
     return private_dir("kernels")
@@ -775,7 +787,7 @@ def library_path(compiler: str, directory: Path) -> Path:
     parts = [
         *(f"{p.name}\0".encode() + p.read_bytes() for p in (*SOURCES, *HEADERS)),
         native_api.render_header().encode(),
-        " ".join(FLAGS).encode(),
+        " ".join(build_flags()).encode(),
         compiler.encode(),
         version,
         " ".join(sorted(cpu_flags())).encode(),
@@ -790,7 +802,7 @@ def _build(compiler: str, directory: Path) -> Path:
     with _build_lock:
         if target.exists():
             return target
-        compile_library(compiler, FLAGS, target)
+        compile_library(compiler, build_flags(), target)
         log.info("built the native kernels for this CPU: %s", target)
         return target
 

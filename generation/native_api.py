@@ -228,6 +228,8 @@ KERNELS = (
     Kernel("linear_int8", _linear_int8_args, requires=_linear_int8_requires),
     Kernel("linear_amx_int8", _linear_int8_args, requires=_linear_int8_requires, amx=True),
     Kernel("amx_enable", (), returns="int"),
+    # 512 where the library was built for AVX-512, 256 where its vectors are AVX2 pairs (kernels/avx2.h)
+    Kernel("vector_bits", (), returns="int"),
     Kernel("attend_scratch", _ints("heads D capacity"), returns="int"),
     _self_attention("attend_bf16", _BF16, "heads * D"),
     # int8 values lie four positions together (a quad): whole quads

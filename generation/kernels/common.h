@@ -13,13 +13,29 @@
 
 #include "interface.h"
 
+// Built for a CPU without AVX-512 (-march=native on AVX2), the kernels' AVX-512 operations are pairs of
+// AVX2 ones (avx2.h), and the code compiled for VNNI or AMX below is left out.
+#ifndef __AVX512F__
+#include "avx2.h"
+#endif
+
 // The AMX code is compiled for AMX whatever -march says (so the library builds on every AVX-512 BF16 CPU,
 // AMX or not) and runs only where amx_enable() gets the tiles from Linux. A compiler without AMX (g++
 // before 11, or -DMUSICBOT_NO_AMX) gets entry points that amx_enable() never lets run.
-#if defined(__has_include) && !defined(MUSICBOT_NO_AMX)
+#if defined(__has_include) && !defined(MUSICBOT_NO_AMX) && defined(__AVX512F__)
 #if __has_include(<amxtileintrin.h>)
 #define MUSICBOT_AMX 1
 #endif
+#endif
+
+// The VNNI loops: compiled for VNNI on every AVX-512 CPU (the library runs them only where it is there),
+// as plain code on AVX2, whose dot products avx2.h makes of widened bytes.
+#ifdef __AVX512F__
+#define MUSICBOT_VNNI_BEGIN _Pragma("GCC push_options") _Pragma("GCC target(\"avx512vnni\")")
+#define MUSICBOT_VNNI_END _Pragma("GCC pop_options")
+#else
+#define MUSICBOT_VNNI_BEGIN
+#define MUSICBOT_VNNI_END
 #endif
 
 namespace {
@@ -55,7 +71,11 @@ inline __m512 exp_neg(__m512 x) {
 }
 
 inline uint16_t to_bf16(float f) {
+#ifdef __AVX512F__
     return (uint16_t)_mm_cvtsi128_si32((__m128i)_mm_cvtneps_pbh(_mm_set1_ps(f)));
+#else
+    return (uint16_t)_mm_cvtsi128_si32(avx2::cvtneps_pbh8(_mm256_set1_ps(f)));
+#endif
 }
 
 inline float from_bf16(uint16_t h) {

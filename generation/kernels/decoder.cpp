@@ -143,11 +143,54 @@ inline void finish16(__m512 v, const uint16_t* residual, uint16_t* y, size_t at,
     _mm256_storeu_si256((__m256i*)(y + at), (__m256i)_mm512_cvtneps_pbh(v));
 }
 
+#ifndef __AVX512F__
+// On AVX2, one or two rows take a loop of their own (more rows' sums would not fit sixteen registers):
+// each 32-byte vector of the panel (8 columns x 2 k) is split once into its even and odd k as fp32, each
+// row's pair of x broadcast as two fp32, and the odd k's product is added before the even's, as
+// vdpbf16ps adds them, so the sums are the AVX-512 build's. These loops (and the int8 one below) take
+// about half as long as the memory takes to bring their bytes, but the hardware's prefetching alone
+// brought them at 20 GB/s of the memory's 30; asking for them 4 kB ahead, 23-24 (int8, 2 rows, a 4 MB
+// matrix, a 2-core AMD EPYC with AVX2).
+constexpr int kPairAhead = 4096;
+
+template <int MB>
+inline void panel_pair(const uint16_t* panel, const uint16_t* x, const uint16_t* residual, uint16_t* y, int m0, int N,
+                       int K, int n0, int act) {
+    static_assert(MB == 1 || MB == 2, "one or two rows");
+    const uint16_t* x0 = x + (size_t)m0 * K;
+    const uint16_t* x1 = x0 + (size_t)(MB - 1) * K;  // one row: paired with itself
+    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+    __m256 acc[2][4];
+    for (int v = 0; v < 4; v++) acc[0][v] = acc[1][v] = _mm256_setzero_ps();
+    for (int kk = 0; kk < K / 2; kk++) {
+        const uint16_t* p = panel + (size_t)kk * 2 * kPanel;
+        _mm_prefetch((const char*)p + kPairAhead, _MM_HINT_T0);
+        _mm_prefetch((const char*)p + kPairAhead + 64, _MM_HINT_T0);
+        const __m256 e0 = _mm256_set1_ps(from_bf16(x0[2 * kk])), o0 = _mm256_set1_ps(from_bf16(x0[2 * kk + 1]));
+        const __m256 e1 = _mm256_set1_ps(from_bf16(x1[2 * kk])), o1 = _mm256_set1_ps(from_bf16(x1[2 * kk + 1]));
+        for (int v = 0; v < 4; v++) {
+            const __m256i wv = _mm256_loadu_si256((const __m256i*)(p + 16 * v));
+            const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
+            const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(wv, high));
+            acc[0][v] = _mm256_fmadd_ps(e0, we, _mm256_fmadd_ps(o0, wo, acc[0][v]));
+            acc[1][v] = _mm256_fmadd_ps(e1, we, _mm256_fmadd_ps(o1, wo, acc[1][v]));
+        }
+    }
+    for (int m = 0; m < MB; m++)
+        for (int h = 0; h < 2; h++)
+            finish16(avx2::f32x16{acc[m][2 * h], acc[m][2 * h + 1]}, residual, y, (size_t)(m0 + m) * N + n0 + 16 * h,
+                     act);
+}
+#endif  // __AVX512F__
+
 // One panel of kPanel output columns for MB rows of x: acc[m][h] holds columns h*16 .. h*16+15.
 // Each pair of x's bf16 values (k, k+1) is broadcast into the dot product's operand.
 template <int MB>
 inline void panel_rows(const uint16_t* panel, const uint16_t* x, const uint16_t* residual, uint16_t* y,
                        int m0, int N, int K, int n0, int act) {
+#ifndef __AVX512F__
+    if constexpr (MB <= 2) return panel_pair<MB>(panel, x, residual, y, m0, N, K, n0, act);
+#endif
     __m512 acc[MB][2];
     for (int m = 0; m < MB; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
     const int pairs = K / 2;
@@ -312,14 +355,61 @@ inline void finish16_int8(__m512i acc, const float* params, int r, const Int8Mat
 constexpr int kStreamAhead = 16384;
 constexpr int kAskAheadRows = 4;
 
-#pragma GCC push_options
-#pragma GCC target("avx512vnni")
+MUSICBOT_VNNI_BEGIN
+
+#ifndef __AVX512F__
+// On AVX2, one or two rows (one request) take a loop of their own, as the 512-bit one's sums for more rows
+// would not fit AVX2's sixteen registers: each 32-byte vector of the panel (8 columns x 4 k) has its even
+// and odd bytes widened to 16 bits once for both rows, and each row's four u8 values are split the same
+// way, so two vpmaddwd a row give exactly vpdpbusd's sums. The panel is asked for kPairAhead ahead, as in
+// the bf16 loop.
+
+template <int MB>
+inline void panel_pair_int8(const Int8Matrix& w, int b, const uint8_t* xq, const float* params,
+                            const uint16_t* residual, uint16_t* y, int m0, int N, int K, int act) {
+    static_assert(MB == 1 || MB == 2, "one or two rows");
+    const int8_t* panel = w.panels + (size_t)b * K * kPanel;
+    const uint8_t* x0 = xq + (size_t)m0 * K;
+    const uint8_t* x1 = x0 + (size_t)(MB - 1) * K;  // one row: paired with itself
+    const __m256i low = _mm256_set1_epi16(0xFF);
+    __m256i acc[2][4];
+    for (int v = 0; v < 4; v++) acc[0][v] = acc[1][v] = _mm256_setzero_si256();
+    for (int kq = 0; kq < K / kQuad; kq++) {
+        const int8_t* p = panel + (size_t)kq * kQuad * kPanel;
+        _mm_prefetch((const char*)p + kPairAhead, _MM_HINT_T0);
+        _mm_prefetch((const char*)p + kPairAhead + 64, _MM_HINT_T0);
+        int32_t q0, q1;
+        memcpy(&q0, x0 + kQuad * kq, sizeof q0);
+        memcpy(&q1, x1 + kQuad * kq, sizeof q1);
+        const __m256i b0 = _mm256_set1_epi32(q0), b1 = _mm256_set1_epi32(q1);
+        const __m256i e0 = _mm256_and_si256(b0, low), o0 = _mm256_srli_epi16(b0, 8);
+        const __m256i e1 = _mm256_and_si256(b1, low), o1 = _mm256_srli_epi16(b1, 8);
+        for (int v = 0; v < 4; v++) {
+            const __m256i wv = _mm256_loadu_si256((const __m256i*)(p + 32 * v));
+            const __m256i we = _mm256_srai_epi16(_mm256_slli_epi16(wv, 8), 8), wo = _mm256_srai_epi16(wv, 8);
+            const __m256i s0 = _mm256_add_epi32(_mm256_madd_epi16(e0, we), _mm256_madd_epi16(o0, wo));
+            const __m256i s1 = _mm256_add_epi32(_mm256_madd_epi16(e1, we), _mm256_madd_epi16(o1, wo));
+            acc[0][v] = _mm256_add_epi32(acc[0][v], s0);
+            acc[1][v] = _mm256_add_epi32(acc[1][v], s1);
+        }
+    }
+    const int n0 = b * kPanel;
+    for (int m = 0; m < MB; m++)
+        for (int h = 0; h < 2; h++)
+            finish16_int8(avx2::i32x16{acc[m][2 * h], acc[m][2 * h + 1]}, params, m0 + m, w, n0 + 16 * h, residual, y,
+                          (size_t)(m0 + m) * N + n0 + 16 * h, act);
+}
+#endif  // __AVX512F__
 
 // One int8 panel for MB rows of quantized x (VNNI): each group of four of a row's u8 values is broadcast
-// against 16 columns x 4 k of weights.
+// against 16 columns x 4 k of weights. On AVX2 (more than two rows) the same code shares each vector's
+// widened weights among the rows, which beat taking them two at a time at eight rows (13 GB/s against 10).
 template <int MB>
 inline void panel_rows_int8(const Int8Matrix& w, int b, const uint8_t* xq, const float* params, const uint16_t* residual,
                             uint16_t* y, int m0, int N, int K, int act) {
+#ifndef __AVX512F__
+    if constexpr (MB <= 2) return panel_pair_int8<MB>(w, b, xq, params, residual, y, m0, N, K, act);
+#endif
     __m512i acc[MB][2];
     for (int m = 0; m < MB; m++) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
     const int8_t* panel = w.panels + (size_t)b * K * kPanel;
@@ -345,7 +435,7 @@ inline void panel_rows_int8(const Int8Matrix& w, int b, const uint8_t* xq, const
             finish16_int8(acc[m][h], params, m0 + m, w, n0 + 16 * h, residual, y, (size_t)(m0 + m) * N + n0 + 16 * h, act);
 }
 
-#pragma GCC pop_options
+MUSICBOT_VNNI_END
 
 #ifdef MUSICBOT_AMX
 #pragma GCC push_options
@@ -503,8 +593,7 @@ inline float quantize_head(const uint16_t* x, int8_t* q, int D, bool offset) {
     return broken ? NAN : most / 127.0f;
 }
 
-#pragma GCC push_options
-#pragma GCC target("avx512vnni")
+MUSICBOT_VNNI_BEGIN
 
 // Asks for heads h0.. of an int8 cache position (`span` bytes from `heads`, head h0's first byte) and their
 // fp32 scales (`hidden` bytes into the position), into L2.
@@ -718,7 +807,7 @@ inline void attend_heads_int8(const int8_t* q, const float* q_scales, const int3
     }
 }
 
-#pragma GCC pop_options
+MUSICBOT_VNNI_END
 
 // attend_rows' self-attention over int8 caches (rows, capacity, int8_position(heads, D)) bytes: position
 // n - 1 is first written from the fresh keys and values, quantized.
@@ -953,6 +1042,12 @@ void cross_attend_bf16(const uint16_t* q, const uint16_t* keys, const uint16_t* 
     attend_rows(q, (size_t)heads * D, nullptr, const_cast<uint16_t*>(keys), const_cast<uint16_t*>(values), mask,
                 out, scratch, rows, heads, D, n, n, threads);
 }
+
+#ifdef __AVX512F__
+int vector_bits() { return 512; }
+#else
+int vector_bits() { return 256; }
+#endif
 
 #ifdef MUSICBOT_AMX
 #pragma GCC push_options

@@ -74,7 +74,7 @@ def test_residual_blocks_take_the_native_kernel_unless_kernels_are_off(tiny_engi
     from generation.codec import _NativeResnetBlock
 
     if native.load() is None:
-        pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
+        pytest.skip("the native kernels need an AVX2 CPU and a C++ compiler")
     encodec = tiny_engine.model.audio_encoder
 
     def fused(decoder: EncodecDecoder) -> int:
@@ -90,7 +90,7 @@ def test_the_lstm_takes_the_native_recurrence_unless_kernels_are_off(tiny_engine
     from generation.codec import _NativeLSTM
 
     if native.load() is None:
-        pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
+        pytest.skip("the native kernels need an AVX2 CPU and a C++ compiler")
     encodec = tiny_engine.model.audio_encoder
 
     def native_lstms(decoder: EncodecDecoder) -> int:
@@ -116,7 +116,7 @@ def test_native_lstm_equals_encodecs_to_fp32_rounding(rows: int, steps: int, wid
 
     kernels = native.load()
     if kernels is None:
-        pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
+        pytest.skip("the native kernels need an AVX2 CPU and a C++ compiler")
     torch.manual_seed(rows * 100 + steps)
     block = EncodecLSTM(EncodecConfig(num_lstm_layers=layers), width).eval()
     with torch.no_grad():
@@ -141,7 +141,7 @@ def test_stride_4_upsamplings_and_the_last_convolution_take_the_kernels_with_the
     from generation.codec import _NarrowConv1d, _NativeLastConv, _NativeUpsample
 
     if native.load() is None:
-        pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
+        pytest.skip("the native kernels need an AVX2 CPU and a C++ compiler")
     encodec = tiny_engine.model.audio_encoder
     before = [type(layer) for layer in encodec.decoder.layers]
     decoder = EncodecDecoder(encodec, torch.device("cpu"))
@@ -174,7 +174,7 @@ def test_native_upsampling_equals_torchs_transposed_convolution(rows: int, lengt
 
     kernels = native.load()
     if kernels is None:
-        pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
+        pytest.skip("the native kernels need an AVX2 CPU and a C++ compiler")
     g = torch.Generator().manual_seed(length)
     x = torch.randn(rows, 24, length, generator=g)
     weight, bias = torch.randn(24, 12, 8, generator=g) / 5, torch.randn(12, generator=g)
@@ -196,7 +196,7 @@ def test_native_last_convolution_with_its_elu_and_padding_equals_encodecs(
 
     kernels = native.load()
     if kernels is None:
-        pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
+        pytest.skip("the native kernels need an AVX2 CPU and a C++ compiler")
     g = torch.Generator().manual_seed(length)
     x = torch.randn(2, 16, length, generator=g)
     weight, bias = torch.randn(outs, 16, taps, generator=g) / 4, torch.randn(outs, generator=g)

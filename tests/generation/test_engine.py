@@ -174,12 +174,29 @@ def test_uncached_hub_model_fails_at_once_when_offline() -> None:
 
 
 def test_auto_placement_on_this_machine_is_cpu() -> None:
-    from generation.loader import choose_placement, cpu_supports_bf16
+    from generation.loader import bf16_is_fast, choose_placement
 
     placement = choose_placement("auto", "auto")
     assert placement.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     if placement.device.type == "cpu":
-        assert placement.dtype == (torch.bfloat16 if cpu_supports_bf16() else torch.float32)
+        assert placement.dtype == (torch.bfloat16 if bf16_is_fast() else torch.float32)
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["our-kernels", "no-kernels"])
+def test_a_cpu_without_native_bf16_runs_bf16_on_our_kernels_and_float32_without_them(
+    monkeypatch: pytest.MonkeyPatch, kernels: bool
+) -> None:
+    from generation import loader, native
+
+    monkeypatch.setattr(loader, "cpu_supports_bf16", lambda: False)  # an AVX2 CPU
+    monkeypatch.setattr(native, "load", lambda: object() if kernels else None)
+    want = torch.bfloat16 if kernels else torch.float32
+    assert loader.choose_placement("cpu", "auto").dtype == want
+    int8 = loader.choose_placement("cpu", "int8")
+    assert int8.int8_steps and int8.dtype == want  # bf16 activations: our int8 steps, else fbgemm's
+    advice = loader.dtype_advice("cpu", "auto", loader.choose_placement("cpu", "auto"))
+    assert (advice is None) == kernels
+    assert kernels or "install g++" in str(advice)
 
 
 def test_a_model_too_big_for_the_device_says_what_to_do(

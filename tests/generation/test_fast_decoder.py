@@ -79,7 +79,7 @@ def test_bf16_native_step_stays_close_to_transformers(
     from generation import native
 
     if native.load() is None:
-        pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
+        pytest.skip("the native kernels need an AVX2 CPU and a C++ compiler")
     directory = request.getfixturevalue(model)  # stereo: 8 codebooks' embeddings and LM heads
     ours, theirs = _logits_both_ways(directory, "bfloat16", steps=80, requests=requests)
     assert _worst_step_error(ours, theirs) < 0.02
@@ -94,7 +94,7 @@ def test_bf16_weights_pack_in_one_buffer_as_each_stacked_matrix_would(
 
     kernels = native.load()
     if kernels is None:
-        pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
+        pytest.skip("the native kernels need an AVX2 CPU and a C++ compiler")
     engine = load_engine(str(request.getfixturevalue(model)), device="cpu", dtype="bfloat16")
     weights = engine._fast_weights()
     assert weights.linear.kind == "native"
@@ -208,7 +208,7 @@ def test_one_native_call_a_step_gives_the_python_loops_logits(tiny_model_dir: Pa
     from generation.request import SamplingParams
 
     if native.load() is None:
-        pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
+        pytest.skip("the native kernels need an AVX2 CPU and a C++ compiler")
     engine = load_engine(str(tiny_model_dir), device="cpu", dtype="bfloat16")
     prompts = ["calm lo-fi piano with rain", "rock"]
     request = GenerationRequest(prompts[0], sampling=SamplingParams(guidance=guidance))
@@ -235,7 +235,7 @@ def _one_native_pass(tiny_model_dir: Path) -> tuple[Any, int]:
     from generation import native
 
     if native.load() is None:
-        pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
+        pytest.skip("the native kernels need an AVX2 CPU and a C++ compiler")
     engine = load_engine(str(tiny_model_dir), device="cpu", dtype="bfloat16")
     with torch.inference_mode():
         conditioning = engine._condition(["rock"], GenerationRequest("rock"))

@@ -18,17 +18,39 @@ from generation.loader import cpu_flags
 from tests.generation.ownership import give_to_another_user
 
 CAN_BUILD = all(f in cpu_flags() for f in native.REQUIRED_CPU) and shutil.which("g++") is not None
+# where this CPU's own build is AVX-512's, the AVX2 build (kernels/avx2.h) is tested beside it
+AVX512_HERE = CAN_BUILD and all(f in cpu_flags() for f in native.AVX512_CPU)
+ALSO_AVX2 = pytest.mark.skipif(not AVX512_HERE, reason="this CPU's own build is AVX2's")
 
 
-@pytest.fixture(scope="module")
-def kernels() -> native.NativeKernels:
-    built = native.load()
-    if built is None:
-        pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
-    return built
+def _build_with(tmp_path: Path, *extra: str, flags: tuple[str, ...] | None = None) -> native.NativeKernels:
+    import ctypes
+
+    target = tmp_path / "kernels.so"
+    native.compile_library("g++", (*(flags or native.build_flags()), *extra), target)
+    return native.NativeKernels(ctypes.CDLL(str(target)), target)
 
 
-@pytest.mark.skipif(not CAN_BUILD, reason="no AVX-512 BF16 CPU or no g++ here")
+@pytest.fixture(
+    scope="module",
+    params=[
+        "native",
+        pytest.param("avx2", marks=ALSO_AVX2),
+    ],
+)
+def kernels(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> native.NativeKernels:
+    """This CPU's kernels; on an AVX-512 CPU also its AVX2 build, which must give the same results."""
+    if request.param == "avx2":
+        built = _build_with(tmp_path_factory.mktemp("avx2"), flags=native.AVX2_FLAGS)
+        assert built.vector_bits == 256 and not built.amx
+        return built
+    loaded = native.load()
+    if loaded is None:
+        pytest.skip("the native kernels need an AVX2 CPU and a C++ compiler")
+    return loaded
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="no AVX2 CPU or no g++ here")
 def test_kernels_build_where_the_cpu_and_a_compiler_allow() -> None:
     built = native.load()
     assert built is not None
@@ -47,6 +69,8 @@ HAS_AMX = {"amx_tile", "amx_bf16"} <= cpu_flags()
 )
 def products(request: pytest.FixtureRequest, kernels: native.NativeKernels) -> Iterator[native.NativeKernels]:
     """The kernels with their products on AVX-512 dot products, then (where the CPU has them) on AMX."""
+    if request.param == "amx" and kernels.vector_bits != 512:
+        pytest.skip("the AVX2 build has no AMX")
     before = kernels.amx, kernels.amx_int8
     kernels.amx = request.param == "amx"
     kernels.amx_int8 = kernels.amx and "amx_int8" in cpu_flags()
@@ -55,7 +79,7 @@ def products(request: pytest.FixtureRequest, kernels: native.NativeKernels) -> I
 
 
 def test_amx_is_used_where_the_cpu_has_it(kernels: native.NativeKernels) -> None:
-    assert kernels.amx == HAS_AMX
+    assert kernels.amx == (HAS_AMX and kernels.vector_bits == 512)
 
 
 # rows: whole groups of 8 (AVX-512) or 16 (AMX tiles), remainders, both; K: whole 32-wide tile columns
@@ -562,7 +586,7 @@ def test_attention_over_nothing_but_minus_infinity_is_nan_as_in_torch(kernels: n
     assert torch.isnan(want).all() and torch.isnan(got.float()).all()
 
 
-@pytest.mark.skipif(not CAN_BUILD, reason="no AVX-512 BF16 CPU or no g++ here")
+@pytest.mark.skipif(not CAN_BUILD, reason="no AVX2 CPU or no g++ here")
 def test_a_cached_library_that_no_longer_loads_is_built_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -719,15 +743,7 @@ def test_amx_convolutions_refuse_what_their_tiles_cannot_take(kernels: native.Na
         kernels.amx = True
 
 
-def _build_with(tmp_path: Path, *extra: str) -> native.NativeKernels:
-    import ctypes
-
-    target = tmp_path / "kernels.so"
-    native.compile_library("g++", (*native.FLAGS, *extra), target)
-    return native.NativeKernels(ctypes.CDLL(str(target)), target)
-
-
-@pytest.mark.skipif(not CAN_BUILD, reason="no AVX-512 BF16 CPU or no g++ here")
+@pytest.mark.skipif(not CAN_BUILD, reason="no AVX2 CPU or no g++ here")
 def test_the_kernels_build_and_run_for_a_cpu_without_amx(tmp_path: Path) -> None:
     # -march=native without AMX's extensions: what an AVX-512 BF16 CPU of an older generation gets
     kernels = _build_with(tmp_path, "-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8")
@@ -739,7 +755,7 @@ def test_the_kernels_build_and_run_for_a_cpu_without_amx(tmp_path: Path) -> None
     assert torch.all((got - want).abs() <= want.abs() * 2**-8 + 1e-6)
 
 
-@pytest.mark.skipif(not CAN_BUILD, reason="no AVX-512 BF16 CPU or no g++ here")
+@pytest.mark.skipif(not CAN_BUILD, reason="no AVX2 CPU or no g++ here")
 def test_a_compiler_without_amx_gives_entry_points_that_amx_enable_never_lets_run(tmp_path: Path) -> None:
     kernels = _build_with(tmp_path, "-DMUSICBOT_NO_AMX")
     assert not kernels.amx
@@ -930,7 +946,7 @@ def test_a_cache_directory_of_another_user_is_refused(
 # --- a sanitized build running every entry point ---
 
 
-@pytest.mark.skipif(not CAN_BUILD, reason="no AVX-512 BF16 CPU or no g++ here")
+@pytest.mark.skipif(not CAN_BUILD, reason="no AVX2 CPU or no g++ here")
 def test_every_entry_point_runs_clean_under_address_and_undefined_behaviour_sanitizers(
     tmp_path: Path,
 ) -> None:
@@ -943,7 +959,7 @@ def test_every_entry_point_runs_clean_under_address_and_undefined_behaviour_sani
     if not os.path.isabs(asan):
         pytest.skip("this g++ has no AddressSanitizer runtime")
     target = tmp_path / "sanitized.so"
-    flags = [f for f in native.FLAGS if f != "-O3"]
+    flags = [f for f in native.build_flags() if f != "-O3"]
     sanitize = (
         "-O1",
         "-g",
