@@ -865,7 +865,7 @@ def load_engine(
 
     ``kernels=False`` keeps bf16 CPU steps and EnCodec on torch's kernels instead of the native ones.
     """
-    placement = replace(choose_placement(device, dtype), kernels=kernels)
+    placement = replace(choose_placement(device, dtype, kernels), kernels=kernels)
     advice = dtype_advice(device, dtype, placement)
     if advice is not None:
         log.warning("%s", advice)

@@ -57,13 +57,13 @@ def cpu_supports_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
-def bf16_is_fast() -> bool:
-    """Whether bf16 is this CPU's fast dtype: native bf16 dot products, or our kernels built for it. On a
-    CPU with AVX2 alone (kernels/avx2.h) their bf16 products are fp32 FMAs over half fp32's bytes, about
-    5x float32's steps (docs/engine.md); torch's own bf16 is slower than fp32 there."""
+def bf16_is_fast(kernels: bool = True) -> bool:
+    """Whether bf16 is this CPU's fast dtype: native bf16 dot products, or our kernels (where ``kernels``
+    allows them) built for it. On a CPU with AVX2 alone (kernels/avx2.h) their bf16 products are fp32
+    FMAs over half fp32's bytes, about 6x float32's steps (docs/engine.md)."""
     from generation import native  # it imports this module
 
-    return cpu_supports_bf16() or native.load() is not None
+    return cpu_supports_bf16() or (kernels and native.load() is not None)
 
 
 def cpu_has_vnni() -> bool:
@@ -76,9 +76,9 @@ def int8_supported() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
-def choose_placement(device: str = "auto", dtype: str = "auto") -> Placement:
+def choose_placement(device: str = "auto", dtype: str = "auto", kernels: bool = True) -> Placement:
     """``auto``: CUDA when present (bf16, else fp16), else the CPU in bf16 where that is fast (native bf16,
-    or our kernels: ``bf16_is_fast``), else fp32.
+    or our kernels unless ``kernels`` is False: ``bf16_is_fast``), else fp32.
 
     ``cuda:N`` picks one GPU of several (one worker process per GPU).
     """
@@ -100,7 +100,8 @@ def choose_placement(device: str = "auto", dtype: str = "auto") -> Placement:
     if dtype == "int8":
         if dev.type != "cpu" or not int8_supported():
             raise ModelLoadError(dtype, "int8 decoding steps need a CPU with fbgemm (x86-64); use auto")
-        return Placement(dev, torch.bfloat16 if bf16_is_fast() else torch.float32, int8_steps=True)
+        fast = bf16_is_fast(kernels)
+        return Placement(dev, torch.bfloat16 if fast else torch.float32, int8_steps=True, kernels=kernels)
     if dtype != "auto":
         if dtype not in _DTYPES:
             raise ModelLoadError(
@@ -109,7 +110,7 @@ def choose_placement(device: str = "auto", dtype: str = "auto") -> Placement:
         return Placement(dev, _DTYPES[dtype])
     if dev.type == "cuda":
         return Placement(dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    return Placement(dev, torch.bfloat16 if bf16_is_fast() else torch.float32)
+    return Placement(dev, torch.bfloat16 if bf16_is_fast(kernels) else torch.float32, kernels=kernels)
 
 
 def _cuda_index(device: str) -> int | None:
@@ -212,10 +213,15 @@ def dtype_advice(device: str, dtype: str, placement: Placement) -> str | None:
     gpu = "no CUDA GPU found; " if device == "auto" else ""
     if not int8_supported():
         return f"{gpu}running on the CPU in float32"
+    why = (
+        "our kernels did not load (the log above says why; most often: install g++)"
+        if placement.kernels
+        else "our kernels are off (MUSICBOT_KERNELS=off)"
+    )
     return (
-        f"{gpu}this CPU has no native bf16 and our kernels did not load (the log above says why; most"
-        " often: install g++), so the model runs in float32; int8 decoding steps (MUSICBOT_DTYPE=int8,"
-        " or --dtype int8) are several times faster here, with logits within about 4% of float32's"
+        f"{gpu}this CPU has no native bf16 and {why}, so the model runs in float32; int8 decoding steps"
+        " (MUSICBOT_DTYPE=int8, or --dtype int8) are several times faster here, with logits within"
+        " about 4% of float32's"
     )
 
 

@@ -197,6 +197,9 @@ def test_a_cpu_without_native_bf16_runs_bf16_on_our_kernels_and_float32_without_
     advice = loader.dtype_advice("cpu", "auto", loader.choose_placement("cpu", "auto"))
     assert (advice is None) == kernels
     assert kernels or "install g++" in str(advice)
+    off = loader.choose_placement("cpu", "auto", kernels=False)  # MUSICBOT_KERNELS=off: torch's fp32
+    assert off.dtype == torch.float32 and not off.kernels
+    assert "our kernels are off (MUSICBOT_KERNELS=off)" in str(loader.dtype_advice("cpu", "auto", off))
 
 
 def test_a_model_too_big_for_the_device_says_what_to_do(
