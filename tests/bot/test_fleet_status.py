@@ -24,6 +24,7 @@ async def test_status_lists_the_workers_the_queue_and_recent_failures(database: 
     async with running_service(settings, models, listener=listener) as service:
         failed = await service.submit(request("fails"), Origin(5))
         await listener.wait_settled([failed.id])
+        models.generating.clear()  # set by the failed job's call: wait below for the held job's own
         held = await service.submit(request("held"), Origin(1))
         await models.wait_generating()
         waiting = await service.submit(request("next in line", duration=3), Origin(2))
