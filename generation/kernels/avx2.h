@@ -2,7 +2,8 @@
 // cores before Ice Lake, ...): each 512-bit vector is two 256-bit halves, each operation the same
 // operation on both halves, with the same results lane for lane. The integer dot products (VNNI's
 // vpdpbusd) are exact int32 sums here too, and the bf16 ones (vdpbf16ps) add their two exact products in
-// the same order, so the int8 kernels give the same bits as on AVX-512 and the bf16 ones the same sums.
+// the same order, so the int8 kernels give the same bits as on AVX-512 and the bf16 ones the same sums
+// (but for denormals, noted there).
 // Included by common.h, after <immintrin.h>, when the compiler targets no AVX-512: the names below then
 // stand for these functions, and the kernels' code is the same source for both. Only what the kernels
 // use is here, with the operands they use (noted where narrower than AVX-512's).
@@ -105,12 +106,33 @@ inline f32x16 maskz_mov_ps(__mmask16 m, f32x16 a) {
 inline f32x16 mask_mov_ps(f32x16 src, __mmask16 m, f32x16 a) { return mask_blend_ps(m, src, a); }
 inline f32x16 mask_mul_ps(f32x16 src, __mmask16 m, f32x16 a, f32x16 b) { return mask_blend_ps(m, src, mul_ps(a, b)); }
 inline f32x16 maskz_div_ps(__mmask16 m, f32x16 a, f32x16 b) { return maskz_mov_ps(m, div_ps(a, b)); }
-// masked-off lanes are neither read nor written (vmaskmov), as AVX-512's masked moves
+// Masked-off lanes are neither read nor written, as AVX-512's masked moves promise (the kernels' tails
+// rely on it at the end of a buffer). AVX2's vmaskmov does not promise it on AMD's CPUs (their manual
+// leaves faults on masked-off elements to the implementation), so a half of eight lanes moves whole
+// when all of it is wanted, and a lane at a time when only some is.
+inline __m256i load8_masked(const int32_t* p, unsigned bits) {
+    bits &= 0xFF;
+    if (bits == 0xFF) return _mm256_loadu_si256((const __m256i*)p);
+    alignas(32) int32_t v[8] = {};
+    for (int i = 0; i < 8; i++)
+        if (bits >> i & 1) v[i] = p[i];
+    return _mm256_load_si256((const __m256i*)v);
+}
+inline void store8_masked(int32_t* p, unsigned bits, __m256i a) {
+    bits &= 0xFF;
+    if (bits == 0xFF) return _mm256_storeu_si256((__m256i*)p, a);
+    alignas(32) int32_t v[8];
+    _mm256_store_si256((__m256i*)v, a);
+    for (int i = 0; i < 8; i++)
+        if (bits >> i & 1) p[i] = v[i];
+}
 inline f32x16 maskz_loadu_ps(__mmask16 m, const float* p) {
-    return {_mm256_maskload_ps(p, lanes8(m)), _mm256_maskload_ps(p + 8, lanes8(m >> 8))};
+    const int32_t* q = (const int32_t*)p;
+    return {_mm256_castsi256_ps(load8_masked(q, m)), _mm256_castsi256_ps(load8_masked(q + 8, m >> 8))};
 }
 inline void mask_storeu_ps(float* p, __mmask16 m, f32x16 a) {
-    _mm256_maskstore_ps(p, lanes8(m), a.lo), _mm256_maskstore_ps(p + 8, lanes8(m >> 8), a.hi);
+    int32_t* q = (int32_t*)p;
+    store8_masked(q, m, _mm256_castps_si256(a.lo)), store8_masked(q + 8, m >> 8, _mm256_castps_si256(a.hi));
 }
 
 // integers
@@ -129,8 +151,8 @@ inline void storeu_si512(void* p, i32x16 a) {
     _mm256_storeu_si256(q, a.lo), _mm256_storeu_si256(q + 1, a.hi);
 }
 inline i32x16 maskz_loadu_epi32(__mmask16 m, const void* p) {
-    const int* q = (const int*)p;
-    return {_mm256_maskload_epi32(q, lanes8(m)), _mm256_maskload_epi32(q + 8, lanes8(m >> 8))};
+    const int32_t* q = (const int32_t*)p;
+    return {load8_masked(q, m), load8_masked(q + 8, m >> 8)};
 }
 // bytes: no masked byte moves in AVX2, so a partial mask goes through memory a byte at a time
 inline i32x16 maskz_loadu_epi8(__mmask64 m, const void* p) {
@@ -222,7 +244,9 @@ inline i32x16 dpbusd_epi32(i32x16 src, i32x16 a, i32x16 b) {
 }
 
 // bf16: fp32 with the low 16 bits dropped. vdpbf16ps adds each lane's odd pair's product, then its even
-// pair's (both exact in fp32), rounding to nearest each time, as the two FMAs here do.
+// pair's (both exact in fp32), rounding to nearest each time, as the two FMAs here do; it also treats
+// denormal inputs and sums as zero, which these do not (the kernels' own bf16 activations hold no
+// denormals: their rounding below flushes them; a sum would differ only below 2^-126).
 inline __m256 dpbf16_8(__m256 src, __m256i a, __m256i b) {
     const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
     const __m256 a_odd = _mm256_castsi256_ps(_mm256_and_si256(a, high));
