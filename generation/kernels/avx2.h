@@ -233,11 +233,17 @@ inline void mask_i32scatter_ps(float* base, __mmask16 m, i32x16 idx, f32x16 v, i
 }
 
 // vpdpbusd: src + the four products of a's u8 and b's s8 in each 32-bit lane, exactly. The even and odd
-// bytes widened to 16 bits: each product fits, and vpmaddwd sums two of them into 32 bits exactly.
-inline __m256i dpbusd8(__m256i src, __m256i a, __m256i b) {
-    const __m256i a_even = _mm256_and_si256(a, _mm256_set1_epi16(0xFF)), a_odd = _mm256_srli_epi16(a, 8);
-    const __m256i b_even = _mm256_srai_epi16(_mm256_slli_epi16(b, 8), 8), b_odd = _mm256_srai_epi16(b, 8);
+// bytes widened to 16 bits: each product fits, and vpmaddwd sums two of them into 32 bits exactly. The
+// pieces are apart so that the AVX2 products' own loops widen each operand once for several rows.
+inline __m256i even_u8(__m256i a) { return _mm256_and_si256(a, _mm256_set1_epi16(0xFF)); }
+inline __m256i odd_u8(__m256i a) { return _mm256_srli_epi16(a, 8); }
+inline __m256i even_s8(__m256i b) { return _mm256_srai_epi16(_mm256_slli_epi16(b, 8), 8); }
+inline __m256i odd_s8(__m256i b) { return _mm256_srai_epi16(b, 8); }
+inline __m256i dot_widened(__m256i src, __m256i a_even, __m256i a_odd, __m256i b_even, __m256i b_odd) {
     return _mm256_add_epi32(src, _mm256_add_epi32(_mm256_madd_epi16(a_even, b_even), _mm256_madd_epi16(a_odd, b_odd)));
+}
+inline __m256i dpbusd8(__m256i src, __m256i a, __m256i b) {
+    return dot_widened(src, even_u8(a), odd_u8(a), even_s8(b), odd_s8(b));
 }
 inline i32x16 dpbusd_epi32(i32x16 src, i32x16 a, i32x16 b) {
     return {dpbusd8(src.lo, a.lo, b.lo), dpbusd8(src.hi, a.hi, b.hi)};
@@ -247,13 +253,15 @@ inline i32x16 dpbusd_epi32(i32x16 src, i32x16 a, i32x16 b) {
 // pair's (both exact in fp32), rounding to nearest each time, as the two FMAs here do; it also treats
 // denormal inputs and sums as zero, which these do not (the kernels' own bf16 activations hold no
 // denormals: their rounding below flushes them; a sum would differ only below 2^-126).
-inline __m256 dpbf16_8(__m256 src, __m256i a, __m256i b) {
-    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
-    const __m256 a_odd = _mm256_castsi256_ps(_mm256_and_si256(a, high));
-    const __m256 a_even = _mm256_castsi256_ps(_mm256_slli_epi32(a, 16));
-    const __m256 b_odd = _mm256_castsi256_ps(_mm256_and_si256(b, high));
-    const __m256 b_even = _mm256_castsi256_ps(_mm256_slli_epi32(b, 16));
+inline __m256 even_bf16(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+inline __m256 odd_bf16(__m256i v) {
+    return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000u)));
+}
+inline __m256 dot_pairs(__m256 src, __m256 a_even, __m256 a_odd, __m256 b_even, __m256 b_odd) {
     return _mm256_fmadd_ps(a_even, b_even, _mm256_fmadd_ps(a_odd, b_odd, src));
+}
+inline __m256 dpbf16_8(__m256 src, __m256i a, __m256i b) {
+    return dot_pairs(src, even_bf16(a), odd_bf16(a), even_bf16(b), odd_bf16(b));
 }
 inline f32x16 dpbf16_ps(f32x16 src, bf16x32 a, bf16x32 b) {
     return {dpbf16_8(src.lo, a.lo, b.lo), dpbf16_8(src.hi, a.hi, b.hi)};

@@ -159,7 +159,6 @@ inline void panel_pair(const uint16_t* panel, const uint16_t* x, const uint16_t*
     static_assert(MB == 1 || MB == 2, "one or two rows");
     const uint16_t* x0 = x + (size_t)m0 * K;
     const uint16_t* x1 = x0 + (size_t)(MB - 1) * K;  // one row: paired with itself
-    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
     __m256 acc[2][4];
     for (int v = 0; v < 4; v++) acc[0][v] = acc[1][v] = _mm256_setzero_ps();
     for (int kk = 0; kk < K / 2; kk++) {
@@ -170,10 +169,9 @@ inline void panel_pair(const uint16_t* panel, const uint16_t* x, const uint16_t*
         const __m256 e1 = _mm256_set1_ps(from_bf16(x1[2 * kk])), o1 = _mm256_set1_ps(from_bf16(x1[2 * kk + 1]));
         for (int v = 0; v < 4; v++) {
             const __m256i wv = _mm256_loadu_si256((const __m256i*)(p + 16 * v));
-            const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
-            const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(wv, high));
-            acc[0][v] = _mm256_fmadd_ps(e0, we, _mm256_fmadd_ps(o0, wo, acc[0][v]));
-            acc[1][v] = _mm256_fmadd_ps(e1, we, _mm256_fmadd_ps(o1, wo, acc[1][v]));
+            const __m256 we = avx2::even_bf16(wv), wo = avx2::odd_bf16(wv);
+            acc[0][v] = avx2::dot_pairs(acc[0][v], e0, o0, we, wo);
+            acc[1][v] = avx2::dot_pairs(acc[1][v], e1, o1, we, wo);
         }
     }
     for (int m = 0; m < MB; m++)
@@ -371,7 +369,6 @@ inline void panel_pair_int8(const Int8Matrix& w, int b, const uint8_t* xq, const
     const int8_t* panel = w.panels + (size_t)b * K * kPanel;
     const uint8_t* x0 = xq + (size_t)m0 * K;
     const uint8_t* x1 = x0 + (size_t)(MB - 1) * K;  // one row: paired with itself
-    const __m256i low = _mm256_set1_epi16(0xFF);
     __m256i acc[2][4];
     for (int v = 0; v < 4; v++) acc[0][v] = acc[1][v] = _mm256_setzero_si256();
     for (int kq = 0; kq < K / kQuad; kq++) {
@@ -382,15 +379,12 @@ inline void panel_pair_int8(const Int8Matrix& w, int b, const uint8_t* xq, const
         memcpy(&q0, x0 + kQuad * kq, sizeof q0);
         memcpy(&q1, x1 + kQuad * kq, sizeof q1);
         const __m256i b0 = _mm256_set1_epi32(q0), b1 = _mm256_set1_epi32(q1);
-        const __m256i e0 = _mm256_and_si256(b0, low), o0 = _mm256_srli_epi16(b0, 8);
-        const __m256i e1 = _mm256_and_si256(b1, low), o1 = _mm256_srli_epi16(b1, 8);
+        const __m256i e0 = avx2::even_u8(b0), o0 = avx2::odd_u8(b0), e1 = avx2::even_u8(b1), o1 = avx2::odd_u8(b1);
         for (int v = 0; v < 4; v++) {
             const __m256i wv = _mm256_loadu_si256((const __m256i*)(p + 32 * v));
-            const __m256i we = _mm256_srai_epi16(_mm256_slli_epi16(wv, 8), 8), wo = _mm256_srai_epi16(wv, 8);
-            const __m256i s0 = _mm256_add_epi32(_mm256_madd_epi16(e0, we), _mm256_madd_epi16(o0, wo));
-            const __m256i s1 = _mm256_add_epi32(_mm256_madd_epi16(e1, we), _mm256_madd_epi16(o1, wo));
-            acc[0][v] = _mm256_add_epi32(acc[0][v], s0);
-            acc[1][v] = _mm256_add_epi32(acc[1][v], s1);
+            const __m256i we = avx2::even_s8(wv), wo = avx2::odd_s8(wv);
+            acc[0][v] = avx2::dot_widened(acc[0][v], e0, o0, we, wo);
+            acc[1][v] = avx2::dot_widened(acc[1][v], e1, o1, we, wo);
         }
     }
     const int n0 = b * kPanel;

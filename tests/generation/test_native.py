@@ -786,18 +786,14 @@ HAS_GXX = shutil.which("g++") is not None and native.platform.machine() in ("x86
 def bound(tmp_path_factory: pytest.TempPathFactory) -> native.NativeKernels:
     """The kernels for this CPU, or where it lacks the instructions a build for an AVX-512 BF16 CPU that
     is loaded but never run: the refusals below happen before any call crosses into the library."""
-    import ctypes
-
     if CAN_BUILD:
         built = native.load()
         assert built is not None
         return built
     if not HAS_GXX:
         pytest.skip("no g++ for x86-64 here")
-    target = tmp_path_factory.mktemp("kernels") / "kernels.so"
-    flags = [f for f in native.FLAGS if f != "-march=native"]
-    native.compile_library("g++", (*flags, "-march=cooperlake"), target)
-    return native.NativeKernels(ctypes.CDLL(str(target)), target)
+    flags = tuple(f for f in native.FLAGS if f != "-march=native")
+    return _build_with(tmp_path_factory.mktemp("kernels"), "-march=cooperlake", flags=flags)
 
 
 def test_a_kernel_called_with_the_wrong_dtype_names_the_argument(bound: native.NativeKernels) -> None:
