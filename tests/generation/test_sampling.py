@@ -157,6 +157,31 @@ def test_the_native_choice_is_torchs_from_the_same_numbers() -> None:
     assert same >= total - 2, f"{total - same} of {total} differ"
 
 
+@pytest.mark.parametrize("vocab", [2048, 2045])
+def test_the_native_k_best_keep_ties_and_leave_out_minus_infinity_as_torchs_do(vocab: int) -> None:
+    """Scores of a few values (ties at every k-th), rows with fewer finite scores than k, and a vocabulary
+    that is not a multiple of sixteen: the native selection of the k best keeps what torch's keeps."""
+    kernels = native.load()
+    if kernels is None:
+        pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
+    g = torch.Generator().manual_seed(12)
+    same = total = 0
+    for top_k in (2, 250, vocab - 1):
+        params = SamplingParams(guidance=1.0, top_k=top_k)
+        for _ in range(10):
+            scores = torch.randint(-4, 5, (4, 4, vocab), generator=g).float()
+            scores[1, 2, 100:] = float("-inf")  # 100 finite: fewer than k for the larger k
+            scores[3, 0, ::2] = float("-inf")
+            draws = torch.rand(4, 4, generator=g)
+            ours = next_tokens(scores.to(torch.bfloat16), 4, params, draws, kernels)
+            theirs = choose(scores, params, draws)
+            same += int((ours == theirs).sum())
+            total += ours.numel()
+            kept = scores >= torch.topk(scores, top_k, dim=-1).values[..., -1:]
+            assert kept.gather(-1, ours[..., None]).all(), "a token outside the k best (with ties)"
+    assert same >= total - 2, f"{total - same} of {total} differ"
+
+
 def test_scores_holding_nan_or_infinity_raise_a_clear_error(pick: Pick) -> None:
     scores = torch.randn(2, 4, 64)
     scores[1, 2, 7] = float("nan")
