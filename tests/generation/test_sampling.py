@@ -16,15 +16,22 @@ DRAWS = 4000
 Pick = Callable[[torch.Tensor, SamplingParams, torch.Tensor], torch.Tensor]
 
 
+@pytest.fixture
+def kernels() -> native.NativeKernels:
+    """The native kernels for this CPU (skipped where they cannot be had)."""
+    loaded = native.load()
+    if loaded is None:
+        pytest.skip("the native kernels need an AVX2 CPU and a C++ compiler")
+    return loaded
+
+
 @pytest.fixture(params=["torch", "native"])
 def pick(request: pytest.FixtureRequest) -> Pick:
     """A step's choice from unguided scores ``(rows, codebooks, vocab)`` and draws ``(rows, codebooks)``:
     torch's, or the native kernel's (on the scores as the bf16 logits it takes)."""
     if request.param == "torch":
         return lambda scores, params, draws: next_tokens(scores, scores.shape[0], params, draws)
-    kernels = native.load()
-    if kernels is None:
-        pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
+    kernels = request.getfixturevalue("kernels")
     return lambda scores, params, draws: next_tokens(
         scores.to(torch.bfloat16), scores.shape[0], params, draws, kernels
     )
@@ -135,12 +142,9 @@ def test_each_rows_numbers_come_from_its_own_seed() -> None:
     assert both.shape == (10, 2, 4) and torch.equal(both[:, 1:], alone)
 
 
-def test_the_native_choice_is_torchs_from_the_same_numbers() -> None:
+def test_the_native_choice_is_torchs_from_the_same_numbers(kernels: native.NativeKernels) -> None:
     """Guided bf16 logits of four requests, the bot's settings: the same tokens either way, but where a
     draw lands within rounding of a boundary between two tokens (two fp32 sums in different orders)."""
-    kernels = native.load()
-    if kernels is None:
-        pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
     g = torch.Generator().manual_seed(11)
     same = total = 0
     for temperature, top_k in ((1.0, 250), (0.7, 50), (1.3, 0)):
@@ -158,12 +162,11 @@ def test_the_native_choice_is_torchs_from_the_same_numbers() -> None:
 
 
 @pytest.mark.parametrize("vocab", [2048, 2045])
-def test_the_native_k_best_keep_ties_and_leave_out_minus_infinity_as_torchs_do(vocab: int) -> None:
+def test_the_native_k_best_keep_ties_and_leave_out_minus_infinity_as_torchs_do(
+    kernels: native.NativeKernels, vocab: int
+) -> None:
     """Scores of a few values (ties at every k-th), rows with fewer finite scores than k, and a vocabulary
     that is not a multiple of sixteen: the native selection of the k best keeps what torch's keeps."""
-    kernels = native.load()
-    if kernels is None:
-        pytest.skip("the native kernels need an AVX-512 BF16 CPU and a C++ compiler")
     g = torch.Generator().manual_seed(12)
     same = total = 0
     for top_k in (2, 250, vocab - 1):
