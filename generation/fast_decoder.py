@@ -443,6 +443,13 @@ class FastDecoderState:
             )
         elif cross_mask is not None:
             self.cross_mask = cross_mask.to(self.cross_dtype)
+        # int8 steps read the text's keys and values as int8 caches too, each row over its own prompt
+        self.cross_int8: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.cross_lengths: torch.Tensor | None = None
+        if kernels is not None and weights.linear.kind == "native-int8" and self.cross:
+            self.cross_lengths = prompt_lengths(self.cross_mask, self.cross_rows, text)
+        if kernels is not None and self.cross_lengths is not None:
+            self.cross_int8 = [kernels.int8_caches(k, v, weights.heads, text) for k, v in self.cross]
         # With the native kernels (and GELU, as every MusicGen has) the whole step is one native call.
         self.native_step = self._native_step() if isinstance(self.attention, _NativeAttention) else None
 
@@ -459,7 +466,7 @@ class FastDecoderState:
                 "keys": attention.keys[i], "values": attention.values[i],
             }  # fmt: skip
             if self.cross_rows:
-                fields["cross_keys"], fields["cross_values"] = self.cross[i]
+                fields["cross_keys"], fields["cross_values"] = (self.cross_int8 or self.cross)[i]
             layers.append(fields)
         return native.NativeStep(
             w.linear.kernels,
@@ -471,7 +478,8 @@ class FastDecoderState:
             layers=layers,
             rows=self.rows,
             cross_rows=self.cross_rows,
-            cross_mask=self.cross_mask if self.cross_rows else None,
+            cross_mask=self.cross_mask if self.cross_rows and not self.cross_int8 else None,
+            cross_lengths=self.cross_lengths if self.cross_rows else None,
         )
 
     @torch.inference_mode()
@@ -657,6 +665,23 @@ def _split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Ten
     """``(rows, 1, 3 * hidden)`` fused projections → q, k, v of ``(rows, heads, head_dim)``."""
     rows = qkv.shape[0]
     return qkv.view(rows, 3, heads, -1).unbind(1)  # type: ignore[return-value]
+
+
+def prompt_lengths(mask: torch.Tensor | None, rows: int, text: int) -> torch.Tensor | None:
+    """Each row's prompt length ``(rows,)`` int32, where an additive cross-attention ``mask (rows, text)``
+    (None: nothing masked) lets each row see a prefix of the text, at least one position, and hides the
+    rest so that it weighs exactly nothing (a mask under -1e30: exp gives 0 in fp32); else None."""
+    if rows == 0 or text == 0:
+        return None
+    if mask is None:
+        return torch.full((rows,), text, dtype=torch.int32)
+    mask = mask.reshape(rows, text)
+    seen, hidden = mask == 0, mask < -1e30
+    lengths = seen.sum(-1)
+    prefix = torch.arange(text)[None, :] < lengths[:, None]
+    if not (bool((seen == prefix).all()) and bool((hidden == ~prefix).all()) and int(lengths.min()) >= 1):
+        return None
+    return lengths.to(torch.int32)
 
 
 def cross_attention_mask(

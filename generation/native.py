@@ -77,6 +77,7 @@ class NativeKernels:
         self._pack_int8 = c["pack_linear_int8"]
         self._linear_int8, self._linear_amx_int8 = c["linear_int8"], c["linear_amx_int8"]
         self._attend, self._cross = c["attend_bf16"], c["cross_attend_bf16"]
+        self._cross_int8 = c["cross_attend_int8"]
         self._attend_int8, self._quantize_cache = c["attend_int8"], c["quantize_cache"]
         self._attend_scratch = c["attend_scratch"]
         self._resblock, self._resblock_scratch = c["resblock_f32"], c["resblock_scratch"]
@@ -298,6 +299,31 @@ class NativeKernels:
         )
         return out
 
+    def cross_attend_int8(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        lengths: torch.Tensor,
+        heads: int,
+        scratch: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``cross_attend`` over the text's int8 caches ``(rows, capacity, hidden + 4 * heads)`` (from
+        ``int8_caches``), row r over its first ``lengths[r]`` positions (int32, 1 .. capacity): the mask
+        of a prompt padded to the batch's longest, without reading the padding."""
+        rows, capacity, _ = keys.shape
+        head_dim = _head_dim(keys, heads)
+        hidden = heads * head_dim
+        _require(values, values.shape == keys.shape, "values", torch.int8)
+        _require(q, q.numel() == rows * hidden, "q")
+        fits = lengths.shape == (rows,) and bool(((lengths >= 1) & (lengths <= capacity)).all())
+        _require(lengths, fits, "lengths", torch.int32)
+        out = q.new_empty((rows, hidden))
+        threads = torch.get_num_threads()
+        scratch = self._fit_scratch(scratch, threads * self._attend_scratch(heads, head_dim, capacity))
+        self._cross_int8(q, keys, values, lengths, out, scratch, rows, heads, head_dim, capacity, threads)
+        return out
+
     def pack_lstm(self, weight_hh: torch.Tensor) -> torch.Tensor:
         """An LSTM layer's recurrent weights ``(4H, H)`` (torch's ``weight_hh``, gates i, f, g, o) in the
         kernel's panels. H % 16 == 0."""
@@ -495,7 +521,8 @@ class NativeStep:
     cross-attention), the packed ``qkv``, ``out``, ``cross_q``, ``cross_out``, ``fc1`` (followed by exact
     GELU), ``fc2``, the self-attention ``keys``/``values`` (rows, capacity, hidden) bf16 (int8 weights
     take the int8 caches of ``int8_caches``) and, with cross-attention, ``cross_keys``/``cross_values``
-    (cross_rows, text, hidden).
+    (cross_rows, text, hidden) bf16 under ``cross_mask``, or with ``cross_lengths`` (int8 weights) the
+    text's int8 caches, each row attending its first ``cross_lengths[row]`` positions.
     """
 
     def __init__(
@@ -511,6 +538,7 @@ class NativeStep:
         rows: int,
         cross_rows: int,
         cross_mask: torch.Tensor | None,
+        cross_lengths: torch.Tensor | None = None,
     ) -> None:
         if not 0 <= cross_rows <= rows:
             raise ValueError(f"cross_rows: {cross_rows} is not within the step's {rows} rows")
@@ -545,6 +573,10 @@ class NativeStep:
             return ptr(w, (hidden,), name), ptr(b, (hidden,), name), float(eps)
 
         _head_dim(first["keys"], heads)  # heads that fit the attention kernel
+        if cross_lengths is not None:
+            fits = text % INT8_QUAD == 0 and cross_mask is None and cross_lengths.shape == (cross_rows,)
+            fits = fits and bool(((cross_lengths >= 1) & (cross_lengths <= text)).all())
+            _require(cross_lengths, fits, "cross_lengths", torch.int32)
         int8 = lm_head.dtype == torch.int8  # every matrix packed by pack_int8, or every one by pack
         if int8 and not (kernels.int8 and fits_linear_int8(hidden, ffn)):
             raise ValueError("int8 weights: this CPU lacks VNNI or the widths are not multiples of 64")
@@ -576,8 +608,14 @@ class NativeStep:
             if cross:
                 fields["cross_q"] = matrix(layer["cross_q"], hidden, hidden, n)
                 fields["cross_out"] = matrix(layer["cross_out"], hidden, hidden, n)
-                fields["cross_keys"] = ptr(layer["cross_keys"], (cross_rows, text, hidden), n)
-                fields["cross_values"] = ptr(layer["cross_values"], (cross_rows, text, hidden), n)
+                # bf16, or with cross_lengths the int8 caches cross_attend_int8 takes
+                text_shape, text_dtype = (
+                    ((cross_rows, text, hidden), torch.bfloat16)
+                    if cross_lengths is None
+                    else ((cross_rows, text, int8_cache_width(hidden, heads)), torch.int8)
+                )
+                fields["cross_keys"] = ptr(layer["cross_keys"], text_shape, n, text_dtype)
+                fields["cross_values"] = ptr(layer["cross_values"], text_shape, n, text_dtype)
             for k, (w, b, eps) in enumerate((ln1, ln2, ln3), 1):
                 fields[f"ln{k}_w"], fields[f"ln{k}_b"], fields[f"eps{k}"] = w, b, eps
             structs.append(StepLayer(**fields))
@@ -600,6 +638,7 @@ class NativeStep:
             final_eps=final[2],
             lm_head=ptr(lm_head, None, "lm_head", wdtype),
             cross_mask=ptr(cross_mask, (cross_rows, text), "cross_mask", torch.float32) if cross else None,
+            cross_lengths=ptr(cross_lengths, (cross_rows,), "cross_lengths", torch.int32) if cross else None,
         )
         threads = torch.get_num_threads()
         self.threads = threads

@@ -28,6 +28,7 @@ _ELEMENT = {
     torch.bfloat16: "uint16_t",
     torch.float32: "float",
     torch.int64: "int64_t",
+    torch.int32: "int32_t",
     torch.int8: "int8_t",
     torch.uint8: "uint8_t",
 }
@@ -113,6 +114,7 @@ class Kernel:
 
 _p, _f = ctypes.c_void_p, ctypes.c_float
 _BF16, _FP32, _INT64, _INT8, _UINT8 = torch.bfloat16, torch.float32, torch.int64, torch.int8, torch.uint8
+_INT32 = torch.int32
 _LAYER_WEIGHTS = (
     *("ln1_w", "ln1_b", "qkv", "out", "ln2_w", "ln2_b", "cross_q", "cross_out"),
     *("ln3_w", "ln3_b", "fc1", "fc2"),
@@ -143,7 +145,9 @@ class StepModel(ctypes.Structure):
     + 1, hidden), positions (positions, hidden), the final norm, the packed LM heads (codebooks * vocab,
     hidden) and the cross-attention mask (cross_rows, text) fp32 or null. ``amx``: the products run on
     tiles; ``int8``: every matrix is a packed int8 one (``pack_linear_int8``) and the self-attention
-    caches are int8."""
+    caches are int8. ``cross_lengths`` (cross_rows,) int32, or null: the layers' text keys and values are
+    int8 caches (cross_rows, text, hidden + 4 * heads) bytes, as ``cross_attend_int8`` takes them, text a
+    multiple of 4, and row r attends its first cross_lengths[r] positions (no mask then)."""
 
     _fields_ = [
         *((name, ctypes.c_int) for name in ("layers", "hidden", "heads", "ffn", "codebooks", "vocab")),
@@ -151,12 +155,13 @@ class StepModel(ctypes.Structure):
         ("embeddings", ctypes.POINTER(ctypes.c_void_p)),
         *((name, _p) for name in ("positions", "final_w", "final_b")),
         ("final_eps", _f),
-        *((name, _p) for name in ("lm_head", "cross_mask")),
+        *((name, _p) for name in ("lm_head", "cross_mask", "cross_lengths")),
     ]
     _c_types_ = {
         "embeddings": "const uint16_t* const*",
         "lm_head": "const void*",
         "cross_mask": "const float*",
+        "cross_lengths": "const int32_t*",
     }
 
 
@@ -255,6 +260,21 @@ KERNELS = (
             *_ints("rows heads D n threads"),
         ),
         requires=("rows > 0", "n > 0", *_attention_requires),
+    ),
+    Kernel(
+        "cross_attend_int8",
+        (
+            Tensor("q", _BF16, "rows * heads * D"),
+            Tensor("keys", _INT8, f"rows * capacity * {_INT8_POSITION}"),
+            Tensor("values", _INT8, f"rows * capacity * {_INT8_POSITION}"),
+            Tensor("lengths", _INT32, "rows"),
+            Tensor("out", _BF16, "rows * heads * D", writes=True),
+            Tensor(
+                "scratch", _FP32, "threads * attend_scratch(heads, D, capacity)", writes=True, at_least=True
+            ),
+            *_ints("rows heads D capacity threads"),
+        ),
+        requires=("rows > 0", "capacity > 0 and capacity % 4 == 0", *_attention_requires),
     ),
     Kernel("step_work", _ints("rows hidden ffn"), returns="int"),
     Kernel(

@@ -803,6 +803,17 @@ inline void attend_heads_int8(const int8_t* q, const float* q_scales, const int3
 
 MUSICBOT_VNNI_END
 
+// Heads h0 .. h1 - 1 of a row's bf16 query (at q) as int8, each on its own scale, with each head's sum
+// of ints (for the keys' offset of 128): what attend_heads_int8 takes.
+inline void quantize_query(const uint16_t* q, int h0, int h1, int D, int8_t* ints, float* scales, int32_t* sums) {
+    for (int h = h0; h < h1; h++) {
+        scales[h] = quantize_head(q + (size_t)h * D, ints + (size_t)h * D, D, false);
+        int32_t sum = 0;
+        for (int d = 0; d < D; d++) sum += ints[(size_t)h * D + d];
+        sums[h] = sum;
+    }
+}
+
 // attend_rows' self-attention over int8 caches (rows, capacity, int8_position(heads, D)) bytes: position
 // n - 1 is first written from the fresh keys and values, quantized.
 void attend_rows_int8(const uint16_t* qkv, size_t q_stride, int8_t* keys, int8_t* values, uint16_t* out,
@@ -829,13 +840,36 @@ void attend_rows_int8(const uint16_t* qkv, size_t q_stride, int8_t* keys, int8_t
                 ((float*)(kn + hidden))[h] = quantize_head(qr + hidden + (size_t)h * D, kn + (size_t)h * D, D, true);
                 vs[h] = quantize_head(qr + 2 * (size_t)hidden + (size_t)h * D, fresh, D, false);
                 store_value_head(vc, n - 1, stride, h, D, fresh);
-                q_scales[h] = quantize_head(qr + (size_t)h * D, q + (size_t)h * D, D, false);
-                int32_t sum = 0;
-                for (int d = 0; d < D; d++) sum += q[(size_t)h * D + d];
-                q_sums[h] = sum;
             }
+            quantize_query(qr, h0, h1, D, q, q_scales, q_sums);
             attend_heads_int8(q, q_scales, q_sums, kc, vc, n, stride, hidden, h0, h1, D, out + (size_t)r * hidden, scores,
                               acc);
+        }
+    }
+}
+
+// Cross-attention over the text's int8 caches (rows, capacity, int8_position(heads, D)) bytes, filled
+// by quantize_cache: row r attends its first lengths[r] positions (its prompt; the rest is the padding a
+// mask would hide, so this is the masked attention over half the bytes of bf16 keys and values).
+void cross_rows_int8(const uint16_t* q, const int8_t* keys, const int8_t* values, const int32_t* lengths,
+                     uint16_t* out, float* scratch, int rows, int heads, int D, int capacity, int threads) {
+    const int hidden = heads * D, groups = head_groups(rows, heads, threads);
+    const size_t stride = int8_position(heads, D);
+#pragma omp parallel num_threads(threads)
+    {
+        float* scores = scratch + (size_t)omp_get_thread_num() * attention_scratch(heads, D, capacity);
+        int32_t* acc = (int32_t*)(scores + (size_t)head_blocks(heads) * kHeadBlock * capacity);
+        alignas(64) int8_t qi[kMaxHeads * kMaxHeadSize];
+        float q_scales[kMaxHeads];
+        int32_t q_sums[kMaxHeads];
+#pragma omp for schedule(static)
+        for (int task = 0; task < rows * groups; task++) {
+            const int r = task / groups, g = task % groups;
+            const int h0 = g * heads / groups, h1 = (g + 1) * heads / groups;
+            quantize_query(q + (size_t)r * hidden, h0, h1, D, qi, q_scales, q_sums);
+            const size_t row = (size_t)r * capacity * stride;
+            attend_heads_int8(qi, q_scales, q_sums, keys + row, values + row, lengths[r], stride, hidden, h0, h1, D,
+                              out + (size_t)r * hidden, scores, acc);
         }
     }
 }
@@ -1037,6 +1071,15 @@ void cross_attend_bf16(const uint16_t* q, const uint16_t* keys, const uint16_t* 
                 out, scratch, rows, heads, D, n, n, threads);
 }
 
+// Cross-attention of one step over the text's int8 caches: q (rows, heads * D) bf16 (scaled); keys /
+// values (rows, capacity, heads * D + 4 * heads) bytes as quantize_cache fills them (keys with keys=1);
+// row r attends positions 0 .. lengths[r] - 1. out (rows, heads * D) bf16. scratch as cross_attend_bf16's
+// for n = capacity.
+void cross_attend_int8(const uint16_t* q, const int8_t* keys, const int8_t* values, const int32_t* lengths,
+                       uint16_t* out, float* scratch, int rows, int heads, int D, int capacity, int threads) {
+    cross_rows_int8(q, keys, values, lengths, out, scratch, rows, heads, D, capacity, threads);
+}
+
 #ifdef __AVX512F__
 int vector_bits() { return 512; }
 #else
@@ -1162,8 +1205,12 @@ void decoder_step(const StepModel* m, const StepLayer* layers, const int64_t* to
         if (L.cross_keys && cross_rows > 0) {
             layer_norm(x, h, L.ln2_w, L.ln2_b, L.eps2, cross_rows, H);
             linear(L.cross_q, h, nullptr, qkv, cross_rows, H, H, 0);
-            attend_rows(qkv, (size_t)H, nullptr, const_cast<uint16_t*>(L.cross_keys), const_cast<uint16_t*>(L.cross_values),
-                        m->cross_mask, attn, scratch, cross_rows, m->heads, D, m->text, m->text, threads);
+            if (m->cross_lengths)  // the text's caches are int8 (cross_attend_int8's)
+                cross_rows_int8(qkv, (const int8_t*)L.cross_keys, (const int8_t*)L.cross_values, m->cross_lengths, attn,
+                                scratch, cross_rows, m->heads, D, m->text, threads);
+            else
+                attend_rows(qkv, (size_t)H, nullptr, (uint16_t*)L.cross_keys, (uint16_t*)L.cross_values, m->cross_mask,
+                            attn, scratch, cross_rows, m->heads, D, m->text, m->text, threads);
             linear(L.cross_out, attn, x, x, cross_rows, H, H, 0);
         }
         layer_norm(x, h, L.ln3_w, L.ln3_b, L.eps3, rows, H);

@@ -60,6 +60,11 @@ def attention(kernels: native.NativeKernels) -> None:
             k, v = _bf16(rows, n, hidden), _bf16(rows, n, hidden)
             kernels.cross_attend(_bf16(rows, 1, hidden), k, v, None, heads)
             kernels.cross_attend(_bf16(rows, 1, hidden), k, v, torch.zeros(rows, n), heads)
+            if kernels.int8:  # the text as int8 caches, each row over 1 .. n of its positions
+                k8, v8 = kernels.int8_caches(k, v, heads, n)
+                for length in {1, n}:
+                    lengths = torch.full((rows,), length, dtype=torch.int32)
+                    kernels.cross_attend_int8(_bf16(rows, 1, hidden), k8, v8, lengths, heads)
 
 
 def sampling(kernels: native.NativeKernels) -> None:
@@ -141,10 +146,14 @@ def decoder_step(kernels: native.NativeKernels, int8: bool) -> None:
                     "cross_values": _bf16(cross_rows, text, hidden),
                 }
             )  # fmt: skip
-            if int8:  # int8 steps attend over int8 caches
+            if int8:  # int8 steps attend over int8 caches, the text's too (each row its own length)
                 layers[-1]["keys"], layers[-1]["values"] = kernels.int8_caches(
                     layers[-1]["keys"], layers[-1]["values"], heads, capacity
                 )
+                layers[-1]["cross_keys"], layers[-1]["cross_values"] = kernels.int8_caches(
+                    layers[-1]["cross_keys"], layers[-1]["cross_values"], heads, text
+                )
+        lengths = torch.arange(cross_rows, dtype=torch.int32) % text + 1 if int8 else None
         step = native.NativeStep(
             kernels,
             heads=heads,
@@ -155,7 +164,8 @@ def decoder_step(kernels: native.NativeKernels, int8: bool) -> None:
             layers=layers,
             rows=rows,
             cross_rows=cross_rows,
-            cross_mask=torch.zeros(cross_rows, text),
+            cross_mask=None if int8 else torch.zeros(cross_rows, text),
+            cross_lengths=lengths,
         )
         for position in range(capacity):  # to the cache full
             step(torch.randint(0, vocab + 1, (rows, codebooks)), position)

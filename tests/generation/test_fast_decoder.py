@@ -141,6 +141,45 @@ def test_int8_steps_run_on_our_kernels_where_the_cpu_has_vnni(tiny_model_dir: Pa
         assert off.linear.kind == "int8"
 
 
+def test_int8_steps_read_the_text_as_int8_caches_each_row_over_its_prompt(tiny_model_dir: Path) -> None:
+    from generation import native
+
+    kernels = native.load()
+    if kernels is None or not kernels.int8:
+        pytest.skip("our int8 kernels need VNNI (or AVX2)")
+    engine = load_engine(str(tiny_model_dir), device="cpu", dtype="int8")
+    prompts = ["calm lo-fi piano with rain", "rock"]
+    with torch.inference_mode():
+        conditioning = engine._condition(prompts, GenerationRequest(prompts[0]))
+        conditioning.prefill(torch.full((2, engine.codebooks, 1), engine.pad_token), 8)
+    state = conditioning.state
+    lengths = [len(engine.tokenizer(p).input_ids) for p in prompts]
+    assert state.cross_rows == 2 and state.cross_lengths is not None
+    assert state.cross_lengths.tolist() == lengths
+    keys, values = state.cross_int8[0]
+    assert keys.dtype == values.dtype == torch.int8
+    assert keys.shape[1] % 4 == 0 and keys.shape[1] >= max(lengths)  # whole quads
+    assert state.native_step is not None and state.native_step.model.cross_lengths
+    assert not state.native_step.model.cross_mask  # the lengths stand for the mask
+
+
+def test_prompt_lengths_read_a_padding_mask_and_nothing_else() -> None:
+    from generation.fast_decoder import prompt_lengths
+
+    hidden = torch.finfo(torch.bfloat16).min
+    mask = torch.zeros(3, 5)
+    mask[1, 2:], mask[2, 4:] = hidden, hidden
+    assert prompt_lengths(mask, 3, 5).tolist() == [5, 2, 4]
+    assert prompt_lengths(None, 2, 5).tolist() == [5, 5]
+    hole = torch.zeros(1, 5)
+    hole[0, 1] = hidden  # not a prefix: a hole in the prompt
+    nothing = torch.full((1, 5), hidden)  # a row that sees nothing: softmax over all of it
+    soft = torch.zeros(1, 5)
+    soft[0, 3:] = -10.0  # a mask that only lowers scores, which still weigh something
+    for other in (hole, nothing, soft):
+        assert prompt_lengths(other, 1, 5) is None
+
+
 def _worst_step_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     """The largest relative error of any one step's logits (a wrong cache shows up after its step)."""
     steps = ours.shape[0]

@@ -540,6 +540,55 @@ def test_cross_attention_matches_softmax_attention_with_its_mask(
     assert torch.allclose(got, want.reshape(rows, heads * dim), atol=2e-2, rtol=2**-7)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_int8_cross_attention_reads_each_rows_prompt_alone_within_its_quantization_error(
+    int8_attention: native.NativeKernels, threads: int
+) -> None:
+    """The text's int8 caches, each row over its own prompt: within the caches' quantization error of
+    bf16 attention under the mask that hides the padding; the padding is never read (NaN there changes
+    nothing), and a row is bit for bit what it is alone."""
+    g = torch.Generator().manual_seed(threads)
+    rows, heads, dim, text = 3, 16, 64, 23  # 23 positions: the caches hold whole quads, 24
+    lengths = torch.tensor([23, 9, 1], dtype=torch.int32)
+    q = (torch.randn(rows, 1, heads * dim, generator=g) / dim**0.5).to(torch.bfloat16)
+    keys, values = _bf16(rows, text, heads * dim, generator=g), _bf16(rows, text, heads * dim, generator=g)
+    mask = torch.zeros(rows, text)
+    padded_keys, padded_values = keys.clone(), values.clone()
+    for row, length in enumerate(lengths.tolist()):
+        mask[row, length:] = torch.finfo(torch.float32).min
+        padded_keys[row, length:] = padded_values[row, length:] = float("nan")
+    k8, v8 = int8_attention.int8_caches(padded_keys, padded_values, heads, text)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        exact = int8_attention.cross_attend(q, keys, values, mask, heads).double()
+        got = int8_attention.cross_attend_int8(q, k8, v8, lengths, heads)
+        alone = int8_attention.cross_attend_int8(q[1:2], k8[1:2], v8[1:2], lengths[1:2], heads)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.isfinite(got).all()
+    assert torch.equal(alone, got[1:2])
+    exact = exact.view(rows, heads, dim)
+    error = (got.double().view(rows, heads, dim) - exact).norm(dim=-1) / exact.norm(dim=-1)
+    assert error.mean() < 0.013 and error.max() < 0.025, error
+
+
+def test_int8_cross_attention_refuses_lengths_outside_its_caches(
+    int8_attention: native.NativeKernels,
+) -> None:
+    g = torch.Generator().manual_seed(0)
+    heads, dim = 2, 32
+    k8, v8 = int8_attention.int8_caches(
+        _bf16(2, 5, heads * dim, generator=g), _bf16(2, 5, heads * dim, generator=g), heads, 5
+    )  # 8 positions: whole quads
+    q = _bf16(2, 1, heads * dim, generator=g)
+    for lengths in ([0, 3], [3, 9], [2]):
+        with pytest.raises(ValueError, match="lengths"):
+            int8_attention.cross_attend_int8(q, k8, v8, torch.tensor(lengths, dtype=torch.int32), heads)
+    with pytest.raises(ValueError, match="lengths"):
+        int8_attention.cross_attend_int8(q, k8, v8, torch.tensor([1, 2]), heads)  # int64
+
+
 def test_native_engine_repeats_a_seed_bit_for_bit(
     kernels: native.NativeKernels, tiny_model_dir: Path
 ) -> None:
