@@ -443,21 +443,23 @@ class FastDecoderState:
             )
         elif cross_mask is not None:
             self.cross_mask = cross_mask.to(self.cross_dtype)
-        # int8 steps read the text's keys and values as int8 caches too, each row over its own prompt
+        # The native int8 step reads the text's keys and values as int8 caches too, each row over its own
+        # prompt (lengths in place of the mask); then the bf16 ones are not kept. Python's steps (no GELU)
+        # and any mask other than a padding prefix keep bf16.
         self.cross_int8: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cross_lengths: torch.Tensor | None = None
-        if kernels is not None and weights.linear.kind == "native-int8" and self.cross:
+        native_step = isinstance(self.attention, _NativeAttention) and weights.gelu
+        if native_step and kernels is not None and weights.linear.kind == "native-int8" and self.cross:
             self.cross_lengths = prompt_lengths(self.cross_mask, self.cross_rows, text)
-        if kernels is not None and self.cross_lengths is not None:
-            self.cross_int8 = [kernels.int8_caches(k, v, weights.heads, text) for k, v in self.cross]
+            if self.cross_lengths is not None:
+                self.cross_int8 = [kernels.int8_caches(k, v, weights.heads, text) for k, v in self.cross]
+                self.cross, self.cross_mask = [], None
         # With the native kernels (and GELU, as every MusicGen has) the whole step is one native call.
-        self.native_step = self._native_step() if isinstance(self.attention, _NativeAttention) else None
+        self.native_step = self._native_step() if native_step else None
 
-    def _native_step(self) -> native.NativeStep | None:
+    def _native_step(self) -> native.NativeStep:
         w, attention = self.w, self.attention
-        assert isinstance(attention, _NativeAttention) and w.linear.kernels is not None
-        if not w.gelu:
-            return None
+        assert isinstance(attention, _NativeAttention) and w.linear.kernels is not None and w.gelu
         layers = []
         for i, layer in enumerate(w.layers):
             fields = {
@@ -478,7 +480,7 @@ class FastDecoderState:
             layers=layers,
             rows=self.rows,
             cross_rows=self.cross_rows,
-            cross_mask=self.cross_mask if self.cross_rows and not self.cross_int8 else None,
+            cross_mask=self.cross_mask if self.cross_rows else None,
             cross_lengths=self.cross_lengths if self.cross_rows else None,
         )
 

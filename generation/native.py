@@ -309,8 +309,9 @@ class NativeKernels:
         scratch: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``cross_attend`` over the text's int8 caches ``(rows, capacity, hidden + 4 * heads)`` (from
-        ``int8_caches``), row r over its first ``lengths[r]`` positions (int32, 1 .. capacity): the mask
-        of a prompt padded to the batch's longest, without reading the padding."""
+        ``int8_caches``), row r over its first ``lengths[r]`` positions (int32, 1 .. capacity, and no more
+        than the caches were filled with: ``int8_caches`` leaves the rest of the last quad unwritten):
+        the mask of a prompt padded to the batch's longest, without reading the padding."""
         rows, capacity, _ = keys.shape
         head_dim = _head_dim(keys, heads)
         hidden = heads * head_dim
@@ -573,11 +574,12 @@ class NativeStep:
             return ptr(w, (hidden,), name), ptr(b, (hidden,), name), float(eps)
 
         _head_dim(first["keys"], heads)  # heads that fit the attention kernel
-        if cross_lengths is not None:
-            fits = text % INT8_QUAD == 0 and cross_mask is None and cross_lengths.shape == (cross_rows,)
+        int8 = lm_head.dtype == torch.int8  # every matrix packed by pack_int8, or every one by pack
+        if cross_lengths is not None:  # int8 text caches: int8 steps only (they need the int8 kernels)
+            fits = int8 and text % INT8_QUAD == 0 and cross_mask is None
+            fits = fits and cross_lengths.shape == (cross_rows,)
             fits = fits and bool(((cross_lengths >= 1) & (cross_lengths <= text)).all())
             _require(cross_lengths, fits, "cross_lengths", torch.int32)
-        int8 = lm_head.dtype == torch.int8  # every matrix packed by pack_int8, or every one by pack
         if int8 and not (kernels.int8 and fits_linear_int8(hidden, ffn)):
             raise ValueError("int8 weights: this CPU lacks VNNI or the widths are not multiples of 64")
         wdtype, extra = (torch.int8, INT8_EXTRA) if int8 else (torch.bfloat16, 0)

@@ -126,7 +126,8 @@ class StepLayer(ctypes.Structure):
     model's ``int8``, by ``pack_linear_int8``), norms as (weight, bias, eps), the self-attention caches
     (rows, capacity, hidden) bf16 (with ``int8``: (rows, capacity, hidden + 4 * heads) bytes, as
     ``attend_int8`` takes them) and, or null without cross-attention, the text's keys and values
-    (cross_rows, text, hidden) bf16."""
+    (cross_rows, text, hidden) bf16 (with the model's ``cross_lengths``: int8 caches of (cross_rows,
+    text, hidden + 4 * heads) bytes, as ``cross_attend_int8`` takes them)."""
 
     _fields_ = [
         *((name, _p) for name in _LAYER_WEIGHTS),
@@ -136,7 +137,10 @@ class StepLayer(ctypes.Structure):
     _c_types_ = {
         "keys": "void*",  # written (bf16, or with the model's int8 as attend_int8's caches); the rest is read
         "values": "void*",
-        **{name: "const void*" for name in ("qkv", "out", "cross_q", "cross_out", "fc1", "fc2")},
+        **{
+            name: "const void*"
+            for name in ("qkv", "out", "cross_q", "cross_out", "fc1", "fc2", "cross_keys", "cross_values")
+        },
     }
 
 
@@ -304,6 +308,8 @@ KERNELS = (
             "m.layers > 0",
             "m.int8 in (0, 1) and (not m.int8 or (m.hidden % 64 == 0 and m.ffn % 64 == 0))",
             "rows > 0 and 0 <= cross_rows <= rows",
+            # int8 text caches hold whole quads: each row reads up to its length rounded up to 4
+            "not m.cross_lengths or (m.int8 and m.text > 0 and m.text % 4 == 0)",
             "0 <= position < m.capacity",
             "threads > 0",
         ),

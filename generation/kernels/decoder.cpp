@@ -848,32 +848,6 @@ void attend_rows_int8(const uint16_t* qkv, size_t q_stride, int8_t* keys, int8_t
     }
 }
 
-// Cross-attention over the text's int8 caches (rows, capacity, int8_position(heads, D)) bytes, filled
-// by quantize_cache: row r attends its first lengths[r] positions (its prompt; the rest is the padding a
-// mask would hide, so this is the masked attention over half the bytes of bf16 keys and values).
-void cross_rows_int8(const uint16_t* q, const int8_t* keys, const int8_t* values, const int32_t* lengths,
-                     uint16_t* out, float* scratch, int rows, int heads, int D, int capacity, int threads) {
-    const int hidden = heads * D, groups = head_groups(rows, heads, threads);
-    const size_t stride = int8_position(heads, D);
-#pragma omp parallel num_threads(threads)
-    {
-        float* scores = scratch + (size_t)omp_get_thread_num() * attention_scratch(heads, D, capacity);
-        int32_t* acc = (int32_t*)(scores + (size_t)head_blocks(heads) * kHeadBlock * capacity);
-        alignas(64) int8_t qi[kMaxHeads * kMaxHeadSize];
-        float q_scales[kMaxHeads];
-        int32_t q_sums[kMaxHeads];
-#pragma omp for schedule(static)
-        for (int task = 0; task < rows * groups; task++) {
-            const int r = task / groups, g = task % groups;
-            const int h0 = g * heads / groups, h1 = (g + 1) * heads / groups;
-            quantize_query(q + (size_t)r * hidden, h0, h1, D, qi, q_scales, q_sums);
-            const size_t row = (size_t)r * capacity * stride;
-            attend_heads_int8(qi, q_scales, q_sums, keys + row, values + row, lengths[r], stride, hidden, h0, h1, D,
-                              out + (size_t)r * hidden, scores, acc);
-        }
-    }
-}
-
 // torch's layer norm of bf16 rows: mean and variance in fp32 (biased), y = (x - mean) * rstd * w + b
 // rounded to bf16 once.
 void layer_norm(const uint16_t* x, uint16_t* y, const uint16_t* w, const uint16_t* b, float eps, int rows,
@@ -1073,11 +1047,30 @@ void cross_attend_bf16(const uint16_t* q, const uint16_t* keys, const uint16_t* 
 
 // Cross-attention of one step over the text's int8 caches: q (rows, heads * D) bf16 (scaled); keys /
 // values (rows, capacity, heads * D + 4 * heads) bytes as quantize_cache fills them (keys with keys=1);
-// row r attends positions 0 .. lengths[r] - 1. out (rows, heads * D) bf16. scratch as cross_attend_bf16's
-// for n = capacity.
+// row r attends positions 0 .. lengths[r] - 1, its prompt (the rest is the padding a mask would hide:
+// the masked attention over half the bytes of bf16 keys and values, the padding not read). out (rows,
+// heads * D) bf16. scratch as cross_attend_bf16's for n = capacity.
 void cross_attend_int8(const uint16_t* q, const int8_t* keys, const int8_t* values, const int32_t* lengths,
                        uint16_t* out, float* scratch, int rows, int heads, int D, int capacity, int threads) {
-    cross_rows_int8(q, keys, values, lengths, out, scratch, rows, heads, D, capacity, threads);
+    const int hidden = heads * D, groups = head_groups(rows, heads, threads);
+    const size_t stride = int8_position(heads, D);
+#pragma omp parallel num_threads(threads)
+    {
+        float* scores = scratch + (size_t)omp_get_thread_num() * attention_scratch(heads, D, capacity);
+        int32_t* acc = (int32_t*)(scores + (size_t)head_blocks(heads) * kHeadBlock * capacity);
+        alignas(64) int8_t qi[kMaxHeads * kMaxHeadSize];
+        float q_scales[kMaxHeads];
+        int32_t q_sums[kMaxHeads];
+#pragma omp for schedule(static)
+        for (int task = 0; task < rows * groups; task++) {
+            const int r = task / groups, g = task % groups;
+            const int h0 = g * heads / groups, h1 = (g + 1) * heads / groups;
+            quantize_query(q + (size_t)r * hidden, h0, h1, D, qi, q_scales, q_sums);
+            const size_t row = (size_t)r * capacity * stride;
+            attend_heads_int8(qi, q_scales, q_sums, keys + row, values + row, lengths[r], stride, hidden, h0, h1, D,
+                              out + (size_t)r * hidden, scores, acc);
+        }
+    }
 }
 
 #ifdef __AVX512F__
@@ -1164,7 +1157,7 @@ int step_work(int rows, int hidden, int ffn) {
 // x (rows, hidden) bf16 is overwritten by the step's hidden states; logits (rows, codebooks * vocab) bf16.
 // tokens (rows, codebooks) int64: this column's codes; position: its index in the caches.
 // work: step_work(rows, hidden, ffn) bf16; scratch: threads * attend_scratch(heads, D, capacity) floats,
-// enough for cross-attention over the text too (text <= capacity).
+// enough for cross-attention over the text too (sized for the larger of capacity and text).
 void decoder_step(const StepModel* m, const StepLayer* layers, const int64_t* tokens, uint16_t* x, uint16_t* logits,
                   uint16_t* work, float* scratch, int rows, int cross_rows, int position, int threads) {
     const int H = m->hidden, D = H / m->heads;
@@ -1206,11 +1199,12 @@ void decoder_step(const StepModel* m, const StepLayer* layers, const int64_t* to
             layer_norm(x, h, L.ln2_w, L.ln2_b, L.eps2, cross_rows, H);
             linear(L.cross_q, h, nullptr, qkv, cross_rows, H, H, 0);
             if (m->cross_lengths)  // the text's caches are int8 (cross_attend_int8's)
-                cross_rows_int8(qkv, (const int8_t*)L.cross_keys, (const int8_t*)L.cross_values, m->cross_lengths, attn,
-                                scratch, cross_rows, m->heads, D, m->text, threads);
-            else
-                attend_rows(qkv, (size_t)H, nullptr, (uint16_t*)L.cross_keys, (uint16_t*)L.cross_values, m->cross_mask,
-                            attn, scratch, cross_rows, m->heads, D, m->text, m->text, threads);
+                cross_attend_int8(qkv, static_cast<const int8_t*>(L.cross_keys), static_cast<const int8_t*>(L.cross_values),
+                                  m->cross_lengths, attn, scratch, cross_rows, m->heads, D, m->text, threads);
+            else  // read only: attend_rows writes no position without `fresh`
+                attend_rows(qkv, (size_t)H, nullptr, const_cast<uint16_t*>(static_cast<const uint16_t*>(L.cross_keys)),
+                            const_cast<uint16_t*>(static_cast<const uint16_t*>(L.cross_values)), m->cross_mask, attn,
+                            scratch, cross_rows, m->heads, D, m->text, m->text, threads);
             linear(L.cross_out, attn, x, x, cross_rows, H, H, 0);
         }
         layer_norm(x, h, L.ln3_w, L.ln3_b, L.eps3, rows, H);

@@ -133,6 +133,7 @@ def decoder_step(kernels: native.NativeKernels, int8: bool) -> None:
         return kernels.pack_int8(**int8_quantize(weight)) if int8 else kernels.pack(weight)
 
     for rows, cross_rows in ((1, 1), (4, 2), (2, 0)):
+        text_int8 = int8 and rows > 1  # int8 steps of one row keep bf16 text under a mask
         layers = []
         for _ in range(2):
             ln = (_bf16(hidden), _bf16(hidden), 1e-5)
@@ -146,14 +147,15 @@ def decoder_step(kernels: native.NativeKernels, int8: bool) -> None:
                     "cross_values": _bf16(cross_rows, text, hidden),
                 }
             )  # fmt: skip
-            if int8:  # int8 steps attend over int8 caches, the text's too (each row its own length)
+            if int8:  # int8 steps attend over int8 caches
                 layers[-1]["keys"], layers[-1]["values"] = kernels.int8_caches(
                     layers[-1]["keys"], layers[-1]["values"], heads, capacity
                 )
+            if text_int8:  # and over the text's, each row its own length (one row the whole text)
                 layers[-1]["cross_keys"], layers[-1]["cross_values"] = kernels.int8_caches(
                     layers[-1]["cross_keys"], layers[-1]["cross_values"], heads, text
                 )
-        lengths = torch.arange(cross_rows, dtype=torch.int32) % text + 1 if int8 else None
+        lengths = torch.tensor([text, 1, 2, 3][:cross_rows], dtype=torch.int32) if text_int8 else None
         step = native.NativeStep(
             kernels,
             heads=heads,
@@ -164,7 +166,7 @@ def decoder_step(kernels: native.NativeKernels, int8: bool) -> None:
             layers=layers,
             rows=rows,
             cross_rows=cross_rows,
-            cross_mask=None if int8 else torch.zeros(cross_rows, text),
+            cross_mask=None if text_int8 else torch.zeros(cross_rows, text),
             cross_lengths=lengths,
         )
         for position in range(capacity):  # to the cache full

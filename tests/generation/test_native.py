@@ -589,6 +589,98 @@ def test_int8_cross_attention_refuses_lengths_outside_its_caches(
         int8_attention.cross_attend_int8(q, k8, v8, torch.tensor([1, 2]), heads)  # int64
 
 
+def _int8_step(
+    kernels: native.NativeKernels,
+    text: tuple[torch.Tensor, torch.Tensor],
+    *,
+    mask: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+    int8: bool = True,
+) -> native.NativeStep:
+    """A two-layer step of 2 rows (both conditional) over ``text`` (keys, values (2, n, 64) bf16): as bf16
+    under ``mask``, or with ``lengths`` as the int8 caches ``cross_attend_int8`` takes. Seeded weights."""
+    from generation.fast_decoder import int8_quantize
+
+    g = torch.Generator().manual_seed(5)
+    hidden, heads, ffn, capacity = 64, 2, 128, 8
+
+    def w(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) / shape[-1] ** 0.5).to(torch.bfloat16)
+
+    def pack(weight: torch.Tensor) -> torch.Tensor:
+        return kernels.pack_int8(**int8_quantize(weight)) if int8 else kernels.pack(weight)
+
+    keys, values = text
+    if lengths is not None:
+        keys, values = kernels.int8_caches(keys, values, heads, keys.shape[1])
+    ones, zeros = torch.ones(hidden, dtype=torch.bfloat16), torch.zeros(hidden, dtype=torch.bfloat16)
+    layers = []
+    for _ in range(2):
+        self_keys, self_values = torch.zeros(2, capacity, hidden), torch.zeros(2, capacity, hidden)
+        caches = (
+            kernels.int8_caches(self_keys[:, :0].bfloat16(), self_values[:, :0].bfloat16(), heads, capacity)
+            if int8
+            else (self_keys.bfloat16(), self_values.bfloat16())
+        )
+        layers.append(
+            {
+                "ln1": (ones, zeros, 1e-5), "ln2": (ones, zeros, 1e-5), "ln3": (ones, zeros, 1e-5),
+                "qkv": pack(w(3 * hidden, hidden)), "out": pack(w(hidden, hidden)),
+                "cross_q": pack(w(hidden, hidden)), "cross_out": pack(w(hidden, hidden)),
+                "fc1": pack(w(ffn, hidden)), "fc2": pack(w(hidden, ffn)),
+                "keys": caches[0], "values": caches[1], "cross_keys": keys, "cross_values": values,
+            }
+        )  # fmt: skip
+    return native.NativeStep(
+        kernels,
+        heads=heads,
+        embeddings=[w(17, hidden) for _ in range(2)],
+        positions=w(capacity, hidden),
+        final_ln=(ones, zeros, 1e-5),
+        lm_head=pack(w(2 * 16, hidden)),
+        layers=layers,
+        rows=2,
+        cross_rows=2,
+        cross_mask=mask,
+        cross_lengths=lengths,
+    )
+
+
+def test_an_int8_step_reads_each_rows_prompt_from_the_texts_int8_caches(
+    int8_attention: native.NativeKernels,
+) -> None:
+    """The whole int8 step with the text as int8 caches and each row's length: close to the same step
+    over bf16 text under the padding mask, and the padding (NaN here) never read."""
+    g = torch.Generator().manual_seed(1)
+    keys, values = _bf16(2, 5, 64, generator=g), _bf16(2, 5, 64, generator=g)
+    mask = torch.zeros(2, 5)
+    mask[1, 2:] = torch.finfo(torch.float32).min
+    masked = _int8_step(int8_attention, (keys, values), mask=mask)
+    keys, values = keys.clone(), values.clone()  # the masked step keeps reading its own
+    keys[1, 2:] = values[1, 2:] = float("nan")
+    lengths = torch.tensor([5, 2], dtype=torch.int32)
+    by_length = _int8_step(int8_attention, (keys, values), lengths=lengths)
+    tokens = torch.tensor([[16, 16], [16, 16]])
+    for position in range(4):
+        want, got = masked(tokens, position).float(), by_length(tokens, position).float()
+        assert torch.isfinite(got).all()
+        assert (got - want).norm() <= 0.05 * want.norm(), position  # the text quantized to int8
+        tokens = torch.tensor([[3, 7], [11, 2]]) if position == 0 else (tokens + 5) % 16
+
+
+def test_an_int8_text_step_refuses_lengths_it_cannot_take(int8_attention: native.NativeKernels) -> None:
+    g = torch.Generator().manual_seed(2)
+    text = _bf16(2, 5, 64, generator=g), _bf16(2, 5, 64, generator=g)
+    for lengths in ([5, 0], [5, 9], [5]):
+        with pytest.raises(ValueError, match="cross_lengths"):
+            _int8_step(int8_attention, text, lengths=torch.tensor(lengths, dtype=torch.int32))
+    both = torch.tensor([5, 2], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cross_lengths"):  # a mask and lengths: one or the other
+        _int8_step(int8_attention, text, mask=torch.zeros(2, 8), lengths=both)
+    with pytest.raises(ValueError, match="cross_lengths"):  # bf16 weights keep bf16 text
+        _int8_step(int8_attention, text, lengths=both, int8=False)
+
+
 def test_native_engine_repeats_a_seed_bit_for_bit(
     kernels: native.NativeKernels, tiny_model_dir: Path
 ) -> None:
