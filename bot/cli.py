@@ -127,21 +127,31 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     bench.add_argument("--no-classic", action="store_true", help="skip the slow fp32 generate baseline")
     bench.add_argument(
-        "--repeat", type=int, default=2, help="runs of each setup; the fastest counts (default 2)"
+        "--repeat",
+        type=int,
+        default=None,
+        help="runs of each setup; the fastest counts (default 2; with --parts 5)",
     )
     bench.add_argument(
         "-o",
         "--output",
         type=Path,
         default=None,
-        help="where to write the figures as JSON (default bench-results.json, cold-results.json or"
-        " quality-results.json)",
+        help="where to write the figures as JSON (default bench-results.json, cold-results.json,"
+        " quality-results.json or parts-results.json)",
     )
     bench.add_argument(
         "--quality",
         action="store_true",
         help="the quality guard instead: logits of each dtype against fp32, greedy codes against bf16"
         " (CPU; --arch's first size)",
+    )
+    bench.add_argument(
+        "--parts",
+        action="store_true",
+        help="the int8 step's parts instead, at one request's rows and four's: the products, the"
+        " self-attention, reading its caches (the memory's floor for it), the text's attention (CPU with"
+        " our int8 kernels; --arch's first size)",
     )
     bench.add_argument(
         "--cold",
@@ -316,10 +326,22 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     quiet_model_stack(args.verbose)
     from generation.bench import run_bench
 
+    if args.repeat is None:
+        args.repeat = 5 if args.parts else 2
     if args.repeat < 1:
         return _fail("--repeat must be at least 1")
-    if args.cold and args.quality:
-        return _fail("--cold and --quality are separate runs: choose one")
+    if sum((args.cold, args.quality, args.parts)) > 1:
+        return _fail("--cold, --quality and --parts are separate runs: choose one")
+    if args.parts:
+        from generation.step_parts import run_parts
+
+        figures = run_parts(
+            arch=(args.arch or ["small"])[0],
+            seconds=args.seconds,
+            repeat=args.repeat,
+            out=args.output or Path("parts-results.json"),
+        )
+        return 0 if figures is not None else 1
     if args.cold:
         return _cold_bench(args, args.output or Path("cold-results.json"))
     if args.quality:

@@ -201,6 +201,12 @@ def test_missing_model_gets_a_clear_message(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_bench_runs_one_kind_at_a_time(tmp_path: Path) -> None:
+    done = _musicbot("bench", "--parts", "--quality", cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.strip() == "musicbot: --cold, --quality and --parts are separate runs: choose one"
+
+
 def test_a_cold_bench_run_that_fails_says_which_and_why(tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     broken.mkdir()
