@@ -443,15 +443,16 @@ class FastDecoderState:
             )
         elif cross_mask is not None:
             self.cross_mask = cross_mask.to(self.cross_dtype)
-        # The native int8 step reads the text's keys and values as int8 caches too, each row over its own
-        # prompt (lengths in place of the mask); then the bf16 ones are not kept. Python's steps (no GELU)
-        # and any mask other than a padding prefix keep bf16.
+        # The native step reads each row's own prompt alone (lengths in place of a padding mask: the same
+        # sums, without reading the padding), and the int8 step the text's keys and values as int8 caches
+        # too (then the bf16 ones are not kept). Python's steps (no GELU) and any mask other than a padding
+        # prefix keep the mask.
         self.cross_int8: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cross_lengths: torch.Tensor | None = None
         native_step = isinstance(self.attention, _NativeAttention) and weights.gelu
-        if native_step and kernels is not None and weights.linear.kind == "native-int8" and self.cross:
+        if native_step and kernels is not None and self.cross:
             self.cross_lengths = prompt_lengths(self.cross_mask, self.cross_rows, text)
-            if self.cross_lengths is not None:
+            if self.cross_lengths is not None and weights.linear.kind == "native-int8":
                 self.cross_int8 = [kernels.int8_caches(k, v, weights.heads, text) for k, v in self.cross]
                 self.cross, self.cross_mask = [], None
         # With the native kernels (and GELU, as every MusicGen has) the whole step is one native call.
@@ -480,7 +481,7 @@ class FastDecoderState:
             layers=layers,
             rows=self.rows,
             cross_rows=self.cross_rows,
-            cross_mask=self.cross_mask if self.cross_rows else None,
+            cross_mask=self.cross_mask if self.cross_rows and self.cross_lengths is None else None,
             cross_lengths=self.cross_lengths if self.cross_rows else None,
         )
 

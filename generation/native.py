@@ -522,8 +522,8 @@ class NativeStep:
     cross-attention), the packed ``qkv``, ``out``, ``cross_q``, ``cross_out``, ``fc1`` (followed by exact
     GELU), ``fc2``, the self-attention ``keys``/``values`` (rows, capacity, hidden) bf16 (int8 weights
     take the int8 caches of ``int8_caches``) and, with cross-attention, ``cross_keys``/``cross_values``
-    (cross_rows, text, hidden) bf16 under ``cross_mask``, or with ``cross_lengths`` (int8 weights) the
-    text's int8 caches, each row attending its first ``cross_lengths[row]`` positions.
+    (cross_rows, text, hidden) bf16, under ``cross_mask`` or, with ``cross_lengths``, each row over its
+    first ``cross_lengths[row]`` positions; with int8 weights and lengths, the text's int8 caches.
     """
 
     def __init__(
@@ -575,8 +575,8 @@ class NativeStep:
 
         _head_dim(first["keys"], heads)  # heads that fit the attention kernel
         int8 = lm_head.dtype == torch.int8  # every matrix packed by pack_int8, or every one by pack
-        if cross_lengths is not None:  # int8 text caches: int8 steps only (they need the int8 kernels)
-            fits = int8 and text % INT8_QUAD == 0 and cross_mask is None
+        if cross_lengths is not None:  # in place of the mask; int8 steps' text caches hold whole quads
+            fits = (not int8 or text % INT8_QUAD == 0) and cross_mask is None
             fits = fits and cross_lengths.shape == (cross_rows,)
             fits = fits and bool(((cross_lengths >= 1) & (cross_lengths <= text)).all())
             _require(cross_lengths, fits, "cross_lengths", torch.int32)
@@ -610,11 +610,11 @@ class NativeStep:
             if cross:
                 fields["cross_q"] = matrix(layer["cross_q"], hidden, hidden, n)
                 fields["cross_out"] = matrix(layer["cross_out"], hidden, hidden, n)
-                # bf16, or with cross_lengths the int8 caches cross_attend_int8 takes
+                # bf16, or in an int8 step with lengths the int8 caches cross_attend_int8 takes
                 text_shape, text_dtype = (
-                    ((cross_rows, text, hidden), torch.bfloat16)
-                    if cross_lengths is None
-                    else ((cross_rows, text, int8_cache_width(hidden, heads)), torch.int8)
+                    ((cross_rows, text, int8_cache_width(hidden, heads)), torch.int8)
+                    if int8 and cross_lengths is not None
+                    else ((cross_rows, text, hidden), torch.bfloat16)
                 )
                 fields["cross_keys"] = ptr(layer["cross_keys"], text_shape, n, text_dtype)
                 fields["cross_values"] = ptr(layer["cross_values"], text_shape, n, text_dtype)

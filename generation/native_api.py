@@ -126,8 +126,8 @@ class StepLayer(ctypes.Structure):
     model's ``int8``, by ``pack_linear_int8``), norms as (weight, bias, eps), the self-attention caches
     (rows, capacity, hidden) bf16 (with ``int8``: (rows, capacity, hidden + 4 * heads) bytes, as
     ``attend_int8`` takes them) and, or null without cross-attention, the text's keys and values
-    (cross_rows, text, hidden) bf16 (with the model's ``cross_lengths``: int8 caches of (cross_rows,
-    text, hidden + 4 * heads) bytes, as ``cross_attend_int8`` takes them)."""
+    (cross_rows, text, hidden) bf16 (with the model's ``int8`` and ``cross_lengths``: int8 caches of
+    (cross_rows, text, hidden + 4 * heads) bytes, as ``cross_attend_int8`` takes them)."""
 
     _fields_ = [
         *((name, _p) for name in _LAYER_WEIGHTS),
@@ -149,9 +149,10 @@ class StepModel(ctypes.Structure):
     + 1, hidden), positions (positions, hidden), the final norm, the packed LM heads (codebooks * vocab,
     hidden) and the cross-attention mask (cross_rows, text) fp32 or null. ``amx``: the products run on
     tiles; ``int8``: every matrix is a packed int8 one (``pack_linear_int8``) and the self-attention
-    caches are int8. ``cross_lengths`` (cross_rows,) int32, or null: the layers' text keys and values are
-    int8 caches (cross_rows, text, hidden + 4 * heads) bytes, as ``cross_attend_int8`` takes them, text a
-    multiple of 4, and row r attends its first cross_lengths[r] positions (no mask then)."""
+    caches are int8. ``cross_lengths`` (cross_rows,) int32, or null: row r attends its first
+    cross_lengths[r] positions of the text (no mask then), and with ``int8`` the layers' text keys and
+    values are int8 caches (cross_rows, text, hidden + 4 * heads) bytes, as ``cross_attend_int8`` takes
+    them, text a multiple of 4."""
 
     _fields_ = [
         *((name, ctypes.c_int) for name in ("layers", "hidden", "heads", "ffn", "codebooks", "vocab")),
@@ -308,8 +309,8 @@ KERNELS = (
             "m.layers > 0",
             "m.int8 in (0, 1) and (not m.int8 or (m.hidden % 64 == 0 and m.ffn % 64 == 0))",
             "rows > 0 and 0 <= cross_rows <= rows",
-            # int8 text caches hold whole quads: each row reads up to its length rounded up to 4
-            "not m.cross_lengths or (m.int8 and m.text > 0 and m.text % 4 == 0)",
+            # with lengths no mask; int8 text caches hold whole quads (a row reads to its length rounded up)
+            "not m.cross_lengths or (not m.cross_mask and m.text > 0 and (not m.int8 or m.text % 4 == 0))",
             "0 <= position < m.capacity",
             "threads > 0",
         ),

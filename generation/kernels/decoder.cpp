@@ -500,11 +500,12 @@ inline int attention_scratch(int heads, int D, int capacity) {
 }
 
 // rows x heads queries q (row r at q + r * q_stride) over position-major caches (rows, capacity, heads * D),
-// attending positions 0 .. n - 1. With `fresh` (self-attention) position n - 1 is first written from it:
-// keys at fresh + r * q_stride, values heads * D further. Work is shared out as head_groups says.
+// attending positions 0 .. n - 1 (with `lengths`, row r positions 0 .. lengths[r] - 1: the text's attention
+// over each row's own prompt, no mask). With `fresh` (self-attention) position n - 1 is first written from
+// it: keys at fresh + r * q_stride, values heads * D further. Work is shared out as head_groups says.
 void attend_rows(const uint16_t* q, size_t q_stride, const uint16_t* fresh, uint16_t* keys, uint16_t* values,
-                 const float* mask, uint16_t* out, float* scratch, int rows, int heads, int D, int capacity,
-                 int n, int threads) {
+                 const float* mask, const int32_t* lengths, uint16_t* out, float* scratch, int rows, int heads, int D,
+                 int capacity, int n, int threads) {
     const int hidden = heads * D, groups = head_groups(rows, heads, threads);
 #pragma omp parallel num_threads(threads)
     {
@@ -522,8 +523,8 @@ void attend_rows(const uint16_t* q, size_t q_stride, const uint16_t* fresh, uint
                 memcpy(kc + at, k, count * sizeof(uint16_t));
                 memcpy(vc + at, k + hidden, count * sizeof(uint16_t));
             }
-            attend_heads(q + (size_t)r * q_stride, kc, vc, n, hidden, h0, h1, D, mask ? mask + (size_t)r * n : nullptr,
-                         out + (size_t)r * hidden, scores, acc);
+            attend_heads(q + (size_t)r * q_stride, kc, vc, lengths ? lengths[r] : n, hidden, h0, h1, D,
+                         mask ? mask + (size_t)r * n : nullptr, out + (size_t)r * hidden, scores, acc);
         }
     }
 }
@@ -1005,7 +1006,7 @@ int attend_scratch(int heads, int D, int capacity) { return attention_scratch(he
 void attend_bf16(const uint16_t* qkv, uint16_t* keys, uint16_t* values, uint16_t* out, float* scratch, int rows,
                  int heads, int D, int capacity, int pos, int threads) {
     const size_t hidden = (size_t)heads * D;
-    attend_rows(qkv, 3 * hidden, qkv + hidden, keys, values, nullptr, out, scratch, rows, heads, D, capacity,
+    attend_rows(qkv, 3 * hidden, qkv + hidden, keys, values, nullptr, nullptr, out, scratch, rows, heads, D, capacity,
                 pos + 1, threads);
 }
 
@@ -1041,7 +1042,7 @@ void quantize_cache(const uint16_t* x, int8_t* cache, int n, int heads, int D, i
 void cross_attend_bf16(const uint16_t* q, const uint16_t* keys, const uint16_t* values, const float* mask,
                        uint16_t* out, float* scratch, int rows, int heads, int D, int n, int threads) {
     // read only: without `fresh` nothing is written to the caches
-    attend_rows(q, (size_t)heads * D, nullptr, const_cast<uint16_t*>(keys), const_cast<uint16_t*>(values), mask,
+    attend_rows(q, (size_t)heads * D, nullptr, const_cast<uint16_t*>(keys), const_cast<uint16_t*>(values), mask, nullptr,
                 out, scratch, rows, heads, D, n, n, threads);
 }
 
@@ -1192,19 +1193,19 @@ void decoder_step(const StepModel* m, const StepLayer* layers, const int64_t* to
             attend_rows_int8(qkv, 3 * (size_t)H, (int8_t*)L.keys, (int8_t*)L.values, attn, scratch, rows, m->heads, D,
                              m->capacity, position + 1, threads);
         else
-            attend_rows(qkv, 3 * (size_t)H, qkv + H, (uint16_t*)L.keys, (uint16_t*)L.values, nullptr, attn, scratch, rows,
+            attend_rows(qkv, 3 * (size_t)H, qkv + H, (uint16_t*)L.keys, (uint16_t*)L.values, nullptr, nullptr, attn, scratch, rows,
                         m->heads, D, m->capacity, position + 1, threads);
         linear(L.out, attn, x, x, rows, H, H, 0);  // residual in place: each sum reads its own element first
         if (L.cross_keys && cross_rows > 0) {
             layer_norm(x, h, L.ln2_w, L.ln2_b, L.eps2, cross_rows, H);
             linear(L.cross_q, h, nullptr, qkv, cross_rows, H, H, 0);
-            if (m->cross_lengths)  // the text's caches are int8 (cross_attend_int8's)
+            if (m->int8 && m->cross_lengths)  // the text's caches are int8 (cross_attend_int8's)
                 cross_attend_int8(qkv, static_cast<const int8_t*>(L.cross_keys), static_cast<const int8_t*>(L.cross_values),
                                   m->cross_lengths, attn, scratch, cross_rows, m->heads, D, m->text, threads);
-            else  // read only: attend_rows writes no position without `fresh`
+            else  // bf16 text, under the mask or each row over its length; read only without `fresh`
                 attend_rows(qkv, (size_t)H, nullptr, const_cast<uint16_t*>(static_cast<const uint16_t*>(L.cross_keys)),
-                            const_cast<uint16_t*>(static_cast<const uint16_t*>(L.cross_values)), m->cross_mask, attn,
-                            scratch, cross_rows, m->heads, D, m->text, m->text, threads);
+                            const_cast<uint16_t*>(static_cast<const uint16_t*>(L.cross_values)), m->cross_mask,
+                            m->cross_lengths, attn, scratch, cross_rows, m->heads, D, m->text, m->text, threads);
             linear(L.cross_out, attn, x, x, cross_rows, H, H, 0);
         }
         layer_norm(x, h, L.ln3_w, L.ln3_b, L.eps3, rows, H);

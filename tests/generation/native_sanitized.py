@@ -133,7 +133,8 @@ def decoder_step(kernels: native.NativeKernels, int8: bool) -> None:
         return kernels.pack_int8(**int8_quantize(weight)) if int8 else kernels.pack(weight)
 
     for rows, cross_rows in ((1, 1), (4, 2), (2, 0)):
-        text_int8 = int8 and rows > 1  # int8 steps of one row keep bf16 text under a mask
+        by_length = rows > 1  # steps of one row keep the text under a mask, the others read each row's length
+        text_int8 = int8 and by_length  # and int8 steps the text as int8 caches
         layers = []
         for _ in range(2):
             ln = (_bf16(hidden), _bf16(hidden), 1e-5)
@@ -155,7 +156,7 @@ def decoder_step(kernels: native.NativeKernels, int8: bool) -> None:
                 layers[-1]["cross_keys"], layers[-1]["cross_values"] = kernels.int8_caches(
                     layers[-1]["cross_keys"], layers[-1]["cross_values"], heads, text
                 )
-        lengths = torch.tensor([text, 1, 2, 3][:cross_rows], dtype=torch.int32) if text_int8 else None
+        lengths = torch.tensor([text, 1, 2, 3][:cross_rows], dtype=torch.int32) if by_length else None
         step = native.NativeStep(
             kernels,
             heads=heads,
@@ -166,7 +167,7 @@ def decoder_step(kernels: native.NativeKernels, int8: bool) -> None:
             layers=layers,
             rows=rows,
             cross_rows=cross_rows,
-            cross_mask=None if text_int8 else torch.zeros(cross_rows, text),
+            cross_mask=None if by_length else torch.zeros(cross_rows, text),
             cross_lengths=lengths,
         )
         for position in range(capacity):  # to the cache full

@@ -163,6 +163,25 @@ def test_int8_steps_read_the_text_as_int8_caches_each_row_over_its_prompt(tiny_m
     assert not state.native_step.model.cross_mask  # the lengths stand for the mask
 
 
+def test_bf16_steps_read_each_rows_prompt_by_its_length(tiny_model_dir: Path) -> None:
+    from generation import native
+
+    if native.load() is None:
+        pytest.skip("the native kernels need an AVX2 CPU and a C++ compiler")
+    engine = load_engine(str(tiny_model_dir), device="cpu", dtype="bfloat16")
+    prompts = ["calm lo-fi piano with rain", "rock"]
+    with torch.inference_mode():
+        conditioning = engine._condition(prompts, GenerationRequest(prompts[0]))
+        conditioning.prefill(torch.full((2, engine.codebooks, 1), engine.pad_token), 8)
+    state = conditioning.state
+    assert state.cross_lengths is not None
+    assert state.cross_lengths.tolist() == [len(engine.tokenizer(p).input_ids) for p in prompts]
+    assert state.cross[0][0].dtype == torch.bfloat16 and not state.cross_int8
+    assert state.cross_mask is not None  # kept for Python's steps
+    assert state.native_step is not None and state.native_step.model.cross_lengths
+    assert not state.native_step.model.cross_mask
+
+
 def test_prompt_lengths_read_a_padding_mask_and_nothing_else() -> None:
     from generation.fast_decoder import prompt_lengths
 

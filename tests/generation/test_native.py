@@ -589,16 +589,18 @@ def test_int8_cross_attention_refuses_lengths_outside_its_caches(
         int8_attention.cross_attend_int8(q, k8, v8, torch.tensor([1, 2]), heads)  # int64
 
 
-def _int8_step(
+def _text_step(
     kernels: native.NativeKernels,
     text: tuple[torch.Tensor, torch.Tensor],
     *,
     mask: torch.Tensor | None = None,
     lengths: torch.Tensor | None = None,
     int8: bool = True,
+    int8_text: bool | None = None,
 ) -> native.NativeStep:
-    """A two-layer step of 2 rows (both conditional) over ``text`` (keys, values (2, n, 64) bf16): as bf16
-    under ``mask``, or with ``lengths`` as the int8 caches ``cross_attend_int8`` takes. Seeded weights."""
+    """A two-layer step of 2 rows (both conditional) over ``text`` (keys, values (2, n, 64) bf16), under
+    ``mask`` or each row over its ``lengths``; with ``int8`` weights (and then by default, with lengths,
+    the text as the int8 caches ``cross_attend_int8`` takes). Seeded weights."""
     from generation.fast_decoder import int8_quantize
 
     g = torch.Generator().manual_seed(5)
@@ -611,7 +613,7 @@ def _int8_step(
         return kernels.pack_int8(**int8_quantize(weight)) if int8 else kernels.pack(weight)
 
     keys, values = text
-    if lengths is not None:
+    if int8_text if int8_text is not None else int8 and lengths is not None:
         keys, values = kernels.int8_caches(keys, values, heads, keys.shape[1])
     ones, zeros = torch.ones(hidden, dtype=torch.bfloat16), torch.zeros(hidden, dtype=torch.bfloat16)
     layers = []
@@ -655,11 +657,11 @@ def test_an_int8_step_reads_each_rows_prompt_from_the_texts_int8_caches(
     keys, values = _bf16(2, 5, 64, generator=g), _bf16(2, 5, 64, generator=g)
     mask = torch.zeros(2, 5)
     mask[1, 2:] = torch.finfo(torch.float32).min
-    masked = _int8_step(int8_attention, (keys, values), mask=mask)
+    masked = _text_step(int8_attention, (keys, values), mask=mask)
     keys, values = keys.clone(), values.clone()  # the masked step keeps reading its own
     keys[1, 2:] = values[1, 2:] = float("nan")
     lengths = torch.tensor([5, 2], dtype=torch.int32)
-    by_length = _int8_step(int8_attention, (keys, values), lengths=lengths)
+    by_length = _text_step(int8_attention, (keys, values), lengths=lengths)
     tokens = torch.tensor([[16, 16], [16, 16]])
     for position in range(4):
         want, got = masked(tokens, position).float(), by_length(tokens, position).float()
@@ -668,17 +670,39 @@ def test_an_int8_step_reads_each_rows_prompt_from_the_texts_int8_caches(
         tokens = torch.tensor([[3, 7], [11, 2]]) if position == 0 else (tokens + 5) % 16
 
 
+def test_a_bf16_step_over_each_rows_prompt_is_the_masked_step_bit_for_bit(
+    kernels: native.NativeKernels,
+) -> None:
+    """bf16 text read to each row's length gives the very sums of the padding mask (the masked
+    positions weigh exactly zero), without reading the padding (NaN there changes nothing)."""
+    g = torch.Generator().manual_seed(3)
+    keys, values = _bf16(2, 5, 64, generator=g), _bf16(2, 5, 64, generator=g)
+    keys[1, 2:] = values[1, 2:] = 0.0  # the padding a prompt's projections leave: zero
+    mask = torch.zeros(2, 5)
+    mask[1, 2:] = torch.finfo(torch.float32).min
+    masked = _text_step(kernels, (keys, values), mask=mask, int8=False)
+    keys, values = keys.clone(), values.clone()
+    keys[1, 2:] = values[1, 2:] = float("nan")
+    by_length = _text_step(
+        kernels, (keys, values), lengths=torch.tensor([5, 2], dtype=torch.int32), int8=False
+    )
+    tokens = torch.tensor([[16, 16], [16, 16]])
+    for position in range(4):
+        assert torch.equal(by_length(tokens, position), masked(tokens, position)), position
+        tokens = torch.tensor([[3, 7], [11, 2]]) if position == 0 else (tokens + 5) % 16
+
+
 def test_an_int8_text_step_refuses_lengths_it_cannot_take(int8_attention: native.NativeKernels) -> None:
     g = torch.Generator().manual_seed(2)
     text = _bf16(2, 5, 64, generator=g), _bf16(2, 5, 64, generator=g)
     for lengths in ([5, 0], [5, 9], [5]):
         with pytest.raises(ValueError, match="cross_lengths"):
-            _int8_step(int8_attention, text, lengths=torch.tensor(lengths, dtype=torch.int32))
+            _text_step(int8_attention, text, lengths=torch.tensor(lengths, dtype=torch.int32))
     both = torch.tensor([5, 2], dtype=torch.int32)
     with pytest.raises(ValueError, match="cross_lengths"):  # a mask and lengths: one or the other
-        _int8_step(int8_attention, text, mask=torch.zeros(2, 8), lengths=both)
-    with pytest.raises(ValueError, match="cross_lengths"):  # bf16 weights keep bf16 text
-        _int8_step(int8_attention, text, lengths=both, int8=False)
+        _text_step(int8_attention, text, mask=torch.zeros(2, 8), lengths=both)
+    with pytest.raises(ValueError, match=r"layer 0: torch.int8 \(2, 8, 72\)"):  # bf16 steps read bf16 text
+        _text_step(int8_attention, text, lengths=both, int8=False, int8_text=True)
 
 
 def test_native_engine_repeats_a_seed_bit_for_bit(
