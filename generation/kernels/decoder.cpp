@@ -815,36 +815,40 @@ inline void quantize_query(const uint16_t* q, int h0, int h1, int D, int8_t* int
     }
 }
 
-// attend_rows' self-attention over int8 caches (rows, capacity, int8_position(heads, D)) bytes: position
-// n - 1 is first written from the fresh keys and values, quantized.
-void attend_rows_int8(const uint16_t* qkv, size_t q_stride, int8_t* keys, int8_t* values, uint16_t* out,
-                      float* scratch, int rows, int heads, int D, int capacity, int n, int threads) {
+// attend_rows over int8 caches (rows, capacity, int8_position(heads, D)) bytes. With `fresh` (self-
+// attention: q is the fused Q/K/V row) position n - 1 is first written from the fresh keys and values,
+// quantized; with `lengths` (the text's attention) row r attends positions 0 .. lengths[r] - 1.
+void attend_rows_int8(const uint16_t* q, size_t q_stride, bool fresh, int8_t* keys, int8_t* values,
+                      const int32_t* lengths, uint16_t* out, float* scratch, int rows, int heads, int D, int capacity,
+                      int n, int threads) {
     const int hidden = heads * D, groups = head_groups(rows, heads, threads);
     const size_t stride = int8_position(heads, D);
 #pragma omp parallel num_threads(threads)
     {
         float* scores = scratch + (size_t)omp_get_thread_num() * attention_scratch(heads, D, capacity);
         int32_t* acc = (int32_t*)(scores + (size_t)head_blocks(heads) * kHeadBlock * capacity);
-        alignas(64) int8_t q[kMaxHeads * kMaxHeadSize], fresh[kMaxHeadSize];
+        alignas(64) int8_t qi[kMaxHeads * kMaxHeadSize], value[kMaxHeadSize];
         float q_scales[kMaxHeads];
         int32_t q_sums[kMaxHeads];
 #pragma omp for schedule(static)
         for (int task = 0; task < rows * groups; task++) {
             const int r = task / groups, g = task % groups;
             const int h0 = g * heads / groups, h1 = (g + 1) * heads / groups;
-            const uint16_t* qr = qkv + (size_t)r * q_stride;
+            const uint16_t* qr = q + (size_t)r * q_stride;
             int8_t* kc = keys + (size_t)r * capacity * stride;
             int8_t* vc = values + (size_t)r * capacity * stride;
-            int8_t* kn = kc + (size_t)(n - 1) * stride;
-            float* vs = value_scale(vc, n - 1, stride, hidden, heads);
-            for (int h = h0; h < h1; h++) {
-                ((float*)(kn + hidden))[h] = quantize_head(qr + hidden + (size_t)h * D, kn + (size_t)h * D, D, true);
-                vs[h] = quantize_head(qr + 2 * (size_t)hidden + (size_t)h * D, fresh, D, false);
-                store_value_head(vc, n - 1, stride, h, D, fresh);
+            if (fresh) {
+                int8_t* kn = kc + (size_t)(n - 1) * stride;
+                float* vs = value_scale(vc, n - 1, stride, hidden, heads);
+                for (int h = h0; h < h1; h++) {
+                    ((float*)(kn + hidden))[h] = quantize_head(qr + hidden + (size_t)h * D, kn + (size_t)h * D, D, true);
+                    vs[h] = quantize_head(qr + 2 * (size_t)hidden + (size_t)h * D, value, D, false);
+                    store_value_head(vc, n - 1, stride, h, D, value);
+                }
             }
-            quantize_query(qr, h0, h1, D, q, q_scales, q_sums);
-            attend_heads_int8(q, q_scales, q_sums, kc, vc, n, stride, hidden, h0, h1, D, out + (size_t)r * hidden, scores,
-                              acc);
+            quantize_query(qr, h0, h1, D, qi, q_scales, q_sums);
+            attend_heads_int8(qi, q_scales, q_sums, kc, vc, lengths ? lengths[r] : n, stride, hidden, h0, h1, D,
+                              out + (size_t)r * hidden, scores, acc);
         }
     }
 }
@@ -1013,7 +1017,8 @@ void attend_bf16(const uint16_t* qkv, uint16_t* keys, uint16_t* values, uint16_t
 // attend_bf16 over int8 caches (rows, capacity, heads * D + 4 * heads) bytes, laid out as at int8_position.
 void attend_int8(const uint16_t* qkv, int8_t* keys, int8_t* values, uint16_t* out, float* scratch, int rows, int heads,
                  int D, int capacity, int pos, int threads) {
-    attend_rows_int8(qkv, 3 * (size_t)heads * D, keys, values, out, scratch, rows, heads, D, capacity, pos + 1, threads);
+    attend_rows_int8(qkv, 3 * (size_t)heads * D, true, keys, values, nullptr, out, scratch, rows, heads, D, capacity,
+                     pos + 1, threads);
 }
 
 // n positions of bf16 keys (keys != 0) or values, (n, heads * D), into an int8 cache's positions
@@ -1053,25 +1058,9 @@ void cross_attend_bf16(const uint16_t* q, const uint16_t* keys, const uint16_t* 
 // heads * D) bf16. scratch as cross_attend_bf16's for n = capacity.
 void cross_attend_int8(const uint16_t* q, const int8_t* keys, const int8_t* values, const int32_t* lengths,
                        uint16_t* out, float* scratch, int rows, int heads, int D, int capacity, int threads) {
-    const int hidden = heads * D, groups = head_groups(rows, heads, threads);
-    const size_t stride = int8_position(heads, D);
-#pragma omp parallel num_threads(threads)
-    {
-        float* scores = scratch + (size_t)omp_get_thread_num() * attention_scratch(heads, D, capacity);
-        int32_t* acc = (int32_t*)(scores + (size_t)head_blocks(heads) * kHeadBlock * capacity);
-        alignas(64) int8_t qi[kMaxHeads * kMaxHeadSize];
-        float q_scales[kMaxHeads];
-        int32_t q_sums[kMaxHeads];
-#pragma omp for schedule(static)
-        for (int task = 0; task < rows * groups; task++) {
-            const int r = task / groups, g = task % groups;
-            const int h0 = g * heads / groups, h1 = (g + 1) * heads / groups;
-            quantize_query(q + (size_t)r * hidden, h0, h1, D, qi, q_scales, q_sums);
-            const size_t row = (size_t)r * capacity * stride;
-            attend_heads_int8(qi, q_scales, q_sums, keys + row, values + row, lengths[r], stride, hidden, h0, h1, D,
-                              out + (size_t)r * hidden, scores, acc);
-        }
-    }
+    // read only: without `fresh` nothing is written to the caches
+    attend_rows_int8(q, (size_t)heads * D, false, const_cast<int8_t*>(keys), const_cast<int8_t*>(values), lengths, out,
+                     scratch, rows, heads, D, capacity, capacity, threads);
 }
 
 #ifdef __AVX512F__
@@ -1190,11 +1179,11 @@ void decoder_step(const StepModel* m, const StepLayer* layers, const int64_t* to
         layer_norm(x, h, L.ln1_w, L.ln1_b, L.eps1, rows, H);
         linear(L.qkv, h, nullptr, qkv, rows, 3 * H, H, 0);
         if (m->int8)
-            attend_rows_int8(qkv, 3 * (size_t)H, (int8_t*)L.keys, (int8_t*)L.values, attn, scratch, rows, m->heads, D,
-                             m->capacity, position + 1, threads);
+            attend_rows_int8(qkv, 3 * (size_t)H, true, (int8_t*)L.keys, (int8_t*)L.values, nullptr, attn, scratch, rows,
+                             m->heads, D, m->capacity, position + 1, threads);
         else
-            attend_rows(qkv, 3 * (size_t)H, qkv + H, (uint16_t*)L.keys, (uint16_t*)L.values, nullptr, nullptr, attn, scratch, rows,
-                        m->heads, D, m->capacity, position + 1, threads);
+            attend_rows(qkv, 3 * (size_t)H, qkv + H, (uint16_t*)L.keys, (uint16_t*)L.values, nullptr, nullptr, attn,
+                        scratch, rows, m->heads, D, m->capacity, position + 1, threads);
         linear(L.out, attn, x, x, rows, H, H, 0);  // residual in place: each sum reads its own element first
         if (L.cross_keys && cross_rows > 0) {
             layer_norm(x, h, L.ln2_w, L.ln2_b, L.eps2, cross_rows, H);

@@ -141,19 +141,24 @@ def test_int8_steps_run_on_our_kernels_where_the_cpu_has_vnni(tiny_model_dir: Pa
         assert off.linear.kind == "int8"
 
 
+def _two_prompts_prefilled(model_dir: Path, dtype: str) -> tuple[Any, list[int]]:
+    """A native pass over a long prompt and a short one, prefilled: its decoding state, and each prompt's
+    token count."""
+    engine = load_engine(str(model_dir), device="cpu", dtype=dtype)
+    prompts = ["calm lo-fi piano with rain", "rock"]
+    with torch.inference_mode():
+        conditioning = engine._condition(prompts, GenerationRequest(prompts[0]))
+        conditioning.prefill(torch.full((2, engine.codebooks, 1), engine.pad_token), 8)
+    return conditioning.state, [len(engine.tokenizer(p).input_ids) for p in prompts]
+
+
 def test_int8_steps_read_the_text_as_int8_caches_each_row_over_its_prompt(tiny_model_dir: Path) -> None:
     from generation import native
 
     kernels = native.load()
     if kernels is None or not kernels.int8:
         pytest.skip("our int8 kernels need VNNI (or AVX2)")
-    engine = load_engine(str(tiny_model_dir), device="cpu", dtype="int8")
-    prompts = ["calm lo-fi piano with rain", "rock"]
-    with torch.inference_mode():
-        conditioning = engine._condition(prompts, GenerationRequest(prompts[0]))
-        conditioning.prefill(torch.full((2, engine.codebooks, 1), engine.pad_token), 8)
-    state = conditioning.state
-    lengths = [len(engine.tokenizer(p).input_ids) for p in prompts]
+    state, lengths = _two_prompts_prefilled(tiny_model_dir, "int8")
     assert state.cross_rows == 2 and state.cross_lengths is not None
     assert state.cross_lengths.tolist() == lengths
     keys, values = state.cross_int8[0]
@@ -168,14 +173,9 @@ def test_bf16_steps_read_each_rows_prompt_by_its_length(tiny_model_dir: Path) ->
 
     if native.load() is None:
         pytest.skip("the native kernels need an AVX2 CPU and a C++ compiler")
-    engine = load_engine(str(tiny_model_dir), device="cpu", dtype="bfloat16")
-    prompts = ["calm lo-fi piano with rain", "rock"]
-    with torch.inference_mode():
-        conditioning = engine._condition(prompts, GenerationRequest(prompts[0]))
-        conditioning.prefill(torch.full((2, engine.codebooks, 1), engine.pad_token), 8)
-    state = conditioning.state
+    state, lengths = _two_prompts_prefilled(tiny_model_dir, "bfloat16")
     assert state.cross_lengths is not None
-    assert state.cross_lengths.tolist() == [len(engine.tokenizer(p).input_ids) for p in prompts]
+    assert state.cross_lengths.tolist() == lengths
     assert state.cross[0][0].dtype == torch.bfloat16 and not state.cross_int8
     assert state.cross_mask is not None  # kept for Python's steps
     assert state.native_step is not None and state.native_step.model.cross_lengths
