@@ -186,12 +186,12 @@ class _NativeResnetBlock(torch.nn.Module):
     convolution, plus the input) as one pass of the native kernel over tiles of 64 samples.
 
     At 64 and 128 channels oneDNN ran it as five passes over activations of tens of megabytes, with
-    the padding and layout copies between them; wider blocks (256 and 512 channels, where the samples
-    are few) are as fast or faster in oneDNN, so on AVX-512 they stay there. On AMX every block whose
+    the padding and layout copies between them; at 256 and 512 channels the fp32 kernel makes 81 and
+    106 G multiply-adds a second against oneDNN's 50-53 (the 2-core EPYC). On AMX every block whose
     channels fit the tiles runs there, in three bf16 products (about 2^-16 of fp32).
     """
 
-    MAX_CHANNELS = 128  # the fp32 kernel's
+    MAX_CHANNELS = 512  # the fp32 kernel's, as far as it was measured
     MAX_AMX_CHANNELS = 512
 
     def __init__(self, block: Any, kernels: native.NativeKernels) -> None:
@@ -253,9 +253,10 @@ class _NativeResnetBlock(torch.nn.Module):
 
 class _NativeUpsample(torch.nn.Module):
     """EnCodec's transposed convolutions (stride S, kernel 2S) by the native kernels, with the ELU before
-    each folded in. On AVX-512 the stride-4 ones take the fp32 kernel, which keeps sixteen sums of four
-    channels and four phases in registers while the input channels pass once; on AMX
-    every stride does, its S phases as two-tap products of three bf16 parts (about 2^-16 of fp32).
+    each folded in. Elsewhere than on AMX the fp32 kernel takes them (strides 2-6 and 8: EnCodec's 8, 5
+    and 4), sixteen output channels in a vector's lanes and a block of q's and phases summed in registers
+    while the input channels pass once; on AMX every stride runs on the tiles, its S phases as two-tap
+    products of three bf16 parts (about 2^-16 of fp32).
     """
 
     def __init__(self, layer: Any, kernels: native.NativeKernels, *, activate: bool) -> None:
@@ -301,7 +302,9 @@ class _NativeUpsample(torch.nn.Module):
             return self.kernels.upsample_amx(
                 x, self.weight, self.bias, self.stride, self.left, activate=self.activate
             )
-        return self.kernels.upsample4(x, self.weight, self.bias, self.left, activate=self.activate)
+        return self.kernels.upsample(
+            x, self.weight, self.bias, self.stride, self.left, activate=self.activate
+        )
 
 
 class _NativeLastConv(torch.nn.Module):

@@ -50,6 +50,7 @@ AVX512_CPU = ("avx512f", "avx512bw", "avx512_bf16")
 REQUIRED_CPU = ("avx2", "fma")
 AVX2_FLAGS = (*FLAGS, "-mno-avx512f")  # also for an AVX-512 CPU without BF16: its AVX2 build
 MAX_HEADS = native_api.MAX_HEADS
+UPSAMPLE_STRIDES = (2, 3, 4, 5, 6, 8)  # upsample_f32's (kernels/encodec.cpp)
 INT8_EXTRA = 8  # bytes a row that a packed int8 matrix adds: its row's fp32 scale and int32 sum of ints
 _build_lock = threading.Lock()
 
@@ -81,7 +82,7 @@ class NativeKernels:
         self._attend_int8, self._quantize_cache = c["attend_int8"], c["quantize_cache"]
         self._attend_scratch = c["attend_scratch"]
         self._resblock, self._resblock_scratch = c["resblock_f32"], c["resblock_scratch"]
-        self._upsample, self._upsample_scratch = c["upsample4_f32"], c["upsample_scratch"]
+        self._upsample, self._upsample_scratch = c["upsample_f32"], c["upsample_scratch"]
         self._narrow, self._narrow_scratch = c["narrow_conv_f32"], c["narrow_scratch"]
         self._resblock_amx, self._resblock_amx_scratch = c["resblock_amx"], c["resblock_amx_scratch"]
         self._upsample_amx, self._upsample_amx_scratch = c["upsample_amx"], c["upsample_amx_scratch"]
@@ -468,27 +469,32 @@ class NativeKernels:
 
     @staticmethod
     def pack_upsample(weight: torch.Tensor) -> torch.Tensor:
-        """A transposed convolution's ``weight (Cin, Cout, 8)`` in ``upsample4``'s order."""
+        """A transposed convolution's ``weight (Cin, Cout, 2S)`` in ``upsample``'s order: for each 16 output
+        channels, each input channel's 2S taps as vectors of the 16 (zeros past Cout)."""
         cin, cout, taps = weight.shape
-        return weight.detach().float().reshape(cin, cout // 4, 4, taps).permute(1, 0, 2, 3).contiguous()
+        blocks = -(-cout // 16)
+        padded = torch.zeros(blocks * 16, cin, taps, dtype=torch.float32)
+        padded[:cout] = weight.detach().float().permute(1, 0, 2)
+        return padded.reshape(blocks, 16, cin, taps).permute(0, 2, 3, 1).contiguous()
 
-    def upsample4(
-        self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, left: int, *, activate: bool
+    def upsample(
+        self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int, left: int, *, activate: bool
     ) -> torch.Tensor:
-        """EnCodec's transposed convolution of stride 4 and kernel 8 on fp32 ``x (rows, Cin, T)``, or on
-        ``ELU(x)`` with ``activate``, its 4 samples of padding trimmed (``left`` at the start):
-        ``(rows, Cout, 4 T)``. ``w`` from ``pack_upsample``."""
+        """EnCodec's transposed convolution of ``stride`` S and kernel 2S on fp32 ``x (rows, Cin, T)``, or on
+        ``ELU(x)`` with ``activate``, its S samples of padding trimmed (``left`` at the start): ``(rows,
+        Cout, S T)``. ``w`` from ``pack_upsample``."""
         rows, cin, length = x.shape
         cout = b.shape[0]
         fp32 = torch.float32
-        _require(x, fits_upsample(cin, cout, 8, 4) and length > 0 and 0 <= left <= 4, "x", fp32)
-        _require(w, w.shape == (cout // 4, cin, 4, 8), "w", fp32)
+        fits = fits_upsample(cin, cout, 2 * stride, stride) and length > 0 and 0 <= left <= stride
+        _require(x, fits, "x", fp32)
+        _require(w, w.shape == (-(-cout // 16), cin, 2 * stride, 16), "w", fp32)
         _require(b, b.shape == (cout,), "b", fp32)
         threads, scratch = self._threads_scratch(self._upsample_scratch(cin))
-        y = torch.empty((rows, cout, 4 * length), dtype=fp32)
+        y = torch.empty((rows, cout, stride * length), dtype=fp32)
         self._upsample(
             x, y, w, b, scratch,
-            rows, cin, cout, length, left, int(activate), threads,
+            rows, cin, cout, length, stride, left, int(activate), threads,
         )  # fmt: skip
         return y
 
@@ -669,8 +675,8 @@ class NativeStep:
 
 
 def fits_upsample(in_channels: int, out_channels: int, kernel: int, stride: int) -> bool:
-    """Whether a transposed convolution fits ``upsample4``: stride 4, kernel 8, outputs in fours."""
-    return stride == 4 and kernel == 8 and out_channels % 4 == 0 and in_channels > 0 and out_channels > 0
+    """Whether a transposed convolution fits ``upsample``: kernel twice its stride, one of 2-6 or 8."""
+    return stride in UPSAMPLE_STRIDES and kernel == 2 * stride and in_channels > 0 and out_channels > 0
 
 
 def fits_amx_resblock(channels: int, hidden: int) -> bool:

@@ -370,16 +370,16 @@ KERNELS = (
     ),
     Kernel("upsample_scratch", _ints("Cin"), returns="int"),
     Kernel(
-        "upsample4_f32",
+        "upsample_f32",
         (
             Tensor("x", _FP32, "rows * Cin * T"),
-            Tensor("y", _FP32, "rows * Cout * 4 * T", writes=True),
-            Tensor("w", _FP32, "Cin * Cout * 8"),
+            Tensor("y", _FP32, "rows * Cout * S * T", writes=True),
+            Tensor("w", _FP32, "(Cout + 15) // 16 * 16 * Cin * 2 * S"),
             Tensor("b", _FP32, "Cout"),
             Tensor("scratch", _FP32, "threads * upsample_scratch(Cin)", writes=True, at_least=True),
-            *_ints("rows Cin Cout T left activate threads"),
+            *_ints("rows Cin Cout T S left activate threads"),
         ),
-        requires=(*_conv_out, "Cin > 0", "Cout > 0 and Cout % 4 == 0", "T > 0", "0 <= left <= 4"),
+        requires=(*_conv_out, "Cin > 0", "Cout > 0", "T > 0", "S in (2, 3, 4, 5, 6, 8)", "0 <= left <= S"),
     ),
     Kernel("narrow_scratch", _ints("C"), returns="int"),
     Kernel(

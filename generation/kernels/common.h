@@ -47,6 +47,45 @@ inline __m512 bf16_to_f32(__m256i h) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// v held in a register from here on: the compiler may not fold its load into each instruction that reads
+// it. GCC folded a tile's four input vectors into all sixteen FMAs that share them, loading each vector
+// four times (twice as many loads as FMAs, unaligned ones split across lines), which made EnCodec's
+// convolutions load-bound at half the FMAs' rate on Zen 4.
+inline void in_register(__m512& v) {
+#ifdef __AVX512F__
+    asm("" : "+v"(v));
+#else
+    (void)v;
+#endif
+}
+
+// A 16 x 16 matrix of 32-bit values, one row a vector, transposed in place. Interleaving single values,
+// then pairs, leaves in u[4g + c]'s 128-bit lane L the four rows 4g .. 4g + 3 of column 4L + c; a 4 x 4
+// transposition of 128-bit lanes across u[c], u[4 + c], u[8 + c], u[12 + c] then gives columns c, 4 + c,
+// 8 + c and 12 + c whole.
+inline void transpose16(__m512i* r) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int c = 0; c < 4; c++) {  // 0x88: 128-bit lanes 0 and 2 of each operand; 0xDD: lanes 1 and 3
+        const __m512i p = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88), q = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xDD);
+        const __m512i u = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88), v = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xDD);
+        t[c] = _mm512_shuffle_i32x4(p, u, 0x88);
+        t[8 + c] = _mm512_shuffle_i32x4(p, u, 0xDD);
+        t[4 + c] = _mm512_shuffle_i32x4(q, v, 0x88);
+        t[12 + c] = _mm512_shuffle_i32x4(q, v, 0xDD);
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
 // Lanes 0 .. left - 1 of sixteen (all for left >= 16, none for left <= 0): a tile's tail.
 inline __mmask16 first_lanes(int left) {
     return left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : (__mmask16)0;

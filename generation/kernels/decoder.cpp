@@ -879,33 +879,6 @@ void layer_norm(const uint16_t* x, uint16_t* y, const uint16_t* w, const uint16_
     }
 }
 
-// A 16 x 16 matrix of 32-bit values, one row a vector, transposed in place. Interleaving single values,
-// then pairs, leaves in u[4g + c]'s 128-bit lane L the four rows 4g .. 4g + 3 of column 4L + c; a 4 x 4
-// transposition of 128-bit lanes across u[c], u[4 + c], u[8 + c], u[12 + c] then gives columns c, 4 + c,
-// 8 + c and 12 + c whole.
-inline void transpose16(__m512i* r) {
-    __m512i t[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    for (int c = 0; c < 4; c++) {  // 0x88: 128-bit lanes 0 and 2 of each operand; 0xDD: lanes 1 and 3
-        const __m512i p = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88), q = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xDD);
-        const __m512i u = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88), v = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xDD);
-        t[c] = _mm512_shuffle_i32x4(p, u, 0x88);
-        t[8 + c] = _mm512_shuffle_i32x4(p, u, 0xDD);
-        t[4 + c] = _mm512_shuffle_i32x4(q, v, 0x88);
-        t[12 + c] = _mm512_shuffle_i32x4(q, v, 0xDD);
-    }
-    for (int i = 0; i < 16; i++) r[i] = t[i];
-}
-
 }  // namespace
 
 extern "C" {

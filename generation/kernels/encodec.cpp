@@ -3,7 +3,7 @@
 // - resblock: EnCodec's residual block (ELU, 3-tap convolution, ELU, 1-tap convolution, plus the input)
 //   in one pass over tiles of 64 samples, fp32 throughout: a tile's intermediates stay in the L1/L2
 //   caches instead of passing through memory between five operations.
-// - upsample4: the transposed convolution of stride 4 and kernel 8, over ELU(x) or x.
+// - upsample: the transposed convolutions of stride S and kernel 2S, over ELU(x) or x.
 // - narrow_conv: the last convolution, to at most 4 channels, with its reflect padding.
 // - resblock_amx, upsample_amx: the residual block and transposed convolutions of any stride on AMX
 //   tiles, in three bf16 products for fp32 accuracy.
@@ -64,7 +64,10 @@ void resblock_tile(const float* x, float* y, const float* w1, const float* b1, c
             const float* ec = e + (size_t)c * kTileRow;
             for (int j = 0; j < 3; j++, wp += 4) {
                 __m512 ev[4];
-                for (int v = 0; v < 4; v++) ev[v] = _mm512_loadu_ps(ec + j + 16 * v);
+                for (int v = 0; v < 4; v++) {
+                    ev[v] = _mm512_loadu_ps(ec + j + 16 * v);
+                    in_register(ev[v]);
+                }
                 for (int k = 0; k < 4; k++) {
                     const __m512 w = _mm512_set1_ps(wp[k]);
                     for (int v = 0; v < 4; v++) acc[k][v] = _mm512_fmadd_ps(w, ev[v], acc[k][v]);
@@ -82,7 +85,10 @@ void resblock_tile(const float* x, float* y, const float* w1, const float* b1, c
         const float* wp = w2 + (size_t)c * H;
         for (int o = 0; o < H; o++, wp += 4) {
             __m512 hv[4];
-            for (int v = 0; v < 4; v++) hv[v] = _mm512_loadu_ps(h + (size_t)o * kTile + 16 * v);
+            for (int v = 0; v < 4; v++) {
+                hv[v] = _mm512_loadu_ps(h + (size_t)o * kTile + 16 * v);
+                in_register(hv[v]);
+            }
             for (int k = 0; k < 4; k++) {
                 const __m512 w = _mm512_set1_ps(wp[k]);
                 for (int v = 0; v < 4; v++) acc[k][v] = _mm512_fmadd_ps(w, hv[v], acc[k][v]);
@@ -101,42 +107,97 @@ void resblock_tile(const float* x, float* y, const float* w1, const float* b1, c
 
 // EnCodec's upsampling: a transposed convolution of stride S and kernel 2S over ELU(x), non-causal (the
 // S samples of padding trimmed, `left` of them at the start). Output sample m = q S + r - left is
-// b + sum over c of W[c][r] x[q] + W[c][r + S] x[q - 1]: one phase r at a time, 16 q in the lanes, both
-// taps a broadcast weight each; the S phases are interleaved by a scatter. OB output channels x S
-// phases of sums stay in registers (16 at S = 4) while the input channels pass once.
-constexpr int kUpTile = 16;  // input samples q per tile
-constexpr int kUpRow = 32;   // a tile's activated input row: x[q0 - 1] .. x[q0 + 15], padded
+// b + sum over c of W[c][r] x[q] + W[c][r + S] x[q - 1]. The lanes hold 16 output channels: for each input
+// channel, 2 PB weight vectors (phases r and r + S) and QB + 1 broadcast samples make 2 QB PB FMAs into
+// sums of QB q's x PB phases, which a 16 x 16 transposition turns into each channel's consecutive
+// samples. (Lanes over 16 q, as before, took a broadcast weight for every FMA and scattered each phase
+// to memory: 65-78 G multiply-adds a second on Zen 4, against 116 for its FMAs.)
+constexpr int kUpQ = 64;             // input samples q per tile
+constexpr int kUpRow = kUpQ + 16;    // a tile's activated input row: x[q0 - 1] .. x[q0 + 64], padded
+constexpr int kUpChunk = 32;         // input channels a pass: 16-32 kB of weights, 10 kB of samples
+constexpr int kUpSums = (kUpQ + 1) / 2 * 16 * 16;  // floats of a tile's kept sums (QB >= 2)
 
-template <int S, int OB>
-inline void upsample_tile(const float* e, const float* w, const float* b, float* y, int Cin, int Cout, int T,
-                          int q0, int left) {
-    const int length = T * S;
-    __m512i idx[S];
-    __mmask16 valid[S];
-    for (int r = 0; r < S; r++) {
-        const __m512i m = _mm512_add_epi32(
-            _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32(q0), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)),
-                               _mm512_set1_epi32(S)),
-            _mm512_set1_epi32(r - left));
-        valid[r] = _mm512_cmpge_epi32_mask(m, _mm512_setzero_si512()) & _mm512_cmplt_epi32_mask(m, _mm512_set1_epi32(length));
-        idx[r] = m;
-    }
-    for (int o0 = 0; o0 < Cout; o0 += OB) {
-        __m512 acc[OB][S];
-        for (int k = 0; k < OB; k++)
-            for (int r = 0; r < S; r++) acc[k][r] = _mm512_set1_ps(b[o0 + k]);
-        const float* wp = w + (size_t)o0 * Cin * 2 * S;  // packed [Cout / OB][Cin][OB][2S]
-        for (int c = 0; c < Cin; c++, wp += OB * 2 * S) {
-            const __m512 now = _mm512_loadu_ps(e + (size_t)c * kUpRow + 1), before = _mm512_loadu_ps(e + (size_t)c * kUpRow);
-            for (int k = 0; k < OB; k++)
-                for (int r = 0; r < S; r++) {
-                    acc[k][r] = _mm512_fmadd_ps(_mm512_set1_ps(wp[k * 2 * S + r]), now, acc[k][r]);
-                    acc[k][r] = _mm512_fmadd_ps(_mm512_set1_ps(wp[k * 2 * S + S + r]), before, acc[k][r]);
+// Lanes from .. from + count - 1 of sixteen, those of them at 0 <= start + lane < length.
+inline __mmask16 lanes_within(int from, int count, long start, long length) {
+    const int lo = start >= 0 ? from : (int)(-start > from ? -start : from);
+    const long hi_long = length - start < from + count ? length - start : from + count;
+    const int hi = hi_long < 0 ? 0 : (int)hi_long;
+    return hi > lo ? (__mmask16)(first_lanes(hi) & ~first_lanes(lo)) : (__mmask16)0;
+}
+
+// Output channels 16 ob .. 16 ob + 15 (those below Cout) of one tile: q0 .. q0 + nq - 1, e holding
+// x[q0 - 1 + i] (activated) at e[c * kUpRow + i]. W packed [Cout / 16][Cin][2S][16], zeros past Cout.
+// The input channels pass in chunks whose weights stay in L1 for all the tile's q's, each block's sums
+// kept in `sums` between chunks (streaming a wide layer's weights once per block of q's, from L2, had
+// held it to half the FMAs' rate).
+template <int S, int PB, int QB>
+inline void upsample_block(const float* e, const float* w, const float* b, float* y, int Cin, int Cout, long length,
+                           int q0, int nq, int left, int ob, float* sums) {
+    static_assert(S % PB == 0 && QB * PB <= 16, "phases in whole passes, a block's sums in one transposition");
+    const int o0 = 16 * ob, outs = Cout - o0 < 16 ? Cout - o0 : 16;
+    const __m512 bias = _mm512_maskz_loadu_ps(first_lanes(outs), b + o0);
+    const float* wo = w + (size_t)ob * Cin * 2 * S * 16;
+    for (int ph0 = 0; ph0 < S; ph0 += PB) {
+        for (int c0 = 0; c0 < Cin; c0 += kUpChunk) {
+            const int c1 = Cin - c0 < kUpChunk ? Cin : c0 + kUpChunk;
+            for (int qs = 0; qs < nq; qs += QB) {
+                float* kept = sums + (size_t)(qs / QB) * 16 * 16;
+                __m512 acc[QB][PB];
+                for (int i = 0; i < QB; i++)
+                    for (int p = 0; p < PB; p++)
+                        acc[i][p] = c0 == 0 ? bias : _mm512_loadu_ps(kept + 16 * (i * PB + p));
+                const float* wc = wo + ((size_t)c0 * 2 * S + ph0) * 16;
+                const float* ec = e + (size_t)c0 * kUpRow + qs;
+                for (int c = c0; c < c1; c++, wc += 2 * S * 16, ec += kUpRow) {
+                    __m512 now[PB], before[PB], xv[QB + 1];
+                    for (int p = 0; p < PB; p++) {
+                        now[p] = _mm512_loadu_ps(wc + 16 * p);
+                        before[p] = _mm512_loadu_ps(wc + 16 * (S + p));
+                        in_register(now[p]);
+                        in_register(before[p]);
+                    }
+                    for (int i = 0; i <= QB; i++) {
+                        xv[i] = _mm512_set1_ps(ec[i]);
+                        in_register(xv[i]);
+                    }
+                    for (int i = 0; i < QB; i++)
+                        for (int p = 0; p < PB; p++) {
+                            acc[i][p] = _mm512_fmadd_ps(now[p], xv[i + 1], acc[i][p]);
+                            acc[i][p] = _mm512_fmadd_ps(before[p], xv[i], acc[i][p]);
+                        }
                 }
+                if (c1 < Cin) {
+                    for (int i = 0; i < QB; i++)
+                        for (int p = 0; p < PB; p++) _mm512_storeu_ps(kept + 16 * (i * PB + p), acc[i][p]);
+                    continue;
+                }
+                const int nb = nq - qs < QB ? nq - qs : QB;  // the block's q's
+                __m512i r[16];  // slot s = i PB + p, then transposed: r[channel], lane s
+                for (int t = 0; t < 16; t++) r[t] = t < QB * PB ? _mm512_castps_si512(acc[t / PB][t % PB]) : _mm512_setzero_si512();
+                transpose16(r);
+                const long base = (long)(q0 + qs) * S + ph0 - left;  // slot 0's output sample
+                for (int o = 0; o < outs; o++) {
+                    float* yo = y + (size_t)(o0 + o) * length;
+                    const __m512 v = _mm512_castsi512_ps(r[o]);
+                    if constexpr (PB == S) {
+                        _mm512_mask_storeu_ps(yo + base, lanes_within(0, nb * S, base, length), v);
+                    } else {
+                        for (int i = 0; i < nb; i++) {  // lane i PB + p is sample base + i S + p
+                            const long start = base + (long)i * (S - PB);
+                            _mm512_mask_storeu_ps(yo + start, lanes_within(i * PB, PB, start, length), v);
+                        }
+                    }
+                }
+            }
         }
-        for (int k = 0; k < OB; k++)
-            for (int r = 0; r < S; r++) _mm512_mask_i32scatter_ps(y + (size_t)(o0 + k) * length, valid[r], idx[r], acc[k][r], 4);
     }
+}
+
+// (phases a pass, q's a block) for each stride: sums, weights and samples within 31 registers
+template <int S, int PB, int QB>
+inline void upsample_tile(const float* e, const float* w, const float* b, float* y, int Cin, int Cout, long length,
+                          int q0, int nq, int left, int ob_from, int ob_to, float* sums) {
+    for (int ob = ob_from; ob < ob_to; ob++) upsample_block<S, PB, QB>(e, w, b, y, Cin, Cout, length, q0, nq, left, ob, sums);
 }
 
 // EnCodec's last convolution (to O <= 4 channels, K <= 17 taps) over ELU(x) reflect-padded by `left`
@@ -396,24 +457,39 @@ void resblock_f32(const float* x, float* y, const float* w1, const float* b1, co
 }
 
 
-// EnCodec's transposed convolution of stride 4 and kernel 8 (non-causal, `left` samples of its 4 of
-// padding trimmed at the start) over ELU(x) (or x): x (rows, Cin, T) -> y (rows, Cout, 4 T) fp32, W (Cin,
-// Cout, 8) packed [Cout / 4][Cin][4][8] by the caller, Cout % 4 == 0. scratch: threads *
-// upsample_scratch(Cin) floats.
-int upsample_scratch(int Cin) { return Cin * kUpRow; }
+// EnCodec's transposed convolution of stride S (2, 3, 4, 5, 6 or 8) and kernel 2S (non-causal, `left`
+// samples of its S of padding trimmed at the start) over ELU(x) (or x): x (rows, Cin, T) -> y (rows, Cout,
+// S T) fp32, W (Cin, Cout, 2S) packed [ceil(Cout / 16)][Cin][2S][16] by the caller (zeros past Cout).
+// scratch: threads * upsample_scratch(Cin) floats.
+int upsample_scratch(int Cin) { return Cin * kUpRow + kUpSums; }
 
-void upsample4_f32(const float* x, float* y, const float* w, const float* b, float* scratch, int rows, int Cin,
-                   int Cout, int T, int left, int activate, int threads) {
-    const int tiles = (T + 1 + kUpTile - 1) / kUpTile;  // q runs to T: its x[q - 1] tap is the last sample's
+void upsample_f32(const float* x, float* y, const float* w, const float* b, float* scratch, int rows, int Cin,
+                  int Cout, int T, int S, int left, int activate, int threads) {
+    const int tiles = (T + 1 + kUpQ - 1) / kUpQ;  // q runs to T: its x[q - 1] tap is the last sample's
+    const int blocks = (Cout + 15) / 16;
+    // a tile's output channels split into groups where tiles alone would leave a thread idle
+    int groups = (2 * threads + rows * tiles - 1) / (rows * tiles);
+    groups = groups < 1 ? 1 : groups > blocks ? blocks : groups;
+    const long length = (long)T * S;
 #pragma omp parallel num_threads(threads)
     {
         float* e = scratch + (size_t)omp_get_thread_num() * upsample_scratch(Cin);
 #pragma omp for schedule(static)
-        for (int job = 0; job < rows * tiles; job++) {
-            const int r = job / tiles, q0 = (job % tiles) * kUpTile;
-            const float* xr = x + (size_t)r * Cin * T;
-            activated_rows(xr, e, Cin, T, q0 - 1, kUpTile + 1, kUpRow, activate != 0);
-            upsample_tile<4, 4>(e, w, b, y + (size_t)r * Cout * T * 4, Cin, Cout, T, q0, left);
+        for (int job = 0; job < rows * tiles * groups; job++) {
+            const int g = job % groups, tile = job / groups % tiles, r = job / groups / tiles;
+            const int q0 = tile * kUpQ, nq = T + 1 - q0 < kUpQ ? T + 1 - q0 : kUpQ;
+            const int ob_from = blocks * g / groups, ob_to = blocks * (g + 1) / groups;
+            activated_rows(x + (size_t)r * Cin * T, e, Cin, T, q0 - 1, nq + 1, kUpRow, activate != 0);
+            float* yr = y + (size_t)r * Cout * length;
+            switch (S) {
+                case 2: upsample_tile<2, 2, 8>(e, w, b, yr, Cin, Cout, length, q0, nq, left, ob_from, ob_to, e + (size_t)Cin * kUpRow); break;
+                case 3: upsample_tile<3, 3, 5>(e, w, b, yr, Cin, Cout, length, q0, nq, left, ob_from, ob_to, e + (size_t)Cin * kUpRow); break;
+                case 4: upsample_tile<4, 4, 4>(e, w, b, yr, Cin, Cout, length, q0, nq, left, ob_from, ob_to, e + (size_t)Cin * kUpRow); break;
+                case 5: upsample_tile<5, 5, 3>(e, w, b, yr, Cin, Cout, length, q0, nq, left, ob_from, ob_to, e + (size_t)Cin * kUpRow); break;
+                case 6: upsample_tile<6, 3, 5>(e, w, b, yr, Cin, Cout, length, q0, nq, left, ob_from, ob_to, e + (size_t)Cin * kUpRow); break;
+                case 8: upsample_tile<8, 4, 4>(e, w, b, yr, Cin, Cout, length, q0, nq, left, ob_from, ob_to, e + (size_t)Cin * kUpRow); break;
+                default: break;
+            }
         }
     }
 }
@@ -443,7 +519,7 @@ void narrow_conv_f32(const float* x, float* y, const float* w, const float* b, f
 #pragma GCC target("amx-tile,amx-bf16")
 
 // EnCodec's convolutions on AMX (after amx_enable() gave 1): weights packed by pack_amx_weights (W in
-// (taps, M, K) fp32: hi and lo of taps * M * K bf16 each), x and y as for resblock_f32 / upsample4_f32.
+// (taps, M, K) fp32: hi and lo of taps * M * K bf16 each), x and y as for resblock_f32 / upsample_f32.
 void pack_amx_conv(const float* W, uint16_t* hi, uint16_t* lo, int taps, int M, int K) {
     pack_amx_weights(W, hi, lo, taps, M, K);
 }
@@ -475,7 +551,7 @@ int upsample_amx_scratch(int Cin, int Cout, int S) { return (int)upsample_amx_fl
 // (rows, Cout, S T). scratch: threads * upsample_amx_scratch(Cin, Cout, S) floats.
 void upsample_amx(const float* x, float* y, const uint16_t* whi, const uint16_t* wlo, const float* b, float* scratch,
                   int rows, int Cin, int Cout, int T, int S, int left, int activate, int threads) {
-    const int tiles = (T + 1 + kAmxConvTile - 1) / kAmxConvTile;  // q runs to T, as in upsample4_f32
+    const int tiles = (T + 1 + kAmxConvTile - 1) / kAmxConvTile;  // q runs to T, as in upsample_f32
 #pragma omp parallel num_threads(threads)
     {
         float* mine = scratch + (size_t)omp_get_thread_num() * upsample_amx_floats(Cin, Cout, S);

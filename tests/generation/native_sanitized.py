@@ -98,11 +98,20 @@ def convolutions(kernels: native.NativeKernels) -> None:
             kernels.resblock(
                 torch.randn(2, channels, length), w1, torch.randn(hidden), w2, torch.randn(channels)
             )
-    for cin, cout in ((1, 4), (5, 8)):
-        w = kernels.pack_upsample(torch.randn(cin, cout, 8))
-        for length in (1, 15, 16, 17):
-            for left in (0, 2, 4):
-                kernels.upsample4(torch.randn(2, cin, length), w, torch.randn(cout), left, activate=left == 2)
+    for stride, cin, cout in (
+        (4, 1, 4),
+        (4, 5, 8),
+        (8, 33, 17),
+        (5, 3, 16),
+        (2, 2, 3),
+        (3, 1, 1),
+        (6, 4, 20),
+    ):
+        w = kernels.pack_upsample(torch.randn(cin, cout, 2 * stride))
+        for length in (1, 15, 16, 17, 64, 65):
+            for left in (0, stride // 2, stride):
+                x = torch.randn(2, cin, length)
+                kernels.upsample(x, w, torch.randn(cout), stride, left, activate=left == stride // 2)
     for outs, taps, left, length in ((1, 1, 0, 1), (1, 7, 3, 4), (4, 17, 8, 9), (2, 3, 1, 64), (1, 7, 3, 65)):
         w = torch.randn(outs, 6, taps)
         kernels.narrow_conv(torch.randn(2, 6, length), w, torch.randn(outs), left, activate=True)

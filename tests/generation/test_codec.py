@@ -132,7 +132,7 @@ def test_native_lstm_equals_encodecs_to_fp32_rounding(rows: int, steps: int, wid
     assert torch.equal(alone[0], got[rows - 1])  # a row's audio is its own, whatever else is in the batch
 
 
-def test_stride_4_upsamplings_and_the_last_convolution_take_the_kernels_with_their_elus(
+def test_upsamplings_and_the_last_convolution_take_the_kernels_with_their_elus(
     tiny_engine: MusicGenEngine,
 ) -> None:
     from torch.nn import ELU, Identity
@@ -147,11 +147,13 @@ def test_stride_4_upsamplings_and_the_last_convolution_take_the_kernels_with_the
     decoder = EncodecDecoder(encodec, torch.device("cpu"))
     layers = decoder.local_layers
     upsampling = [i for i, layer in enumerate(layers) if isinstance(layer, _NativeUpsample)]
-    # the tiny codec's 16 -> 8 and 8 -> 4 channels, stride 4 each; with AMX also 32 -> 16 (stride 5)
+    # the tiny codec's 32 -> 16 (stride 5), 16 -> 8 and 8 -> 4 channels (stride 4 each): on AMX's tiles
+    # where the channels fit them, else the fp32 kernel
     amx = native.load().amx
-    assert len(upsampling) == (3 if amx else 2)
-    assert [layers[i].amx for i in upsampling] == ([True, False, False] if amx else [False, False])
-    assert isinstance(decoder.global_layers[-1], _NativeUpsample) == amx  # 64 -> 32, stride 8
+    assert len(upsampling) == 3
+    assert [layers[i].amx for i in upsampling] == [amx, False, False]
+    assert isinstance(decoder.global_layers[-1], _NativeUpsample)  # 64 -> 32, stride 8
+    assert decoder.global_layers[-1].amx == amx
     assert isinstance(layers[-1], _NativeLastConv) and layers[-1].activate
     for i in [*upsampling, len(layers) - 1]:  # each one's ELU now runs inside it
         assert isinstance(layers[i - 1], Identity)
@@ -168,24 +170,57 @@ def test_stride_4_upsamplings_and_the_last_convolution_take_the_kernels_with_the
     assert isinstance(off[-1].conv, _NarrowConv1d)
 
 
-@pytest.mark.parametrize(("rows", "length", "left"), [(1, 1, 2), (2, 17, 2), (3, 40, 1), (1, 64, 3)])
-def test_native_upsampling_equals_torchs_transposed_convolution(rows: int, length: int, left: int) -> None:
+@pytest.mark.parametrize(
+    ("stride", "rows", "length", "left", "channels"),
+    [
+        (4, 1, 1, 2, (24, 12)),
+        (4, 2, 17, 2, (24, 12)),
+        (4, 3, 40, 1, (24, 12)),
+        (4, 1, 64, 3, (24, 12)),
+        (4, 1, 130, 4, (70, 16)),  # a second tile of q's, 70 inputs: a chunk and a part of one
+        (8, 2, 63, 4, (40, 33)),  # phases in two passes; 33 outputs: a block of 16 and one of 1
+        (5, 1, 66, 2, (8, 48)),  # blocks of 3 q's, 15 of a transposition's 16 slots
+        (2, 2, 9, 0, (3, 5)),
+        (3, 1, 70, 3, (16, 16)),
+        (6, 1, 20, 3, (16, 17)),
+    ],
+)
+def test_native_upsampling_equals_torchs_transposed_convolution(
+    stride: int, rows: int, length: int, left: int, channels: tuple[int, int]
+) -> None:
     from generation import native
 
     kernels = native.load()
     if kernels is None:
         pytest.skip("the native kernels need an AVX2 CPU and a C++ compiler")
     g = torch.Generator().manual_seed(length)
-    x = torch.randn(rows, 24, length, generator=g)
-    weight, bias = torch.randn(24, 12, 8, generator=g) / 5, torch.randn(12, generator=g)
+    cin, cout = channels
+    x = torch.randn(rows, cin, length, generator=g)
+    weight, bias = torch.randn(cin, cout, 2 * stride, generator=g) / 5, torch.randn(cout, generator=g)
     for activate in (False, True):
         full = torch.nn.functional.conv_transpose1d(
-            torch.nn.functional.elu(x) if activate else x, weight, bias, stride=4
+            torch.nn.functional.elu(x) if activate else x, weight, bias, stride=stride
         )
-        want = full[..., left : full.shape[-1] - (4 - left)]
-        got = kernels.upsample4(x, kernels.pack_upsample(weight), bias, left, activate=activate)
-        assert got.shape == want.shape == (rows, 12, 4 * length)
+        want = full[..., left : full.shape[-1] - (stride - left)]
+        packed = kernels.pack_upsample(weight)
+        got = kernels.upsample(x, packed, bias, stride, left, activate=activate)
+        assert got.shape == want.shape == (rows, cout, stride * length)
         assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+def test_native_upsampling_refuses_strides_it_has_no_blocks_for() -> None:
+    from generation import native
+
+    kernels = native.load()
+    if kernels is None:
+        pytest.skip("the native kernels need an AVX2 CPU and a C++ compiler")
+    weight = torch.randn(8, 16, 14)
+    with pytest.raises(ValueError, match="x"):
+        kernels.upsample(
+            torch.randn(1, 8, 5), kernels.pack_upsample(weight), torch.randn(16), 7, 3, activate=False
+        )
+    assert not native.fits_upsample(8, 16, 14, 7) and not native.fits_upsample(8, 16, 10, 4)
+    assert native.fits_upsample(1024, 512, 16, 8) and native.fits_upsample(512, 256, 10, 5)
 
 
 @pytest.mark.parametrize(("outs", "length", "taps"), [(1, 301, 7), (3, 8, 7), (2, 64, 3), (1, 5, 9)])

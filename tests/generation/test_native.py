@@ -854,7 +854,7 @@ def test_residual_block_call_refuses_what_it_would_read_out_of_bounds(kernels: n
         assert torch.equal(fused(short), block(short))
 
 
-def test_only_encodecs_plain_residual_blocks_up_to_128_channels_take_the_kernel(
+def test_only_encodecs_plain_residual_blocks_up_to_512_channels_take_the_kernel(
     products: native.NativeKernels,
 ) -> None:
     from transformers import EncodecConfig
@@ -864,10 +864,8 @@ def test_only_encodecs_plain_residual_blocks_up_to_128_channels_take_the_kernel(
 
     kernels = products
     plain = EncodecConfig(use_conv_shortcut=False, pad_mode="reflect", use_causal_conv=False)
-    assert _NativeResnetBlock.fits(EncodecResnetBlock(plain, 128, [1, 1]), kernels)
-    # wider: oneDNN is as fast as the fp32 kernel; AMX is faster up to 512 channels
-    assert _NativeResnetBlock.fits(EncodecResnetBlock(plain, 256, [1, 1]), kernels) == kernels.amx
-    assert _NativeResnetBlock.fits(EncodecResnetBlock(plain, 512, [1, 1]), kernels) == kernels.amx
+    for channels in (128, 256, 512):  # the fp32 kernel outran oneDNN at each, AMX's tiles too
+        assert _NativeResnetBlock.fits(EncodecResnetBlock(plain, channels, [1, 1]), kernels)
     assert not _NativeResnetBlock.fits(EncodecResnetBlock(plain, 1024, [1, 1]), kernels)
     assert not _NativeResnetBlock.fits(EncodecResnetBlock(plain, 6, [1, 1]), kernels)  # hidden 3: not in 4s
     assert not _NativeResnetBlock.fits(EncodecResnetBlock(plain, 64, [2, 1]), kernels)  # dilated
