@@ -186,12 +186,15 @@ class _NativeResnetBlock(torch.nn.Module):
     convolution, plus the input) as one pass of the native kernel over tiles of 64 samples.
 
     At 64 and 128 channels oneDNN ran it as five passes over activations of tens of megabytes, with
-    the padding and layout copies between them; at 256 and 512 channels the fp32 kernel makes 81 and
-    106 G multiply-adds a second against oneDNN's 50-53 (the 2-core EPYC). On AMX every block whose
-    channels fit the tiles runs there, in three bf16 products (about 2^-16 of fp32).
+    the padding and layout copies between them; at 256 and 512 channels the AVX-512 build makes 81 and
+    106 G multiply-adds a second against oneDNN's 50-53 (the 2-core EPYC), where the AVX2 build (57
+    and 59) ties and loses against oneDNN held to AVX2 (58 and 74), so there wider blocks stay in
+    oneDNN. On AMX every block whose channels fit the tiles runs there, in three bf16 products (about
+    2^-16 of fp32).
     """
 
-    MAX_CHANNELS = 512  # the fp32 kernel's, as far as it was measured
+    MAX_CHANNELS = 512  # the AVX-512 build's, as far as it was measured
+    MAX_AVX2_CHANNELS = 128
     MAX_AMX_CHANNELS = 512
 
     def __init__(self, block: Any, kernels: native.NativeKernels) -> None:
@@ -232,7 +235,8 @@ class _NativeResnetBlock(torch.nn.Module):
         first, second = convs
         assert first is not None and second is not None  # both are Conv1d, checked above
         channels, hidden = first.in_channels, first.out_channels
-        wide_enough = channels <= cls.MAX_CHANNELS or cls._amx(kernels, channels, hidden)
+        widest = cls.MAX_CHANNELS if kernels.vector_bits == 512 else cls.MAX_AVX2_CHANNELS
+        wide_enough = channels <= widest or cls._amx(kernels, channels, hidden)
         return (
             pad_conv.pad_mode == "reflect"
             and first.kernel_size == (3,)
@@ -255,8 +259,10 @@ class _NativeUpsample(torch.nn.Module):
     """EnCodec's transposed convolutions (stride S, kernel 2S) by the native kernels, with the ELU before
     each folded in. Elsewhere than on AMX the fp32 kernel takes them (strides 2-6 and 8: EnCodec's 8, 5
     and 4), sixteen output channels in a vector's lanes and a block of q's and phases summed in registers
-    while the input channels pass once; on AMX every stride runs on the tiles, its S phases as two-tap
-    products of three bf16 parts (about 2^-16 of fp32).
+    while the input channels pass once: 95-102 G multiply-adds a second on the EPYC against oneDNN's
+    27-67; its AVX2 build made 45-57 against oneDNN's 28-51 held to AVX2 (behind it only at stride 5,
+    by a tenth). On AMX every stride runs on the tiles, its S phases as two-tap products of three bf16
+    parts (about 2^-16 of fp32).
     """
 
     def __init__(self, layer: Any, kernels: native.NativeKernels, *, activate: bool) -> None:

@@ -55,7 +55,7 @@ inline void in_register(__m512& v) {
 #ifdef __AVX512F__
     asm("" : "+v"(v));
 #else
-    (void)v;
+    asm("" : "+x"(v.lo), "+x"(v.hi));
 #endif
 }
 
