@@ -175,13 +175,16 @@ def native_pack_all(matrices: _Matrices, kernels: native.NativeKernels) -> dict[
     heads) is its parts packed one after the other: the same layout as packing the stack (a panel holds
     32 rows of one part), without stacking them into new memory first.
 
-    On 4 kB pages (musicgen-small on a 2-core Xeon): 2 MB pages made a bf16 step 3-5% faster, but
-    faulting 0.7 GB of them in added 1.6 s before the first step, and faulting them in during the load
-    (``MADV_POPULATE_WRITE`` in a thread) made the load 1.3 s longer; 4 kB pages faulted in that way made
-    the steps 10% slower; asking for 2 MB pages after packing (khugepaged gathers them within minutes)
-    gave no measurable gain."""
+    On 2 MB pages where Linux lends them (``native.huge_page_buffer``), as the int8 weights are. One
+    request's bf16 steps stream all 688 MB (musicgen-small) and on 4 kB pages walk 170,000 of them a step:
+    on the 2-core EPYC, one engine on each (16 rounds of 5 s, passes in turn), one request took 8-27%
+    less time in the median (best 9-13% less), four 6-9% less. Faulting the buffer in costs 0.1-0.4 s
+    more than on 4 kB pages once the VM's memory has been touched, up to 1.4 s more on memory it has not
+    (0.7 GB, the EPYC); on the Xeon 2 MB pages had made a bf16 step 3-5% faster and faulting them in had
+    cost 1.6 s, while faulting them in during the load (``MADV_POPULATE_WRITE`` in a thread) made the
+    load 1.3 s longer. A worker pays the faults once per model and the steps at every request."""
     shapes = {name: matrices.shape(name) for name in matrices.names}
-    buffer = torch.empty(sum(rows * cols for rows, cols in shapes.values()), dtype=torch.bfloat16)
+    buffer = native.huge_page_buffer((sum(rows * cols for rows, cols in shapes.values()),), torch.bfloat16)
     packed: dict[str, torch.Tensor] = {}
     at = 0
     for name, (rows, cols) in shapes.items():

@@ -115,7 +115,7 @@ void resblock_tile(const float* x, float* y, const float* w1, const float* b1, c
 constexpr int kUpQ = 64;             // input samples q per tile
 constexpr int kUpRow = kUpQ + 16;    // a tile's activated input row: x[q0 - 1] .. x[q0 + 64], padded
 constexpr int kUpChunk = 32;         // input channels a pass: 16-32 kB of weights, 10 kB of samples
-constexpr int kUpSums = (kUpQ + 1) / 2 * 16 * 16;  // floats of a tile's kept sums (QB >= 2)
+constexpr int kUpSums = (kUpQ + 1) / 2 * 16 * 16;  // floats of a tile's kept sums (blocks of QB >= 2 q's)
 
 // Lanes from .. from + count - 1 of sixteen, those of them at 0 <= start + lane < length.
 inline __mmask16 lanes_within(int from, int count, long start, long length) {
@@ -134,6 +134,7 @@ template <int S, int PB, int QB>
 inline void upsample_block(const float* e, const float* w, const float* b, float* y, int Cin, int Cout, long length,
                            int q0, int nq, int left, int ob, float* sums) {
     static_assert(S % PB == 0 && QB * PB <= 16, "phases in whole passes, a block's sums in one transposition");
+    static_assert((kUpQ + QB - 1) / QB * 16 * 16 <= kUpSums, "a tile's blocks' kept sums fit the scratch");
     const int o0 = 16 * ob, outs = Cout - o0 < 16 ? Cout - o0 : 16;
     const __m512 bias = _mm512_maskz_loadu_ps(first_lanes(outs), b + o0);
     const float* wo = w + (size_t)ob * Cin * 2 * S * 16;

@@ -430,6 +430,22 @@ if sys.argv[1] == "caches":
     buffer = native.huge_page_buffer((2, 4, 8, 1000, 1088), torch.int8)  # 70 MB: four layers of int8 caches
     buffer.fill_(1)  # the pages come at first touch, as the step writes positions
     assert buffer.shape == (2, 4, 8, 1000, 1088) and buffer.dtype == torch.int8
+elif sys.argv[1] == "bf16":  # the bf16 step weights of two layers of the small model's shape, packed
+    from types import SimpleNamespace as Layer
+    from generation.fast_decoder import _Matrices, native_pack_all
+
+    def linear(rows, cols):
+        return Layer(weight=torch.randn(rows, cols).to(torch.bfloat16))
+
+    def attention():
+        return Layer(q_proj=linear(1024, 1024), k_proj=linear(1024, 1024), v_proj=linear(1024, 1024),
+                     out_proj=linear(1024, 1024))
+
+    layers = [Layer(self_attn=attention(), fc1=linear(4096, 1024), fc2=linear(1024, 4096)) for _ in range(2)]
+    matrices = _Matrices([linear(2048, 1024)], layers, 0.125)
+    before = huge()
+    packed = native_pack_all(matrices, native.load())
+    assert torch.equal(packed["1.fc2"], native.load().pack(layers[1].fc2.weight))
 else:  # the int8 step weights of two layers of the small model's shape, packed as a load packs them
     g = torch.Generator().manual_seed(0)
     quantized = {
@@ -446,8 +462,8 @@ print(huge() - before)
 """
 
 
-@pytest.mark.parametrize("what", ["caches", "weights"])
-def test_attention_caches_and_int8_weights_sit_on_huge_pages_where_linux_lends_them(what: str) -> None:
+@pytest.mark.parametrize("what", ["caches", "weights", "bf16"])
+def test_attention_caches_and_step_weights_sit_on_huge_pages_where_linux_lends_them(what: str) -> None:
     """In a fresh process, where the buffer is fresh memory (a long-lived worker may get its caches from
     memory glibc kept, already paged in, which is as good)."""
     import subprocess
@@ -462,6 +478,8 @@ def test_attention_caches_and_int8_weights_sit_on_huge_pages_where_linux_lends_t
         pytest.skip("transparent huge pages are off here")
     if what == "weights" and (native.load() is None or not native.load().int8):
         pytest.skip("no native int8 products on this CPU")
+    if what == "bf16" and native.load() is None:
+        pytest.skip("no native kernels here")
     probe = subprocess.run(
         [sys.executable, "-c", _HUGE_PAGES_PROBE, what],
         capture_output=True,
@@ -881,6 +899,28 @@ def test_only_encodecs_plain_residual_blocks_up_to_512_channels_take_the_kernel(
         assert not _NativeResnetBlock.fits(EncodecResnetBlock(other, 64, [1, 1]), kernels)
 
 
+@pytest.mark.parametrize(
+    ("stride", "length", "cin", "cout"), [(8, 63, 40, 33), (5, 66, 70, 16), (4, 130, 64, 20)]
+)
+def test_fp32_upsampling_equals_torchs_transposed_convolution_on_each_build(
+    kernels: native.NativeKernels, stride: int, length: int, cin: int, cout: int
+) -> None:
+    """EnCodec's strides on this CPU's build and its AVX2 one: a partial block of 16 outputs, input
+    channels in whole and partial chunks of 32, several tiles of q's (test_codec.py covers the rest)."""
+    g = torch.Generator().manual_seed(stride * 100 + length)
+    x = torch.randn(2, cin, length, generator=g)
+    weight = torch.randn(cin, cout, 2 * stride, generator=g) / 8
+    bias = torch.randn(cout, generator=g)
+    left = stride - stride // 2  # EnCodec's split of the stride's padding
+    for activate in (False, True):
+        inner = torch.nn.functional.elu(x) if activate else x
+        full = torch.nn.functional.conv_transpose1d(inner, weight, bias, stride=stride)
+        want = full[..., left : full.shape[-1] - (stride - left)]
+        got = kernels.upsample(x, kernels.pack_upsample(weight), bias, stride, left, activate=activate)
+        assert got.shape == want.shape == (2, cout, stride * length)
+        assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
 @pytest.mark.parametrize(("stride", "length"), [(4, 1), (4, 63), (4, 64), (5, 30), (8, 7), (2, 100)])
 def test_amx_upsampling_equals_torchs_transposed_convolution(
     amx: native.NativeKernels, stride: int, length: int
@@ -1121,9 +1161,12 @@ def test_a_cache_directory_of_another_user_is_refused(
 
 
 @pytest.mark.skipif(not CAN_BUILD, reason="no AVX2 CPU or no g++ here")
+@pytest.mark.parametrize("build", ["native", pytest.param("avx2", marks=ALSO_AVX2)])
 def test_every_entry_point_runs_clean_under_address_and_undefined_behaviour_sanitizers(
-    tmp_path: Path,
+    tmp_path: Path, build: str
 ) -> None:
+    """On an AVX-512 CPU also the AVX2 build: AddressSanitizer does not see AVX-512's masked stores,
+    but it does see the AVX2 build's lane-by-lane ones."""
     import subprocess
     import sys
 
@@ -1133,7 +1176,7 @@ def test_every_entry_point_runs_clean_under_address_and_undefined_behaviour_sani
     if not os.path.isabs(asan):
         pytest.skip("this g++ has no AddressSanitizer runtime")
     target = tmp_path / "sanitized.so"
-    flags = [f for f in native.build_flags() if f != "-O3"]
+    flags = [f for f in (native.AVX2_FLAGS if build == "avx2" else native.build_flags()) if f != "-O3"]
     sanitize = (
         "-O1",
         "-g",
