@@ -175,16 +175,18 @@ def native_pack_all(matrices: _Matrices, kernels: native.NativeKernels) -> dict[
     heads) is its parts packed one after the other: the same layout as packing the stack (a panel holds
     32 rows of one part), without stacking them into new memory first.
 
-    On 2 MB pages where Linux lends them (``native.huge_page_buffer``), as the int8 weights are. One
-    request's bf16 steps stream all 688 MB (musicgen-small) and on 4 kB pages walk 170,000 of them a step:
-    on the 2-core EPYC, one engine on each (16 rounds of 5 s, passes in turn), one request took 8-27%
-    less time in the median (best 9-13% less), four 6-9% less. Faulting the buffer in costs 0.1-0.4 s
-    more than on 4 kB pages once the VM's memory has been touched, up to 1.4 s more on memory it has not
-    (0.7 GB, the EPYC); on the Xeon 2 MB pages had made a bf16 step 3-5% faster and faulting them in had
-    cost 1.6 s, while faulting them in during the load (``MADV_POPULATE_WRITE`` in a thread) made the
-    load 1.3 s longer. A worker pays the faults once per model and the steps at every request."""
+    On 4 kB pages, then asked for 2 MB ones (``native.ask_huge_pages``), which khugepaged gathers
+    within minutes: a worker's steps get them without its start paying for them. One request's bf16
+    steps stream all 688 MB (musicgen-small), on 4 kB pages 170,000 page walks a step: on the 2-core
+    EPYC, an engine on 2 MB pages against one on 4 kB (16 rounds of 5 s, passes in turn) took 8-27%
+    less time for one request in the median (best 9-13%), 6-9% for four. Faulting 0.7 GB of 2 MB pages
+    in from the start cost 0.1-0.4 s more than 4 kB pages on the EPYC once the VM's memory had been
+    touched and up to 1.4 s on memory it had not, 1.3-1.7 s on the Xeon (where a step gained 3-5%), and
+    faulting them in during the load or the imports slowed those as much (``MADV_POPULATE_WRITE`` in a
+    thread), which the 3 s start cannot afford.
+    """
     shapes = {name: matrices.shape(name) for name in matrices.names}
-    buffer = native.huge_page_buffer((sum(rows * cols for rows, cols in shapes.values()),), torch.bfloat16)
+    buffer = torch.empty(sum(rows * cols for rows, cols in shapes.values()), dtype=torch.bfloat16)
     packed: dict[str, torch.Tensor] = {}
     at = 0
     for name, (rows, cols) in shapes.items():
@@ -193,6 +195,7 @@ def native_pack_all(matrices: _Matrices, kernels: native.NativeKernels) -> dict[
             part = weight.detach() * factor if factor != 1.0 else weight.detach()
             kernels.pack(part, out=buffer[at : at + part.numel()].view(part.shape))
             at += part.numel()
+    native.ask_huge_pages(buffer)
     return packed
 
 

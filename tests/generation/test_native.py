@@ -430,7 +430,8 @@ if sys.argv[1] == "caches":
     buffer = native.huge_page_buffer((2, 4, 8, 1000, 1088), torch.int8)  # 70 MB: four layers of int8 caches
     buffer.fill_(1)  # the pages come at first touch, as the step writes positions
     assert buffer.shape == (2, 4, 8, 1000, 1088) and buffer.dtype == torch.int8
-elif sys.argv[1] == "bf16":  # the bf16 step weights of two layers of the small model's shape, packed
+elif sys.argv[1] == "bf16":  # the bf16 step weights of two layers of the small model's shape, packed,
+    # then asked for 2 MB pages
     from types import SimpleNamespace as Layer
     from generation.fast_decoder import _Matrices, native_pack_all
 
@@ -443,9 +444,21 @@ elif sys.argv[1] == "bf16":  # the bf16 step weights of two layers of the small 
 
     layers = [Layer(self_attn=attention(), fc1=linear(4096, 1024), fc2=linear(1024, 4096)) for _ in range(2)]
     matrices = _Matrices([linear(2048, 1024)], layers, 0.125)
-    before = huge()
     packed = native_pack_all(matrices, native.load())
     assert torch.equal(packed["1.fc2"], native.load().pack(layers[1].fc2.weight))
+    # packed on 4 kB pages, then asked for 2 MB ones, which khugepaged gathers later: the mapping is
+    # marked for them ("hg" in its VmFlags)
+    address, flags, inside = packed["0.fc1"].data_ptr(), {}, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(part, 16) for part in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "VmFlags:":
+                flags = set(line.split()[1:])
+    print(int("hg" in flags) * 2**30)
+    sys.exit(0)
 else:  # the int8 step weights of two layers of the small model's shape, packed as a load packs them
     g = torch.Generator().manual_seed(0)
     quantized = {
