@@ -49,6 +49,7 @@ class Row:
     wall_seconds: float
     steps: int
     peak_memory_gb: float
+    walls: tuple[float, ...] = ()  # every run's seconds, in the order taken (wall_seconds: the fastest)
 
     @property
     def compute_per_audio_second(self) -> float:
@@ -151,7 +152,7 @@ def _timed_together(
             peaks[i] = max(peaks[i], memory.peak)
     rows = []
     for (setup, batch, _run), wall, peak, count in zip(runs, walls, peaks, steps, strict=True):
-        row = Row(setup, batch, seconds, min(wall), count, peak / 1e9)
+        row = Row(setup, batch, seconds, min(wall), count, peak / 1e9, tuple(wall))
         log.info("%s batch %d: %.2f s per audio second", setup, batch, row.compute_per_audio_second)
         rows.append(row)
     return rows
@@ -309,7 +310,14 @@ def format_table(rows: list[Row], figures: dict[str, Any]) -> str:
         four = next((r for r in rows if r.setup == setup and r.batch == 4), None)
         if four is not None:
             gain = one.compute_per_audio_second / four.compute_per_audio_second
-            lines.append(f"{setup}: a batch of 4 gives {gain:.1f}x the throughput of one request")
+            line = f"{setup}: a batch of 4 gives {gain:.1f}x the throughput of one request"
+            paired = paired_gains(one, four)
+            if len(paired) > 1:
+                line += (
+                    f" (run by run, taken in turn: {min(paired):.1f}-{max(paired):.1f}x,"
+                    f" median {statistics.median(paired):.1f}x)"
+                )
+            lines.append(line)
     lines.append(f"event-loop lag p99 while the worker generates: {figures['event_loop_lag_p99_ms']:.1f} ms")
     start, end = figures["memory_read_gb_per_s"]
     if start is not None and end is not None:
@@ -318,6 +326,13 @@ def format_table(rows: list[Row], figures: dict[str, Any]) -> str:
             " one bf16 request is bound by it, so compare runs made at like speeds"
         )
     return "\n".join(lines)
+
+
+def paired_gains(one: Row, four: Row) -> list[float]:
+    """Four's throughput against one's for each pair of runs taken in turn. One request's step is bound
+    by the memory and four's much less, so on a host whose memory speed swings the fastest runs of each
+    can come from different spells; the pairs show how far that moves the ratio."""
+    return [(a / one.batch) / (b / four.batch) for a, b in zip(one.walls, four.walls, strict=False)]
 
 
 def _read_speed(device: torch.device) -> float | None:

@@ -35,7 +35,19 @@ def test_bench_times_every_setup_and_writes_its_figures(
     assert all(1 < speed < 10_000 for speed in figures["memory_read_gb_per_s"])  # GB/s, before and after
     table = capsys.readouterr().out
     assert "best of 2 runs" in table and "a batch of 4 gives" in table and "event-loop lag p99" in table
-    assert "memory read speed" in table
+    assert "memory read speed" in table and "run by run, taken in turn" in table
+    for row in figures["rows"]:
+        assert len(row["walls"]) == 2 and min(row["walls"]) == row["wall_seconds"]
+
+
+def test_four_against_one_is_also_given_run_by_run() -> None:
+    from generation.bench import Row, paired_gains
+
+    one = Row("ours", 1, 5.0, 3.0, 253, 1.0, (3.0, 4.0, 3.5))
+    four = Row("ours", 4, 5.0, 5.0, 253, 1.0, (6.0, 5.0, 5.6))
+    assert paired_gains(one, four) == pytest.approx([2.0, 3.2, 2.5])
+    # the fastest of each (3.0 and 5.0) would say 2.4x: neither pair's
+    assert one.compute_per_audio_second / four.compute_per_audio_second == pytest.approx(2.4)
 
 
 def test_bench_refuses_zero_runs(capsys: pytest.CaptureFixture[str]) -> None:
