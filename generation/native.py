@@ -50,7 +50,7 @@ AVX512_CPU = ("avx512f", "avx512bw", "avx512_bf16")
 REQUIRED_CPU = ("avx2", "fma")
 AVX2_FLAGS = (*FLAGS, "-mno-avx512f")  # also for an AVX-512 CPU without BF16: its AVX2 build
 MAX_HEADS = native_api.MAX_HEADS
-UPSAMPLE_STRIDES = (2, 3, 4, 5, 6, 8)  # upsample_f32's (kernels/encodec.cpp)
+UPSAMPLE_STRIDES = native_api.UPSAMPLE_STRIDES
 INT8_EXTRA = 8  # bytes a row that a packed int8 matrix adds: its row's fp32 scale and int32 sum of ints
 _build_lock = threading.Lock()
 

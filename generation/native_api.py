@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 MAX_HEADS = 64  # self-attention keeps a few values per head on the kernel's stack
+UPSAMPLE_STRIDES = (2, 3, 4, 5, 6, 8)  # upsample_f32 has register blocks for these (kernels/encodec.cpp)
 MAX_HEAD_SIZE = 256  # and, over int8 caches, the query's heads as ints
 CONSTANTS = {"MAX_HEADS": MAX_HEADS, "MAX_HEAD_SIZE": MAX_HEAD_SIZE}
 
@@ -379,7 +380,7 @@ KERNELS = (
             Tensor("scratch", _FP32, "threads * upsample_scratch(Cin)", writes=True, at_least=True),
             *_ints("rows Cin Cout T S left activate threads"),
         ),
-        requires=(*_conv_out, "Cin > 0", "Cout > 0", "T > 0", "S in (2, 3, 4, 5, 6, 8)", "0 <= left <= S"),
+        requires=(*_conv_out, "Cin > 0", "Cout > 0", "T > 0", f"S in {UPSAMPLE_STRIDES}", "0 <= left <= S"),
     ),
     Kernel("narrow_scratch", _ints("C"), returns="int"),
     Kernel(

@@ -475,6 +475,7 @@ void upsample_f32(const float* x, float* y, const float* w, const float* b, floa
 #pragma omp parallel num_threads(threads)
     {
         float* e = scratch + (size_t)omp_get_thread_num() * upsample_scratch(Cin);
+        float* sums = e + (size_t)Cin * kUpRow;
 #pragma omp for schedule(static)
         for (int job = 0; job < rows * tiles * groups; job++) {
             const int g = job % groups, tile = job / groups % tiles, r = job / groups / tiles;
@@ -483,12 +484,12 @@ void upsample_f32(const float* x, float* y, const float* w, const float* b, floa
             activated_rows(x + (size_t)r * Cin * T, e, Cin, T, q0 - 1, nq + 1, kUpRow, activate != 0);
             float* yr = y + (size_t)r * Cout * length;
             switch (S) {
-                case 2: upsample_tile<2, 2, 8>(e, w, b, yr, Cin, Cout, length, q0, nq, left, ob_from, ob_to, e + (size_t)Cin * kUpRow); break;
-                case 3: upsample_tile<3, 3, 5>(e, w, b, yr, Cin, Cout, length, q0, nq, left, ob_from, ob_to, e + (size_t)Cin * kUpRow); break;
-                case 4: upsample_tile<4, 4, 4>(e, w, b, yr, Cin, Cout, length, q0, nq, left, ob_from, ob_to, e + (size_t)Cin * kUpRow); break;
-                case 5: upsample_tile<5, 5, 3>(e, w, b, yr, Cin, Cout, length, q0, nq, left, ob_from, ob_to, e + (size_t)Cin * kUpRow); break;
-                case 6: upsample_tile<6, 3, 5>(e, w, b, yr, Cin, Cout, length, q0, nq, left, ob_from, ob_to, e + (size_t)Cin * kUpRow); break;
-                case 8: upsample_tile<8, 4, 4>(e, w, b, yr, Cin, Cout, length, q0, nq, left, ob_from, ob_to, e + (size_t)Cin * kUpRow); break;
+                case 2: upsample_tile<2, 2, 8>(e, w, b, yr, Cin, Cout, length, q0, nq, left, ob_from, ob_to, sums); break;
+                case 3: upsample_tile<3, 3, 5>(e, w, b, yr, Cin, Cout, length, q0, nq, left, ob_from, ob_to, sums); break;
+                case 4: upsample_tile<4, 4, 4>(e, w, b, yr, Cin, Cout, length, q0, nq, left, ob_from, ob_to, sums); break;
+                case 5: upsample_tile<5, 5, 3>(e, w, b, yr, Cin, Cout, length, q0, nq, left, ob_from, ob_to, sums); break;
+                case 6: upsample_tile<6, 3, 5>(e, w, b, yr, Cin, Cout, length, q0, nq, left, ob_from, ob_to, sums); break;
+                case 8: upsample_tile<8, 4, 4>(e, w, b, yr, Cin, Cout, length, q0, nq, left, ob_from, ob_to, sums); break;
                 default: break;
             }
         }
