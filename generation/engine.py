@@ -9,6 +9,7 @@ first-class. In fp32 with greedy decoding it produces exactly ``generate``'s cod
 from __future__ import annotations
 
 import gc
+import inspect
 import logging
 import math
 import threading
@@ -644,6 +645,12 @@ class MusicGenEngine:
             torch.cuda.empty_cache()
 
 
+def cache_keyword(decoder: Any) -> str:
+    """The name under which transformers' decoder takes its cache: ``cache`` since transformers 5.24,
+    ``past_key_values`` before (5.24 - 5.39 take both, the old name with a warning)."""
+    return "cache" if "cache" in inspect.signature(type(decoder).forward).parameters else "past_key_values"
+
+
 def check_servable(model: Any, source: str) -> None:
     """Refuse, when it loads, a checkpoint whose shape the engine cannot serve, naming what is unsupported."""
     config = model.config
@@ -713,7 +720,8 @@ class _Conditioning:
         rows, k, known = ids.shape
         config = self.decoder.config
         cache = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
-        out = self.decoder(input_ids=ids.reshape(rows * k, known), cache=cache, use_cache=True, **kwargs)
+        kwargs = {**kwargs, cache_keyword(self.decoder): cache}
+        out = self.decoder(input_ids=ids.reshape(rows * k, known), use_cache=True, **kwargs)
         return out.logits.reshape(rows, k, -1, out.logits.shape[-1])[:, :, -1], cache
 
     def text_length(self) -> int:

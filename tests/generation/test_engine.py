@@ -21,7 +21,7 @@ from generation import (
     NonFiniteScores,
 )
 from generation.audio import encode_audio
-from generation.engine import MusicGenEngine, load_engine
+from generation.engine import MusicGenEngine, cache_keyword, load_engine
 from tests.generation.codes import codes_from_generate, our_codes
 
 
@@ -322,3 +322,16 @@ def test_each_prompt_is_encoded_and_projected_alone(any_path_engine: MusicGenEng
     assert all(shape[0] == 1 and shape[1] in lengths for shape in seen["keys"])
     assert len(seen["keys"]) == 3 * len(engine.model.decoder.model.decoder.layers)  # three rows with text
     assert pad not in engine.tokenizer("rock").input_ids
+
+
+def test_the_prefill_passes_its_cache_under_the_name_the_installed_transformers_takes() -> None:
+    # transformers 5.24 renamed the decoder's past_key_values to cache; 5.17 swallowed an unknown cache=
+    # in **kwargs and left the prefill's cache empty (extensions, melody, long tracks' later windows failed)
+    class Before:
+        def forward(self, input_ids: object, past_key_values: object = None, **kwargs: object) -> None: ...
+
+    class After:
+        def forward(self, input_ids: object, cache: object = None, **kwargs: object) -> None: ...
+
+    assert cache_keyword(Before()) == "past_key_values"
+    assert cache_keyword(After()) == "cache"

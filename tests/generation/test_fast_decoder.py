@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from generation import GenerationRequest
-from generation.engine import load_engine
+from generation.engine import cache_keyword, load_engine
 from generation.fast_decoder import onednn_bf16_supported
 
 
@@ -38,8 +38,8 @@ def _logits_both_ways(
                 input_ids=column.reshape(2 * n * engine.codebooks, 1),
                 encoder_hidden_states=conditioning.hidden,
                 encoder_attention_mask=conditioning.mask,
-                cache=cache,
                 use_cache=True,
+                **{cache_keyword(engine.model.decoder): cache},
             )
             theirs.append(out.logits.reshape(2 * n, engine.codebooks, -1))
             if t < steps:
